@@ -1,0 +1,1 @@
+//! Reference fleet server and test harness.

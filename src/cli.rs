@@ -1,0 +1,359 @@
+//! The command line: parsing with clap, dispatch, and exit codes
+//! (0 ok, 1 runtime failure, 2 usage, 64 bad configuration).
+
+use std::{io::Write, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{self, ConfigPaths, Settings},
+    endpoint::ServerUrl,
+    enrollment::{self, EnrollOptions, EnrollOutcome},
+    host,
+    identity::IdentityStore,
+    tls::{CaPin, Trust},
+    token::Token,
+    version,
+};
+
+/// Exit code for a runtime failure.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad usage (clap uses it too).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for bad configuration (`RestartPreventExitStatus=64`).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// linkmesh-agent: enrols this host into a LinkMesh fleet, supervises its
+/// OpenTelemetry collector and reports versions.
+#[derive(Debug, Parser)]
+#[command(name = "linkmesh-agent", version = version::AGENT_VERSION, disable_help_subcommand = true)]
+pub struct Cli {
+    /// Configuration file [default: $LINKMESH_CONFIG, else /etc/linkmesh/agent.toml];
+    /// drop-ins are read from agent.d/ beside it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrol this host with a fleet server (a no-op when already enrolled with it).
+    Enroll(EnrollArgs),
+    /// Show this host's identity and server.
+    Status {
+        /// Print stable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print the agent's version, git revision and API version.
+    Version {
+        /// Print stable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and its drop-ins; exit 64 on any problem.
+    Check,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("trust").required(true).args(["ca_pin", "ca_file"]))]
+struct EnrollArgs {
+    /// Fleet server URL, https://HOST[:PORT] [default: `server` from the configuration].
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// File holding the enrolment token (preferred: keeps it off the command line).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The enrolment token; prefer --token-file or LINKMESH_TOKEN, as argv is visible to other users.
+    #[arg(long, value_name = "TOKEN", hide_default_value = true)]
+    token: Option<String>,
+    /// Pin of the server's CA, sha256:HEX (repeat for several).
+    #[arg(long, value_name = "sha256:HEX")]
+    ca_pin: Vec<String>,
+    /// PEM file with the server's CA certificate, instead of a pin.
+    #[arg(long, value_name = "FILE", conflicts_with = "ca_pin")]
+    ca_file: Option<PathBuf>,
+    /// Replace an identity issued by another server or CA.
+    #[arg(long)]
+    force: bool,
+    /// Bound on each network step.
+    #[arg(long, value_name = "DURATION", default_value = "15s")]
+    timeout: String,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(msg: String) -> Self {
+        Self {
+            code: EXIT_USAGE,
+            error: anyhow::anyhow!(msg),
+        }
+    }
+
+    /// Prints the error chain to stderr and returns the exit code.
+    pub fn report(self) -> ExitCode {
+        let _ = writeln!(std::io::stderr(), "error: {:#}", self.error);
+        ExitCode::from(self.code)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self {
+            code: EXIT_FAILURE,
+            error,
+        }
+    }
+}
+
+/// Runs the parsed command.
+///
+/// # Errors
+/// A [`Failure`] carrying the exit code.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    let paths = match &cli.config {
+        Some(f) => ConfigPaths::for_file(f.clone()),
+        None => ConfigPaths::from_env(|k| std::env::var(k).ok()),
+    };
+    if let Command::Version { json } = cli.command {
+        return print_version(json);
+    }
+    let settings = config::load(&paths, |k| std::env::var(k).ok()).map_err(|e| Failure {
+        code: EXIT_CONFIG,
+        error: e.into(),
+    })?;
+    crate::telemetry::init(&settings.log_level);
+    match cli.command {
+        Command::Version { .. } => Ok(()),
+        Command::Config(ConfigCommand::Check) => {
+            let files: Vec<String> = settings
+                .sources
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            println!(
+                "configuration ok ({})",
+                if files.is_empty() {
+                    format!(
+                        "no files; defaults apply, looked at {}",
+                        paths.file.display()
+                    )
+                } else {
+                    files.join(", ")
+                }
+            );
+            Ok(())
+        }
+        Command::Enroll(args) => enroll(&settings, args),
+        Command::Status { json } => status(&settings, json),
+    }
+}
+
+fn print_version(json: bool) -> Result<(), Failure> {
+    if json {
+        let v = serde_json::json!({
+            "version": version::AGENT_VERSION,
+            "git_revision": version::GIT_REVISION,
+            "api_version": version::API_VERSION,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "linkmesh-agent {} (git {}, api v{})",
+            version::AGENT_VERSION,
+            version::GIT_REVISION,
+            version::API_VERSION
+        );
+    }
+    Ok(())
+}
+
+fn enroll(settings: &Settings, args: EnrollArgs) -> Result<(), Failure> {
+    let server: ServerUrl = match (&args.server, &settings.server) {
+        (Some(s), _) => s
+            .parse()
+            .map_err(|e| Failure::usage(format!("--server: {e}")))?,
+        (None, Some(s)) => s.clone(),
+        (None, None) => {
+            return Err(Failure::usage(
+                "no server: pass --server https://HOST:PORT or set `server` in the configuration"
+                    .into(),
+            ));
+        }
+    };
+    let trust = match &args.ca_file {
+        Some(f) => Trust::from_ca_file(f).map_err(|e| Failure::usage(format!("--ca-file: {e}")))?,
+        None => Trust::Pins(
+            args.ca_pin
+                .iter()
+                .map(|p| p.parse::<CaPin>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| Failure::usage(format!("--ca-pin: {e}")))?,
+        ),
+    };
+    let timeout = config::parse_duration(&args.timeout)
+        .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    let opts = EnrollOptions {
+        server,
+        trust,
+        force: args.force,
+        timeout,
+    };
+
+    let store = IdentityStore::new(&settings.state_dir);
+    let lock = store.lock_exclusive().with_context(|| {
+        format!(
+            "cannot prepare state directory {}",
+            settings.state_dir.display()
+        )
+    })?;
+    let facts = host::collect();
+    let token_file = args.token_file.clone();
+    let token_flag = args.token.clone();
+    let outcome = runtime()?
+        .block_on(enrollment::enroll(
+            &store,
+            &lock,
+            &opts,
+            move || {
+                let env = std::env::var("LINKMESH_TOKEN").ok();
+                Token::from_sources(token_file.as_deref(), token_flag.as_deref(), env.as_deref())
+            },
+            &facts,
+        ))
+        .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    match outcome {
+        EnrollOutcome::AlreadyEnrolled { host_id, server } => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"changed": false, "host_id": host_id.as_str(), "server": server.to_string()})
+                );
+            } else {
+                println!("already enrolled with {server} as host {host_id}; nothing changed");
+            }
+        }
+        EnrollOutcome::Enrolled {
+            host_id,
+            server,
+            not_after,
+            replaced,
+        } => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "changed": true,
+                        "host_id": host_id.as_str(),
+                        "server": server.to_string(),
+                        "certificate_not_after": rfc3339(not_after),
+                        "replaced_host_id": replaced.as_ref().map(|h| h.as_str()),
+                    })
+                );
+            } else {
+                println!(
+                    "enrolled with {server} as host {host_id}; certificate valid until {}",
+                    rfc3339(not_after)
+                );
+                if let Some(old) = replaced {
+                    println!("replaced the previous identity (host {old})");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
+    let store = IdentityStore::new(&settings.state_dir);
+    let identity = match store.lock_shared().with_context(|| {
+        format!(
+            "cannot read state directory {}",
+            settings.state_dir.display()
+        )
+    })? {
+        Some(lock) => store
+            .load(&lock)
+            .map_err(|e| Failure::from(anyhow::Error::new(e)))?,
+        None => None,
+    };
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let doc = match &identity {
+        Some(id) => serde_json::json!({
+            "enrolled": true,
+            "host_id": id.host_id.as_str(),
+            "server": id.server.to_string(),
+            "ca_pin": id.ca_pin.to_string(),
+            "enrolled_at": id.enrolled_at,
+            "certificate": {
+                "not_before": rfc3339(id.validity.not_before),
+                "not_after": rfc3339(id.validity.not_after),
+            },
+            "state_dir": settings.state_dir.display().to_string(),
+            "agent_version": version::AGENT_VERSION,
+        }),
+        None => serde_json::json!({
+            "enrolled": false,
+            "server": settings.server.as_ref().map(ToString::to_string),
+            "state_dir": settings.state_dir.display().to_string(),
+            "agent_version": version::AGENT_VERSION,
+        }),
+    };
+    if json {
+        println!("{doc}");
+    } else if let Some(id) = &identity {
+        println!("host id:      {}", id.host_id);
+        println!("server:       {}", id.server);
+        println!("CA pin:       {}", id.ca_pin);
+        println!("enrolled at:  {}", id.enrolled_at);
+        println!(
+            "certificate:  valid {} to {}",
+            rfc3339(id.validity.not_before),
+            rfc3339(id.validity.not_after)
+        );
+        println!("agent:        {}", version::AGENT_VERSION);
+    } else {
+        println!(
+            "not enrolled (state directory {})",
+            settings.state_dir.display()
+        );
+        println!(
+            "enrol with: linkmesh-agent enroll --server URL --token-file FILE --ca-pin sha256:HEX"
+        );
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::from)
+}

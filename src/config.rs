@@ -1,0 +1,650 @@
+//! Configuration: `/etc/linkmesh/agent.toml` plus drop-ins in `agent.d/*.toml`
+//! beside it, merged in file-name order (a later file overrides single keys of
+//! an earlier one), then validated into [`Settings`].
+//!
+//! Every problem in every file is collected before failing, each naming its
+//! file and key, so an operator fixes them all in one round. Unknown keys are
+//! errors. The environment moves paths so tests never touch the real host:
+//! `LINKMESH_CONFIG` names the config file and `LINKMESH_STATE_DIR` the state
+//! directory.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::endpoint::ServerUrl;
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/linkmesh/agent.toml";
+/// Default state directory (identity, supervisor state, install record).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/linkmesh-agent";
+/// Default opampsupervisor executable.
+pub const DEFAULT_SUPERVISOR: &str = "/usr/bin/opampsupervisor";
+/// Default otelcol-contrib executable.
+pub const DEFAULT_COLLECTOR: &str = "/usr/bin/otelcol-contrib";
+/// Default Grafana Alloy executable.
+pub const DEFAULT_ALLOY: &str = "/usr/bin/alloy";
+/// Default report interval (the server may ask for another).
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(30);
+/// Shortest accepted report interval.
+pub const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest accepted report interval.
+pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default log level.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Environment variable naming the config file.
+pub const ENV_CONFIG: &str = "LINKMESH_CONFIG";
+/// Environment variable naming the state directory.
+pub const ENV_STATE_DIR: &str = "LINKMESH_STATE_DIR";
+
+/// Validated agent settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The fleet server, when configured (enrolment records its own copy).
+    pub server: Option<ServerUrl>,
+    /// State directory: identity, supervisor state, install record.
+    pub state_dir: PathBuf,
+    /// Collector runtime selection and paths.
+    pub runtime: RuntimeSettings,
+    /// Report cadence.
+    pub report_interval: Duration,
+    /// HTTP CONNECT proxy for connections to the server, when configured.
+    pub proxy_url: Option<String>,
+    /// Log filter: a level name or `tracing` filter directives.
+    pub log_level: String,
+    /// The files these settings were read from, in merge order.
+    pub sources: Vec<PathBuf>,
+}
+
+/// Which collector runtime the agent manages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// Detect: opampsupervisor + otelcol-contrib, else Alloy, else none.
+    Auto,
+    /// otelcol-contrib run by opampsupervisor.
+    Otelcol,
+    /// Grafana Alloy (watched and reported, not run).
+    Alloy,
+    /// No runtime: enrolment and reports only.
+    None,
+}
+
+/// Runtime selection and executable paths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeSettings {
+    /// Which runtime.
+    pub kind: RuntimeKind,
+    /// opampsupervisor executable.
+    pub supervisor: PathBuf,
+    /// otelcol-contrib executable.
+    pub collector: PathBuf,
+    /// Alloy executable.
+    pub alloy: PathBuf,
+}
+
+/// Where configuration is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigPaths {
+    /// The main file (`agent.toml`).
+    pub file: PathBuf,
+    /// The drop-in directory (`agent.d/` beside the main file).
+    pub dropin_dir: PathBuf,
+}
+
+/// One problem with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The file it is in (or the environment variable).
+    pub source: String,
+    /// The dotted key, empty for whole-file problems.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Configuration that cannot be used; lists every problem found.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub struct ConfigError {
+    /// All problems, in file and key order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "invalid configuration ({n} problem{})",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.source, self.message)
+        } else {
+            write!(f, "{}: key `{}`: {}", self.source, self.key, self.message)
+        }
+    }
+}
+
+// === impl ConfigPaths ===
+
+impl ConfigPaths {
+    /// Paths from the environment (`LINKMESH_CONFIG`), else the defaults.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Self {
+        let file = env(ENV_CONFIG)
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE), PathBuf::from);
+        Self::for_file(file)
+    }
+
+    /// Paths for a given main file: its drop-ins live in `agent.d/` beside it.
+    pub fn for_file(file: PathBuf) -> Self {
+        let dropin_dir = file.parent().unwrap_or(Path::new("/")).join("agent.d");
+        Self { file, dropin_dir }
+    }
+}
+
+/// Reads and validates the configuration at `paths`, with environment
+/// overrides from `env`.
+///
+/// A missing main file or drop-in directory means defaults; an unreadable one
+/// is a problem.
+///
+/// # Errors
+/// [`ConfigError`] listing every problem in every file.
+pub fn load(
+    paths: &ConfigPaths,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let mut problems = Vec::new();
+    let mut texts = Vec::new();
+    let mut read = |path: &Path| match std::fs::read_to_string(path) {
+        Ok(text) => texts.push((path.to_owned(), text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => problems.push(Problem {
+            source: path.display().to_string(),
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }),
+    };
+    read(&paths.file);
+    match std::fs::read_dir(&paths.dropin_dir) {
+        Ok(entries) => {
+            let mut names: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                .collect();
+            names.sort();
+            for p in names {
+                read(&p);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => problems.push(Problem {
+            source: paths.dropin_dir.display().to_string(),
+            key: String::new(),
+            message: format!("cannot list drop-in directory: {e}"),
+        }),
+    }
+    let result = from_texts(&texts, env);
+    match result {
+        Ok(s) if problems.is_empty() => Ok(s),
+        Ok(_) => Err(ConfigError { problems }),
+        Err(e) => {
+            problems.extend(e.problems);
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+/// Validates configuration given as `(file, text)` fragments in merge order.
+/// The pure core of [`load`].
+///
+/// # Errors
+/// [`ConfigError`] listing every problem.
+pub fn from_texts(
+    fragments: &[(PathBuf, String)],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let mut problems = Vec::new();
+    // dotted key -> (value, file it came from); later files override.
+    let mut merged: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (path, text) in fragments {
+        let source = path.display().to_string();
+        match text.parse::<toml::Table>() {
+            Ok(table) => walk(&table, SCHEMA, "", &source, &mut merged, &mut problems),
+            Err(e) => problems.push(Problem {
+                source,
+                key: String::new(),
+                message: format!(
+                    "not valid TOML: {}",
+                    e.to_string().trim().replace('\n', " ")
+                ),
+            }),
+        }
+    }
+    let settings = validate(&merged, &env, &mut problems);
+    if problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+enum Ty {
+    Str,
+    Table(&'static [(&'static str, Ty)]),
+}
+
+const SCHEMA: &[(&str, Ty)] = &[
+    ("server", Ty::Str),
+    ("state_dir", Ty::Str),
+    (
+        "runtime",
+        Ty::Table(&[
+            ("kind", Ty::Str),
+            ("supervisor", Ty::Str),
+            ("collector", Ty::Str),
+            ("alloy", Ty::Str),
+        ]),
+    ),
+    ("report", Ty::Table(&[("interval", Ty::Str)])),
+    ("proxy", Ty::Table(&[("url", Ty::Str)])),
+    ("log", Ty::Table(&[("level", Ty::Str)])),
+];
+
+fn walk(
+    table: &toml::Table,
+    schema: &[(&'static str, Ty)],
+    prefix: &str,
+    source: &str,
+    merged: &mut BTreeMap<String, (String, String)>,
+    problems: &mut Vec<Problem>,
+) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let Some((_, ty)) = schema.iter().find(|(name, _)| name == k) else {
+            let known: Vec<&str> = schema.iter().map(|(n, _)| *n).collect();
+            problems.push(Problem {
+                source: source.to_owned(),
+                key,
+                message: format!("unknown key; known keys here: {}", known.join(", ")),
+            });
+            continue;
+        };
+        match (ty, v) {
+            (Ty::Str, toml::Value::String(s)) => {
+                merged.insert(key, (s.clone(), source.to_owned()));
+            }
+            (Ty::Table(sub), toml::Value::Table(t)) => walk(t, sub, &key, source, merged, problems),
+            (Ty::Str, other) => problems.push(Problem {
+                source: source.to_owned(),
+                key,
+                message: format!("expected a string, found {}", other.type_str()),
+            }),
+            (Ty::Table(_), other) => problems.push(Problem {
+                source: source.to_owned(),
+                key,
+                message: format!("expected a table ([{k}]), found {}", other.type_str()),
+            }),
+        }
+    }
+}
+
+fn validate(
+    merged: &BTreeMap<String, (String, String)>,
+    env: &impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> Settings {
+    let get = |key: &str| merged.get(key).map(|(v, s)| (v.as_str(), s.as_str()));
+    let mut bad = |source: &str, key: &str, message: String| {
+        problems.push(Problem {
+            source: source.to_owned(),
+            key: key.to_owned(),
+            message,
+        });
+    };
+
+    let server = get("server").and_then(|(v, src)| match v.parse::<ServerUrl>() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            bad(src, "server", e.to_string());
+            None
+        }
+    });
+
+    let abs_path =
+        |key: &str, default: &str, bad: &mut dyn FnMut(&str, &str, String)| match get(key) {
+            Some((v, src)) if !Path::new(v).is_absolute() => {
+                bad(src, key, format!("{v:?} is not an absolute path"));
+                PathBuf::from(default)
+            }
+            Some((v, _)) => PathBuf::from(v),
+            None => PathBuf::from(default),
+        };
+    let mut state_dir = abs_path("state_dir", DEFAULT_STATE_DIR, &mut bad);
+    if let Some(v) = env(ENV_STATE_DIR).filter(|v| !v.is_empty()) {
+        if Path::new(&v).is_absolute() {
+            state_dir = PathBuf::from(v);
+        } else {
+            bad(ENV_STATE_DIR, "", format!("{v:?} is not an absolute path"));
+        }
+    }
+    let supervisor = abs_path("runtime.supervisor", DEFAULT_SUPERVISOR, &mut bad);
+    let collector = abs_path("runtime.collector", DEFAULT_COLLECTOR, &mut bad);
+    let alloy = abs_path("runtime.alloy", DEFAULT_ALLOY, &mut bad);
+
+    let kind = match get("runtime.kind") {
+        None | Some(("auto", _)) => RuntimeKind::Auto,
+        Some(("otelcol", _)) => RuntimeKind::Otelcol,
+        Some(("alloy", _)) => RuntimeKind::Alloy,
+        Some(("none", _)) => RuntimeKind::None,
+        Some((v, src)) => {
+            bad(
+                src,
+                "runtime.kind",
+                format!("{v:?} is not one of auto, otelcol, alloy, none"),
+            );
+            RuntimeKind::Auto
+        }
+    };
+
+    let report_interval = match get("report.interval") {
+        None => DEFAULT_REPORT_INTERVAL,
+        Some((v, src)) => match parse_duration(v) {
+            Ok(d) if (MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&d) => d,
+            Ok(_) => {
+                bad(src, "report.interval", format!("{v:?} is outside 1s..1h"));
+                DEFAULT_REPORT_INTERVAL
+            }
+            Err(e) => {
+                bad(src, "report.interval", e.to_string());
+                DEFAULT_REPORT_INTERVAL
+            }
+        },
+    };
+
+    let proxy_url = match get("proxy.url") {
+        None | Some(("", _)) => None,
+        Some((v, src)) => {
+            if v.starts_with("http://") && v.len() > "http://".len() {
+                Some(v.to_owned())
+            } else {
+                bad(
+                    src,
+                    "proxy.url",
+                    format!("{v:?} must be an http:// URL of an HTTP CONNECT proxy, or empty"),
+                );
+                None
+            }
+        }
+    };
+
+    let log_level = match get("log.level") {
+        None => DEFAULT_LOG_LEVEL.to_owned(),
+        Some((v, src)) => match tracing_subscriber::EnvFilter::builder().parse(v) {
+            Ok(_) if !v.trim().is_empty() => v.to_owned(),
+            _ => {
+                bad(
+                    src,
+                    "log.level",
+                    format!(
+                        "{v:?} is not a level (error, warn, info, debug, trace) or filter directive"
+                    ),
+                );
+                DEFAULT_LOG_LEVEL.to_owned()
+            }
+        },
+    };
+
+    let mut sources: Vec<PathBuf> = Vec::new();
+    for (_, src) in merged.values() {
+        let p = PathBuf::from(src);
+        if !sources.contains(&p) {
+            sources.push(p);
+        }
+    }
+    Settings {
+        server,
+        state_dir,
+        runtime: RuntimeSettings {
+            kind,
+            supervisor,
+            collector,
+            alloy,
+        },
+        report_interval,
+        proxy_url,
+        log_level,
+        sources,
+    }
+}
+
+/// A duration that is not `<number><unit>` with unit ms, s, m, h or d.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid duration {input:?}: expected a number with a unit (ms, s, m, h, d), such as 30s or 1h"
+)]
+pub struct DurationError {
+    input: String,
+}
+
+/// Parses durations like `500ms`, `30s`, `5m`, `1h`, `7d`, or a sum like `1h30m`.
+///
+/// # Errors
+/// [`DurationError`] for anything else, including an empty string.
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    let err = || DurationError {
+        input: input.to_owned(),
+    };
+    let mut rest = input.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(err)?),
+            _ => return Err(err()),
+        };
+        total = total.checked_add(part).ok_or_else(err)?;
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it (largest exact unit).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn frag(name: &str, text: &str) -> (PathBuf, String) {
+        (PathBuf::from(name), text.to_owned())
+    }
+
+    #[test]
+    fn defaults_without_files() {
+        let s = from_texts(&[], no_env).unwrap();
+        assert_eq!(s.server, None);
+        assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(s.runtime.kind, RuntimeKind::Auto);
+        assert_eq!(s.runtime.supervisor, PathBuf::from(DEFAULT_SUPERVISOR));
+        assert_eq!(s.report_interval, Duration::from_secs(30));
+        assert_eq!(s.proxy_url, None);
+        assert_eq!(s.log_level, "info");
+    }
+
+    #[test]
+    fn dropins_override_single_keys_in_order() {
+        let s = from_texts(
+            &[
+                frag(
+                    "/etc/linkmesh/agent.toml",
+                    "server = \"https://a.example\"\n[runtime]\nkind = \"otelcol\"\n[report]\ninterval = \"10s\"\n",
+                ),
+                frag("/etc/linkmesh/agent.d/10-a.toml", "[report]\ninterval = \"1m\"\n"),
+                frag("/etc/linkmesh/agent.d/20-b.toml", "server = \"https://b.example:8443\"\n"),
+            ],
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.server.unwrap().to_string(), "https://b.example:8443");
+        assert_eq!(s.runtime.kind, RuntimeKind::Otelcol);
+        assert_eq!(s.report_interval, Duration::from_secs(60));
+        assert_eq!(s.sources.len(), 3);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_file_and_key() {
+        let err = from_texts(
+            &[
+                frag("/etc/a.toml", "serverr = \"x\"\n[runtime]\nkind = \"docker\"\ncollector = \"otelcol\"\n"),
+                frag("/etc/agent.d/b.toml", "[report]\ninterval = \"soon\"\n[log]\nlevel = 3\n[proxy]\nurl = \"socks5://x\"\n"),
+                frag("/etc/agent.d/c.toml", "server = \"http://insecure\"\n"),
+                frag("/etc/agent.d/d.toml", "this is not toml"),
+            ],
+            no_env,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        let expect = [
+            ("/etc/a.toml", "serverr", "unknown key"),
+            ("/etc/a.toml", "runtime.kind", "\"docker\" is not one of"),
+            ("/etc/a.toml", "runtime.collector", "not an absolute path"),
+            ("/etc/agent.d/b.toml", "report.interval", "invalid duration"),
+            (
+                "/etc/agent.d/b.toml",
+                "log.level",
+                "expected a string, found integer",
+            ),
+            ("/etc/agent.d/b.toml", "proxy.url", "http:// URL"),
+            ("/etc/agent.d/c.toml", "server", "scheme must be https"),
+            ("/etc/agent.d/d.toml", "", "not valid TOML"),
+        ];
+        for (source, key, msg) in expect {
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.source == source && p.key == key && p.message.contains(msg)),
+                "missing {source} {key} {msg} in:\n{text}"
+            );
+        }
+        assert_eq!(err.problems.len(), expect.len(), "{text}");
+        assert!(
+            text.starts_with("invalid configuration (8 problems)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_nested_key_names_the_known_ones() {
+        let err =
+            from_texts(&[frag("/x.toml", "[runtime]\nkindd = \"auto\"\n")], no_env).unwrap_err();
+        assert_eq!(err.problems[0].key, "runtime.kindd");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("kind, supervisor, collector, alloy")
+        );
+    }
+
+    #[test]
+    fn environment_moves_the_state_dir() {
+        let env = |k: &str| (k == ENV_STATE_DIR).then(|| "/tmp/lm-state".to_owned());
+        let s = from_texts(&[frag("/x.toml", "state_dir = \"/srv/lm\"\n")], env).unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/lm-state"));
+        let env = |k: &str| (k == ENV_STATE_DIR).then(|| "relative".to_owned());
+        let err = from_texts(&[], env).unwrap_err();
+        assert_eq!(err.problems[0].source, ENV_STATE_DIR);
+    }
+
+    #[test]
+    fn config_paths_follow_the_environment() {
+        let p =
+            ConfigPaths::from_env(|k| (k == ENV_CONFIG).then(|| "/tmp/x/agent.toml".to_owned()));
+        assert_eq!(p.dropin_dir, PathBuf::from("/tmp/x/agent.d"));
+        let p = ConfigPaths::from_env(no_env);
+        assert_eq!(p.file, PathBuf::from(DEFAULT_CONFIG_FILE));
+        assert_eq!(p.dropin_dir, PathBuf::from("/etc/linkmesh/agent.d"));
+    }
+
+    #[test]
+    fn load_reads_files_and_skips_non_toml_dropins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "[log]\nlevel = \"debug\"\n").unwrap();
+        std::fs::create_dir(dir.path().join("agent.d")).unwrap();
+        std::fs::write(
+            dir.path().join("agent.d/50-x.toml"),
+            "[report]\ninterval = \"5m\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("agent.d/README"), "not config").unwrap();
+        let s = load(&ConfigPaths::for_file(file), no_env).unwrap();
+        assert_eq!(s.log_level, "debug");
+        assert_eq!(s.report_interval, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "30", "s", "1x", "-1s", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -1,0 +1,191 @@
+//! Durable file writes: every file the agent writes for identity or
+//! configuration goes through [`write_atomic`] (temp file, fsync, rename,
+//! fsync the directory), so a crash leaves the old file or the new one,
+//! never a torn one.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+/// A failed file-system operation, naming the path it failed on.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct FsError {
+    op: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+impl FsError {
+    /// Wraps `source` as the failure of `op` on `path`.
+    pub fn new(op: &'static str, path: &Path, source: io::Error) -> Self {
+        Self {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// The underlying I/O error kind.
+    pub fn kind(&self) -> io::ErrorKind {
+        self.source.kind()
+    }
+}
+
+/// Writes `contents` to `path` atomically with permission bits `mode`: a temp
+/// file beside it (created with `mode`, never wider), fsync, rename over
+/// `path`, fsync of the parent directory.
+///
+/// # Errors
+/// Any I/O failure, naming the path; the temp file is removed on failure and
+/// `path` keeps its previous contents.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FsError> {
+    let dir = parent(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| FsError::new("create", &tmp, e))?;
+        // The umask may have narrowed the mode; make it exact.
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| FsError::new("chmod", &tmp, e))?;
+        f.write_all(contents)
+            .map_err(|e| FsError::new("write", &tmp, e))?;
+        f.sync_all().map_err(|e| FsError::new("fsync", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| FsError::new("rename", path, e))?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Flushes a directory's entries (new, renamed or removed files) to disk.
+///
+/// # Errors
+/// When the directory cannot be opened or synced.
+pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FsError::new("fsync directory", dir, e))
+}
+
+/// Creates `dir` (and missing parents) with `mode` if it does not exist, and
+/// narrows its mode to `mode` if it does. Parents get mode 0755.
+///
+/// # Errors
+/// When a directory cannot be created or its mode set.
+pub fn ensure_private_dir(dir: &Path, mode: u32) -> Result<(), FsError> {
+    if let Some(p) = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+    {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(p)
+            .map_err(|e| FsError::new("create directory", p, e))?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => fsync_dir(parent(dir))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(FsError::new("create directory", dir, e)),
+    }
+    let meta = fs::metadata(dir).map_err(|e| FsError::new("stat", dir, e))?;
+    if !meta.is_dir() {
+        return Err(FsError::new(
+            "use as directory",
+            dir,
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ),
+        ));
+    }
+    if meta.permissions().mode() & 0o7777 != mode {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .map_err(|e| FsError::new("chmod", dir, e))?;
+    }
+    Ok(())
+}
+
+/// Removes a directory tree if it exists.
+///
+/// # Errors
+/// When something exists at `dir` but cannot be removed.
+pub fn remove_dir_all_if_exists(dir: &Path) -> Result<(), FsError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::new("remove", dir, e)),
+    }
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_atomically_with_exact_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        write_atomic(&path, b"one", 0o600).unwrap();
+        write_atomic(&path, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // No temp files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn failed_write_keeps_old_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub");
+        fs::create_dir(&path).unwrap();
+        // Renaming a file over a non-empty directory fails.
+        fs::write(path.join("x"), b"x").unwrap();
+        let err = write_atomic(&path, b"new", 0o644).unwrap_err();
+        assert!(err.to_string().contains("rename"), "{err}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn private_dir_is_created_and_narrowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/b/state");
+        ensure_private_dir(&state, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&state, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! Facts about the host sent at enrolment: hostname, os-release, kernel,
+//! architecture, and an application-specific hash of the machine id (the raw
+//! machine id never leaves the host).
+
+use std::path::Path;
+
+use crate::proto;
+
+/// Key of the machine-id hash, so that LinkMesh's id for a machine cannot be
+/// correlated with other applications' (systemd's app-specific id idea).
+const APP_ID: &[u8] = b"linkmesh-agent/7c1f0b9e3d2a4e58";
+
+/// What the agent knows about its host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The kernel's host name.
+    pub hostname: String,
+    /// From os-release.
+    pub os: OsRelease,
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// CPU architecture, Rust's name (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// HMAC-SHA256 of the machine id, hex; empty when there is no machine id.
+    pub machine_id_hash: String,
+}
+
+/// The fields of os-release the agent uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OsRelease {
+    /// `ID`, e.g. `debian`.
+    pub id: String,
+    /// `ID_LIKE`, e.g. `rhel fedora`.
+    pub id_like: String,
+    /// `VERSION_ID`, e.g. `12`.
+    pub version_id: String,
+    /// `PRETTY_NAME`.
+    pub pretty_name: String,
+}
+
+/// Parses os-release text (shell-style `KEY=value`, values optionally quoted).
+pub fn parse_os_release(text: &str) -> OsRelease {
+    let mut os = OsRelease::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.trim().split_once('=') else {
+            continue;
+        };
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(v)
+            .replace("\\\"", "\"");
+        match k {
+            "ID" => os.id = v,
+            "ID_LIKE" => os.id_like = v,
+            "VERSION_ID" => os.version_id = v,
+            "PRETTY_NAME" => os.pretty_name = v,
+            _ => {}
+        }
+    }
+    os
+}
+
+/// The application-specific hash of a machine id (32 hex digits expected);
+/// `None` for an empty or malformed id.
+pub fn machine_id_hash(machine_id: &str) -> Option<String> {
+    let id = machine_id.trim();
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, id.to_ascii_lowercase().as_bytes());
+    Some(crate::hex::encode(ring::hmac::sign(&key, APP_ID).as_ref()))
+}
+
+/// Reads the facts from the running host.
+pub fn collect() -> HostFacts {
+    let read = |p: &str| std::fs::read_to_string(Path::new(p)).ok();
+    let os = read("/etc/os-release")
+        .or_else(|| read("/usr/lib/os-release"))
+        .map(|t| parse_os_release(&t));
+    HostFacts {
+        hostname: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+        os: os.unwrap_or_default(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_owned(),
+        machine_id_hash: read("/etc/machine-id")
+            .and_then(|m| machine_id_hash(&m))
+            .unwrap_or_default(),
+    }
+}
+
+impl From<&HostFacts> for proto::HostFacts {
+    fn from(h: &HostFacts) -> Self {
+        proto::HostFacts {
+            hostname: h.hostname.clone(),
+            os_id: h.os.id.clone(),
+            os_version: h.os.version_id.clone(),
+            os_pretty_name: h.os.pretty_name.clone(),
+            kernel_release: h.kernel_release.clone(),
+            arch: h.arch.clone(),
+            machine_id_hash: h.machine_id_hash.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_os_release() {
+        let os = parse_os_release(
+            "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nID=debian\n# comment\nID_LIKE='rhel fedora'\n",
+        );
+        assert_eq!(os.id, "debian");
+        assert_eq!(os.version_id, "12");
+        assert_eq!(os.pretty_name, "Debian GNU/Linux 12 (bookworm)");
+        assert_eq!(os.id_like, "rhel fedora");
+    }
+
+    #[test]
+    fn machine_id_is_hashed_not_sent() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let h = machine_id_hash(id).unwrap();
+        assert_eq!(h.len(), 64);
+        assert!(!h.contains(id));
+        assert_eq!(machine_id_hash(&id.to_ascii_uppercase()), Some(h));
+        assert_eq!(machine_id_hash(""), None);
+        assert_eq!(machine_id_hash("uninitialized"), None);
+    }
+}

@@ -1,0 +1,20 @@
+//! linkmesh-agent: the host side of LinkMesh. Enrols a host into a fleet,
+//! supervises its OpenTelemetry collector runtime and reports versions.
+
+#![deny(rust_2018_idioms, missing_docs, clippy::disallowed_methods)]
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod endpoint;
+pub mod enrollment;
+pub mod fs;
+pub mod hex;
+pub mod host;
+pub mod identity;
+pub mod proto;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+pub mod transport;
+pub mod version;
