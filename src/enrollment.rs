@@ -203,11 +203,6 @@ pub async fn enroll(
         }
     }
     let token = token()?;
-    let key = store.pending_key(lock, &opts.server)?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .map_err(|e| EnrollError::Csr(e.to_string()))?;
-
     let tls = Arc::new(enrol_client_config(&opts.trust)?);
     let channel = connect_once(&opts.server, tls, opts.timeout).await?;
     let mut client = proto::Client::new(channel);
@@ -253,6 +248,11 @@ pub async fn enroll(
         SkewVerdict::InWindow => {}
     }
 
+    // Only now, with the server verified and willing, does key material get made.
+    let key = store.pending_key(lock, &opts.server)?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| EnrollError::Csr(e.to_string()))?;
     tracing::info!(server = %opts.server, token_id = token.id(), "Sending enrolment request");
     let response = client
         .enroll(proto::EnrollRequest {
@@ -279,6 +279,8 @@ pub async fn enroll(
         .collect();
     let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let enrolled_at = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc())
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     let identity = Identity::new(

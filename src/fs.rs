@@ -12,12 +12,11 @@ use std::{
 
 /// A failed file-system operation, naming the path it failed on.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
+#[error("{op} {path}: {error}")]
 pub struct FsError {
     op: &'static str,
     path: PathBuf,
-    #[source]
-    source: io::Error,
+    error: io::Error,
 }
 
 impl FsError {
@@ -26,13 +25,13 @@ impl FsError {
         Self {
             op,
             path: path.to_owned(),
-            source,
+            error: source,
         }
     }
 
     /// The underlying I/O error kind.
     pub fn kind(&self) -> io::ErrorKind {
-        self.source.kind()
+        self.error.kind()
     }
 }
 

@@ -2,7 +2,7 @@
 //! (`JOURNAL_STREAM` names stderr's device and inode), else to stderr. The
 //! filter comes from `LINKMESH_LOG`, else the configured level.
 
-use std::os::fd::AsFd;
+use std::{io::IsTerminal as _, os::fd::AsFd};
 
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -60,6 +60,7 @@ pub fn init(config_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

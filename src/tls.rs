@@ -263,7 +263,9 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
         {
             "the server's CA does not match the CA pin: check --ca-pin against the pin printed by the server (`linkmesh-fleet token create`)".to_owned()
         }
-        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        ) => {
             "the server's certificate is not signed by the trusted CA (--ca-file)".to_owned()
         }
         rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)

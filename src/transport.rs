@@ -40,13 +40,12 @@ pub enum ConnectError {
         reason: String,
     },
     /// tonic could not set up the HTTP/2 channel.
-    #[error("cannot open a gRPC channel to {server}: {source}")]
+    #[error("cannot open a gRPC channel to {server}: {error}")]
     Channel {
         /// The server URL.
         server: String,
         /// The error.
-        #[source]
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
 }
 
@@ -133,9 +132,9 @@ pub async fn connect_once(
             })
         }
     });
-    let channel_err = |source| ConnectError::Channel {
+    let channel_err = |error| ConnectError::Channel {
         server: server.to_string(),
-        source,
+        error,
     };
     Endpoint::from_shared(format!("http://{authority}"))
         .map_err(channel_err)?

@@ -1,1 +1,11 @@
-//! Reference fleet server and test harness.
+//! The reference LinkMesh fleet server (`linkmesh-fleet`) and the harness the
+//! end-to-end tests, the demo and the benchmarks drive it with.
+
+#![deny(rust_2018_idioms, missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod harness;
+pub mod server;
+pub mod service;
+pub mod state;

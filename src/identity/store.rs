@@ -61,14 +61,13 @@ pub enum StoreError {
     },
     /// The identity's parts do not fit together.
     #[error(
-        "identity in {dir} is inconsistent: {source}; the identity was left untouched (re-enrol with --force to replace it)"
+        "identity in {dir} is inconsistent: {error}; the identity was left untouched (re-enrol with --force to replace it)"
     )]
     Inconsistent {
         /// The identity directory.
         dir: PathBuf,
         /// The mismatch.
-        #[source]
-        source: IdentityError,
+        error: IdentityError,
     },
     /// The private key is readable by others.
     #[error(
@@ -81,13 +80,12 @@ pub enum StoreError {
         mode: u32,
     },
     /// The lock could not be taken.
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}: {error}")]
     Lock {
         /// The lock file.
         path: PathBuf,
         /// The error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -157,9 +155,9 @@ impl IdentityStore {
 
     fn lock(&self, arg: FlockArg) -> Result<StoreLock, StoreError> {
         let path = self.root.join(LOCK);
-        let err = |source| StoreError::Lock {
+        let err = |error| StoreError::Lock {
             path: path.clone(),
-            source,
+            error,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -217,10 +215,12 @@ impl IdentityStore {
         let host_id = HostId::new(&meta.host_id).map_err(|e| corrupt(META_FILE, e.to_string()))?;
 
         let key_path = dir.join(KEY_FILE);
-        let mode = std::fs::metadata(&key_path)
-            .map_err(|e| corrupt(KEY_FILE, format!("cannot read: {e}")))?
-            .permissions()
-            .mode();
+        let key_meta = std::fs::metadata(&key_path)
+            .map_err(|e| corrupt(KEY_FILE, format!("cannot read: {e}")))?;
+        if !key_meta.is_file() {
+            return Err(corrupt(KEY_FILE, "is not a regular file".into()));
+        }
+        let mode = key_meta.permissions().mode();
         if mode & 0o077 != 0 {
             return Err(StoreError::KeyPermissions {
                 path: key_path,
@@ -229,19 +229,24 @@ impl IdentityStore {
         }
         let key = PrivateKeyDer::from_pem_slice(&read(KEY_FILE)?)
             .map_err(|e| corrupt(KEY_FILE, format!("not a PEM private key: {e}")))?;
+        super::key_spki(&key).map_err(|e| corrupt(KEY_FILE, e.to_string()))?;
         let certs = CertificateDer::pem_slice_iter(&read(CERT_FILE)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| corrupt(CERT_FILE, format!("not a PEM certificate file: {e}")))?;
         if certs.is_empty() {
-            return Err(corrupt(CERT_FILE, "contains no certificate".into()));
+            return Err(corrupt(CERT_FILE, "contains no PEM certificate".into()));
         }
         let ca = CertificateDer::from_pem_slice(&read(CA_FILE)?)
             .map_err(|e| corrupt(CA_FILE, format!("not a PEM certificate: {e}")))?;
+        for (name, der) in [(CERT_FILE, &certs[0]), (CA_FILE, &ca)] {
+            x509_parser::parse_x509_certificate(der)
+                .map_err(|e| corrupt(name, format!("not a valid X.509 certificate: {e}")))?;
+        }
 
         let identity = Identity::new(host_id, meta.server_url, meta.enrolled_at, key, certs, ca)
-            .map_err(|source| StoreError::Inconsistent {
+            .map_err(|error| StoreError::Inconsistent {
                 dir: dir.clone(),
-                source,
+                error,
             })?;
         if identity.ca_pin.to_string() != meta.ca_pin {
             return Err(corrupt(META_FILE, "ca_pin does not match ca.pem".into()));

@@ -1,1 +1,346 @@
-fn main() {}
+//! `linkmesh-fleet`: the reference fleet server. A real CA, real tokens and
+//! persistent state; operator commands work beside a running `serve`.
+
+use std::{
+    io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use linkmesh_agent::{config::parse_duration, endpoint::ServerUrl, token::Token, version::Version};
+use linkmesh_integration::{
+    ca::Ca,
+    server,
+    service::{FleetService, ServiceConfig, rfc3339},
+    state::{ServeRecord, State, TokenRecord},
+};
+use time::OffsetDateTime;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "linkmesh-fleet",
+    version,
+    about = "Reference LinkMesh fleet server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the state directory and the internal CA (a no-op if it exists).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
+    /// Serve the agent API over TLS.
+    Serve {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// Address to listen on; port 0 picks a free port (printed on start).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// URL agents use [default: https://LISTEN-ADDRESS].
+        #[arg(long, value_name = "URL")]
+        advertise_url: Option<String>,
+        /// Extra DNS names or IPs for the server certificate.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
+        /// Lifetime of host certificates.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        cert_lifetime: String,
+        /// Version to report to agents [default: this build's].
+        #[arg(long, value_name = "X.Y.Z")]
+        server_version: Option<String>,
+    },
+    /// Enrolment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List enrolled hosts.
+    Hosts {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create an enrolment token and print it with the CA pin and commands.
+    Create {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// How long the token is valid.
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        ttl: String,
+        /// How many hosts may enrol with it.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        uses: u32,
+        /// Server URL to print [default: the URL `serve` advertises].
+        #[arg(long, value_name = "URL")]
+        server_url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LINKMESH_FLEET_LOG").unwrap_or_else(
+                |_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,linkmesh_integration=info,linkmesh_fleet=info",
+                    )
+                },
+            ),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { state } => init(&State::new(state)),
+        Command::Serve {
+            state,
+            listen,
+            advertise_url,
+            san,
+            cert_lifetime,
+            server_version,
+        } => {
+            let version = match server_version {
+                Some(v) => v.parse::<Version>().context("--server-version")?,
+                None => linkmesh_agent::version::agent_version(),
+            };
+            let cert_lifetime = parse_duration(&cert_lifetime).context("--cert-lifetime")?;
+            if cert_lifetime < Duration::from_secs(1) {
+                bail!("--cert-lifetime must be at least 1s");
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(
+                    State::new(state),
+                    listen,
+                    advertise_url,
+                    san,
+                    cert_lifetime,
+                    version,
+                ))
+        }
+        Command::Token(TokenCommand::Create {
+            state,
+            ttl,
+            uses,
+            server_url,
+            json,
+        }) => token_create(&State::new(state), &ttl, uses, server_url, json),
+        Command::Hosts { state, json } => hosts(&State::new(state), json),
+    }
+}
+
+fn init(state: &State) -> anyhow::Result<()> {
+    state.create_layout()?;
+    let ca = if state.ca_dir().join("ca.key").exists() {
+        println!(
+            "state directory {} already initialised",
+            state.dir().display()
+        );
+        Ca::load(&state.ca_dir())?
+    } else {
+        let ca = Ca::create(&state.ca_dir())?;
+        println!("initialised {} with a new CA", state.dir().display());
+        ca
+    };
+    println!("CA pin: {}", ca.pin());
+    Ok(())
+}
+
+async fn serve(
+    state: State,
+    listen: SocketAddr,
+    advertise_url: Option<String>,
+    san: Vec<String>,
+    cert_lifetime: Duration,
+    version: Version,
+) -> anyhow::Result<()> {
+    let ca = Ca::load(&state.ca_dir())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let url: ServerUrl = match &advertise_url {
+        Some(u) => u.parse().context("--advertise-url")?,
+        None if addr.ip().is_unspecified() => {
+            format!("https://127.0.0.1:{}", addr.port()).parse()?
+        }
+        None => format!("https://{addr}").parse()?,
+    };
+    let mut names = san;
+    names.push("localhost".into());
+    names.push(url.host().to_owned());
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    } else {
+        names.extend(["127.0.0.1".to_owned(), "::1".to_owned()]);
+    }
+    names.sort();
+    names.dedup();
+    let tls = Arc::new(server::tls_config(&ca, &names)?);
+    state.put_serve(&ServeRecord {
+        url: url.to_string(),
+    })?;
+    let service = FleetService::new(
+        state.clone(),
+        ca,
+        ServiceConfig {
+            version: version.clone(),
+            cert_lifetime,
+            minor_versions_behind: 1,
+        },
+    );
+    println!("linkmesh-fleet {version} listening on {addr} as {url}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, %url, "Serving");
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("Shutting down");
+    };
+    server::serve(listener, tls, service, shutdown).await?;
+    Ok(())
+}
+
+fn token_create(
+    state: &State,
+    ttl: &str,
+    uses: u32,
+    server_url: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let ttl = parse_duration(ttl).context("--ttl")?;
+    if uses == 0 {
+        bail!("--uses must be at least 1");
+    }
+    let ca = Ca::load(&state.ca_dir())?;
+    let url: ServerUrl = match server_url {
+        Some(u) => u.parse().context("--server-url")?,
+        None => state
+            .serve()?
+            .context("no server URL known: start `linkmesh-fleet serve` on this state first, or pass --server-url")?
+            .url
+            .parse()?,
+    };
+    let token =
+        Token::generate().map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+    let record = TokenRecord {
+        id: token.id().to_owned(),
+        secret_sha256: token.secret_hash(),
+        created_at: now,
+        expires_at,
+        max_uses: uses,
+        uses: Vec::new(),
+    };
+    let lock = state.lock()?;
+    state.put_token(&lock, &record)?;
+    drop(lock);
+
+    let secret = token.expose();
+    let pin = ca.pin();
+    let enroll =
+        format!("LINKMESH_TOKEN={secret} linkmesh-agent enroll --server {url} --ca-pin {pin}");
+    let install = format!(
+        "curl -fsSL {url}/install.sh | sudo sh -s -- --server {url} --token {secret} --ca-pin {pin}"
+    );
+    if json {
+        let doc = serde_json::json!({
+            "token": secret,
+            "token_id": token.id(),
+            "ca_pin": pin.to_string(),
+            "server_url": url.to_string(),
+            "expires_at": rfc3339(expires_at),
+            "max_uses": uses,
+            "enroll_command": enroll,
+            "install_command": install,
+        });
+        println!("{doc}");
+    } else {
+        println!("token:    {secret}");
+        println!(
+            "expires:  {} ({} use{})",
+            rfc3339(expires_at),
+            uses,
+            if uses == 1 { "" } else { "s" }
+        );
+        println!("CA pin:   {pin}");
+        println!("server:   {url}");
+        println!();
+        println!("Enrol a host that has linkmesh-agent:");
+        println!("  {enroll}");
+        println!("Install and enrol in one step:");
+        println!("  {install}");
+    }
+    Ok(())
+}
+
+fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
+    let hosts = state.hosts()?;
+    if json {
+        let rows: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "host_id": h.host_id,
+                    "hostname": h.hostname,
+                    "os": h.os,
+                    "arch": h.arch,
+                    "agent_version": h.agent_version,
+                    "enrolled_at": rfc3339(h.enrolled_at),
+                    "last_seen": rfc3339(h.last_seen),
+                    "cert_not_after": rfc3339(h.cert_not_after),
+                    "cert_serial": h.cert_serial,
+                    "token_id": h.token_id,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if hosts.is_empty() {
+        println!("no hosts enrolled");
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}",
+        "HOST ID", "HOSTNAME", "AGENT", "ENROLLED", "CERT EXPIRES"
+    );
+    for h in &hosts {
+        println!(
+            "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}",
+            h.host_id,
+            h.hostname,
+            h.agent_version,
+            rfc3339(h.enrolled_at),
+            rfc3339(h.cert_not_after)
+        );
+    }
+    Ok(())
+}

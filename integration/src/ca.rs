@@ -1,0 +1,230 @@
+//! The fleet's internal certificate authority: an ECDSA P-256 key made at
+//! `init`, kept 0600 in the state directory, that signs the server's TLS
+//! certificate and every host certificate.
+
+use std::{path::Path, time::Duration};
+
+use linkmesh_agent::{fs::write_atomic, identity::HostId, tls::CaPin};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+const CA_KEY: &str = "ca.key";
+const CA_CERT: &str = "ca.pem";
+
+/// Tolerance for clocks that run slightly behind the server's: certificates
+/// are valid from this long before they were issued.
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
+/// Failures of the CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Files could not be read or written.
+    #[error("{path}: {reason}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        reason: String,
+    },
+    /// rcgen failed.
+    #[error("certificate operation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A CSR the CA will not sign.
+    #[error("{0}")]
+    BadCsr(String),
+}
+
+/// A loaded CA.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+    pin: CaPin,
+}
+
+/// A certificate signed for a host.
+pub struct HostCert {
+    /// DER of the certificate.
+    pub der: CertificateDer<'static>,
+    /// SHA-256 of the host's SubjectPublicKeyInfo, hex.
+    pub spki_sha256: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Expiry.
+    pub not_after: OffsetDateTime,
+}
+
+impl Ca {
+    /// Creates a new CA in `dir` (which must not hold one already).
+    ///
+    /// # Errors
+    /// When a CA exists there already, or files cannot be written.
+    pub fn create(dir: &Path) -> Result<Self, CaError> {
+        let io = |path: &Path, e: &dyn std::fmt::Display| CaError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        if dir.join(CA_KEY).exists() {
+            return Err(io(
+                &dir.join(CA_KEY),
+                &"a CA already exists here; refusing to replace it",
+            ));
+        }
+        linkmesh_agent::fs::ensure_private_dir(dir, 0o700).map_err(|e| io(dir, &e))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "LinkMesh");
+        dn.push(DnType::CommonName, "LinkMesh fleet CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + time::Duration::days(3650);
+        params.serial_number = Some(random_serial()?);
+        let cert = params.self_signed(&key)?;
+        write_atomic(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), 0o600)
+            .map_err(|e| io(&dir.join(CA_KEY), &e))?;
+        write_atomic(&dir.join(CA_CERT), cert.pem().as_bytes(), 0o644)
+            .map_err(|e| io(&dir.join(CA_CERT), &e))?;
+        Self::load(dir)
+    }
+
+    /// Loads the CA from `dir`.
+    ///
+    /// # Errors
+    /// When its files are missing or corrupt.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| CaError::Io {
+                path: dir.join(name).display().to_string(),
+                reason: format!("{e} (run `linkmesh-fleet init` first)"),
+            })
+        };
+        let key = KeyPair::from_pem(&read(CA_KEY)?)?;
+        let cert_pem = read(CA_CERT)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        let cert = pem::parse(&cert_pem)
+            .map(|p| CertificateDer::from(p.into_contents()))
+            .map_err(|e| CaError::Io {
+                path: dir.join(CA_CERT).display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let pin = CaPin::of_certificate(&cert).map_err(|e| CaError::Io {
+            path: dir.join(CA_CERT).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { issuer, cert, pin })
+    }
+
+    /// The CA certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The CA pin agents are given.
+    pub fn pin(&self) -> CaPin {
+        self.pin
+    }
+
+    /// A fresh TLS server certificate (chain: leaf, CA) and key for `names`
+    /// (DNS names or IP addresses).
+    ///
+    /// # Errors
+    /// When a name is invalid or signing fails.
+    pub fn server_cert(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "LinkMesh fleet server");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + time::Duration::days(30);
+        params.serial_number = Some(random_serial()?);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert.clone()], key))
+    }
+
+    /// Verifies a CSR (its signature proves possession of the key) and signs
+    /// a client certificate for `host` valid for `lifetime`. Whatever names
+    /// the CSR asks for are ignored: the CA decides the subject.
+    ///
+    /// # Errors
+    /// [`CaError::BadCsr`] for an unparsable or forged CSR or an unsupported key.
+    pub fn sign_host(
+        &self,
+        csr_der: &[u8],
+        host: &HostId,
+        lifetime: Duration,
+    ) -> Result<HostCert, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| CaError::BadCsr(format!("invalid certificate request: {e}")))?;
+        let alg = csr.public_key.algorithm();
+        if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
+            return Err(CaError::BadCsr(
+                "unsupported key type: use ECDSA P-256 or Ed25519".into(),
+            ));
+        }
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&csr.public_key);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, host.as_str());
+        params.subject_alt_names = vec![SanType::URI(host.uri().try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        let not_after = now + lifetime;
+        params.not_after = not_after;
+        let serial = random_serial()?;
+        params.serial_number = Some(serial.clone());
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(HostCert {
+            der: cert.der().clone(),
+            spki_sha256: spki_sha256(&spki),
+            serial: linkmesh_agent::hex::encode(serial.as_ref()),
+            not_after,
+        })
+    }
+}
+
+/// SHA-256 of a DER SubjectPublicKeyInfo, hex.
+pub fn spki_sha256(spki: &[u8]) -> String {
+    linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, spki).as_ref())
+}
+
+/// SHA-256 of a CSR's public key, hex, without signing anything.
+///
+/// # Errors
+/// [`CaError::BadCsr`] when the CSR does not parse or verify.
+pub fn csr_spki_sha256(csr_der: &[u8]) -> Result<String, CaError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+        .map_err(|e| CaError::BadCsr(format!("invalid certificate request: {e}")))?;
+    Ok(spki_sha256(&rcgen::PublicKeyData::subject_public_key_info(
+        &csr.public_key,
+    )))
+}
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaError::BadCsr("system random number generator failed".into()))?;
+    bytes[0] &= 0x7f; // positive
+    Ok(SerialNumber::from_slice(&bytes))
+}

@@ -1,0 +1,369 @@
+//! Test harness: runs the real `linkmesh-fleet` and `linkmesh-agent`
+//! binaries in scratch directories on loopback. Every wait is bounded;
+//! servers are killed when their handle drops.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+/// How long a server may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The directory cargo put the binaries in (the test executable lives in
+/// its `deps/`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A binary of this workspace: `$LINKMESH_<NAME>_BIN` if set, else cargo's
+/// output directory.
+///
+/// # Errors
+/// When it does not exist, with the command that builds it.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let var = format!(
+        "LINKMESH_{}_BIN",
+        name.trim_start_matches("linkmesh-").to_ascii_uppercase()
+    );
+    let path = std::env::var_os(&var).map_or_else(|| target_dir().join(name), PathBuf::from);
+    if !path.is_file() {
+        bail!(
+            "{name} not found at {}: run `cargo build --workspace` first (scripts/test does), or set {var}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// What `linkmesh-fleet token create --json` prints.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct TokenInfo {
+    /// The token.
+    pub token: String,
+    /// Its public id.
+    pub token_id: String,
+    /// The CA pin.
+    pub ca_pin: String,
+    /// The server URL.
+    pub server_url: String,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// A running reference server.
+pub struct Fleet {
+    state: PathBuf,
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: String,
+    /// The URL agents use.
+    pub url: String,
+    extra: Vec<String>,
+    log: PathBuf,
+}
+
+impl Fleet {
+    /// Initialises `state` (CA and layout) without starting a server.
+    ///
+    /// # Errors
+    /// When `init` fails.
+    pub fn init(state: &Path) -> anyhow::Result<()> {
+        let out = Command::new(binary("linkmesh-fleet")?)
+            .arg("init")
+            .arg("--state")
+            .arg(state)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "linkmesh-fleet init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Initialises `state` if needed and starts `serve` on a free loopback
+    /// port, with `extra` arguments.
+    ///
+    /// # Errors
+    /// When the server does not come up within [`START_TIMEOUT`].
+    pub fn start(state: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::init(state)?;
+        let mut fleet = Self {
+            state: state.to_owned(),
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            url: String::new(),
+            extra: extra.iter().map(ToString::to_string).collect(),
+            log: state.join("serve.log"),
+        };
+        fleet.spawn()?;
+        Ok(fleet)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = Command::new(binary("linkmesh-fleet")?)
+            .arg("serve")
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(&self.extra)
+            .env("LINKMESH_FLEET_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let line = rx.recv_timeout(START_TIMEOUT).map_err(|_| {
+            anyhow::anyhow!(
+                "linkmesh-fleet did not start within {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            )
+        })?;
+        // "linkmesh-fleet X listening on ADDR as URL"
+        let mut words = line.split_whitespace().skip_while(|w| *w != "on").skip(1);
+        let (Some(addr), Some("as"), Some(url)) = (words.next(), words.next(), words.next()) else {
+            bail!("unexpected start line from linkmesh-fleet: {line}");
+        };
+        self.addr = addr.to_owned();
+        self.url = url.to_owned();
+        Ok(())
+    }
+
+    /// Stops the server (SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts the server on the same address and state, optionally with
+    /// other arguments.
+    ///
+    /// # Errors
+    /// When it does not come back.
+    pub fn restart(&mut self, extra: Option<&[&str]>) -> anyhow::Result<()> {
+        self.stop();
+        if let Some(extra) = extra {
+            self.extra = extra.iter().map(ToString::to_string).collect();
+        }
+        self.spawn()
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `linkmesh-fleet ARGS --state STATE` and returns its output.
+    ///
+    /// # Errors
+    /// When it cannot be run.
+    pub fn admin(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(binary("linkmesh-fleet")?)
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .output()?)
+    }
+
+    /// Creates a token with `uses` and `ttl`.
+    ///
+    /// # Errors
+    /// When `token create` fails.
+    pub fn token(&self, uses: u32, ttl: &str) -> anyhow::Result<TokenInfo> {
+        let out = self.admin(&[
+            "token",
+            "create",
+            "--json",
+            "--uses",
+            &uses.to_string(),
+            "--ttl",
+            ttl,
+        ])?;
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The enrolled hosts, as `hosts --json` prints them.
+    ///
+    /// # Errors
+    /// When `hosts` fails.
+    pub fn hosts(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = self.admin(&["hosts", "--json"])?;
+        if !out.status.success() {
+            bail!("hosts failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The server's record of a token (uses and all).
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    pub fn token_record(&self, id: &str) -> anyhow::Result<crate::state::TokenRecord> {
+        crate::state::State::new(&self.state)
+            .token(id)?
+            .with_context(|| format!("no token {id}"))
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An agent's scratch environment: its own config file and state directory,
+/// so nothing touches the real `/etc` or `/var/lib`.
+pub struct AgentEnv {
+    /// Root of the scratch directory.
+    pub root: PathBuf,
+    /// `LINKMESH_CONFIG`.
+    pub config: PathBuf,
+    /// `LINKMESH_STATE_DIR`.
+    pub state: PathBuf,
+}
+
+impl AgentEnv {
+    /// An environment under `root` (created if missing).
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn new(root: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        Ok(Self {
+            root: root.to_owned(),
+            config: root.join("etc/agent.toml"),
+            state: root.join("state"),
+        })
+    }
+
+    /// A `linkmesh-agent` command in this environment (no token in its
+    /// environment unless the caller adds one).
+    ///
+    /// # Errors
+    /// When the binary is missing.
+    pub fn cmd(&self) -> anyhow::Result<Command> {
+        let mut c = Command::new(binary("linkmesh-agent")?);
+        c.env("LINKMESH_CONFIG", &self.config)
+            .env("LINKMESH_STATE_DIR", &self.state)
+            .env_remove("LINKMESH_TOKEN")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET");
+        Ok(c)
+    }
+
+    /// `enroll` with the token in `LINKMESH_TOKEN` and `args` after it.
+    ///
+    /// # Errors
+    /// When it cannot be run.
+    pub fn enroll(&self, server: &str, token: &str, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self
+            .cmd()?
+            .args(["enroll", "--server", server])
+            .args(args)
+            .env("LINKMESH_TOKEN", token)
+            .output()?)
+    }
+
+    /// `status --json`, parsed.
+    ///
+    /// # Errors
+    /// When it fails or prints something else.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.cmd()?.args(["status", "--json"]).output()?;
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// Every regular file below `dir` with its mode and SHA-256, to show that
+/// something left a tree byte-identical.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, String)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix(dir).unwrap_or(&p).to_owned();
+            if meta.is_dir() {
+                out.insert(rel, (meta.permissions().mode(), String::from("<dir>")));
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                let hash = linkmesh_agent::hex::encode(
+                    ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+                );
+                out.insert(rel, (meta.permissions().mode(), hash));
+            }
+        }
+    }
+    out
+}
+
+/// Output of a command as text, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A scratch directory under cargo's target directory, removed when the
+/// handle drops, so test state never lands in the real `/etc` or `/var/lib`.
+///
+/// # Errors
+/// When it cannot be created.
+pub fn scratch(label: &str) -> anyhow::Result<tempfile::TempDir> {
+    let parent = target_dir().join("scratch");
+    std::fs::create_dir_all(&parent)?;
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("{label}-"))
+        .tempdir_in(parent)?)
+}

@@ -1,0 +1,260 @@
+//! The fleet server's persistent state: plain JSON files written atomically
+//! (temp, fsync, rename, fsync dir), mutations serialised by an flock so the
+//! operator commands can run beside `serve` on the same directory.
+//!
+//! ```text
+//! STATE/ca/{ca.key,ca.pem}   the CA
+//! STATE/server.json          the URL `serve` advertises (for `token create`)
+//! STATE/tokens/<id>.json     enrolment tokens: only the secret's hash is kept
+//! STATE/hosts/<id>.json      enrolled hosts
+//! STATE/lock                 flock for read-modify-write
+//! ```
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use linkmesh_agent::fs::{ensure_private_dir, write_atomic};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Failures of the state store, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct StateError {
+    path: String,
+    reason: String,
+}
+
+impl StateError {
+    fn new(path: &Path, reason: impl std::fmt::Display) -> Self {
+        Self {
+            path: path.display().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// An enrolment token as the server keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// How many enrolments it allows.
+    pub max_uses: u32,
+    /// Enrolments done with it.
+    pub uses: Vec<TokenUse>,
+}
+
+/// One enrolment done with a token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenUse {
+    /// The enrolled key, so a retry with the same key is recognised.
+    pub spki_sha256: String,
+    /// The host it made.
+    pub host_id: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// An enrolled host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    /// Server-assigned id.
+    pub host_id: String,
+    /// Host name at enrolment.
+    pub hostname: String,
+    /// os-release PRETTY_NAME.
+    pub os: String,
+    /// Architecture.
+    pub arch: String,
+    /// App-specific machine-id hash.
+    pub machine_id_hash: String,
+    /// Agent version at enrolment.
+    pub agent_version: String,
+    /// Token used.
+    pub token_id: String,
+    /// Current key.
+    pub spki_sha256: String,
+    /// Current certificate serial, hex.
+    pub cert_serial: String,
+    /// Current certificate expiry, Unix seconds.
+    pub cert_not_after: i64,
+    /// Unix seconds.
+    pub enrolled_at: i64,
+    /// Unix seconds of the last contact.
+    pub last_seen: i64,
+}
+
+/// Where the server is reachable, written by `serve`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServeRecord {
+    /// The URL agents use.
+    pub url: String,
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct State {
+    dir: PathBuf,
+}
+
+/// Proof that the state lock is held.
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+impl State {
+    /// The state in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA's directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// Creates the directory layout.
+    ///
+    /// # Errors
+    /// When directories cannot be created.
+    pub fn create_layout(&self) -> Result<(), StateError> {
+        for d in [
+            self.dir.clone(),
+            self.dir.join("tokens"),
+            self.dir.join("hosts"),
+        ] {
+            ensure_private_dir(&d, 0o700).map_err(|e| StateError::new(&d, e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the exclusive lock, waiting for another holder.
+    ///
+    /// # Errors
+    /// When the lock file cannot be opened or locked.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                StateError::new(
+                    &path,
+                    format!("{e} (is this a state directory made by `linkmesh-fleet init`?)"),
+                )
+            })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| StateError::new(&path, e))?;
+        Ok(StateLock { _lock: lock })
+    }
+
+    /// A token by id.
+    ///
+    /// # Errors
+    /// When its file exists but cannot be read.
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StateError> {
+        if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        read_json(&self.dir.join("tokens").join(format!("{id}.json")))
+    }
+
+    /// Stores a token.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn put_token(&self, _lock: &StateLock, t: &TokenRecord) -> Result<(), StateError> {
+        write_json(&self.dir.join("tokens").join(format!("{}.json", t.id)), t)
+    }
+
+    /// A host by id.
+    ///
+    /// # Errors
+    /// When its file exists but cannot be read.
+    pub fn host(&self, id: &str) -> Result<Option<HostRecord>, StateError> {
+        read_json(&self.dir.join("hosts").join(format!("{id}.json")))
+    }
+
+    /// Stores a host.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn put_host(&self, _lock: &StateLock, h: &HostRecord) -> Result<(), StateError> {
+        write_json(
+            &self.dir.join("hosts").join(format!("{}.json", h.host_id)),
+            h,
+        )
+    }
+
+    /// Every host, ordered by enrolment time.
+    ///
+    /// # Errors
+    /// When the directory or a file cannot be read.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StateError> {
+        let dir = self.dir.join("hosts");
+        let mut hosts = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| StateError::new(&dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| StateError::new(&dir, e))?.path();
+            if path.extension().is_some_and(|x| x == "json")
+                && let Some(h) = read_json::<HostRecord>(&path)?
+            {
+                hosts.push(h);
+            }
+        }
+        hosts.sort_by(|a, b| (a.enrolled_at, &a.host_id).cmp(&(b.enrolled_at, &b.host_id)));
+        Ok(hosts)
+    }
+
+    /// Records where `serve` listens.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn put_serve(&self, r: &ServeRecord) -> Result<(), StateError> {
+        write_json(&self.dir.join("server.json"), r)
+    }
+
+    /// Where `serve` last said it listens.
+    ///
+    /// # Errors
+    /// When the file exists but cannot be read.
+    pub fn serve(&self) -> Result<Option<ServeRecord>, StateError> {
+        read_json(&self.dir.join("server.json"))
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::new(path, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StateError::new(path, e)),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::new(path, e))?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes, 0o600).map_err(|e| StateError::new(path, e))
+}
