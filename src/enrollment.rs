@@ -175,6 +175,7 @@ pub async fn enroll(
     store.clear_staging(lock)?;
     let current = store.load(lock)?;
     if let Some(c) = &current {
+        store.clear_committed_pending(lock, c)?;
         match decide(
             Some((&c.server, opts.trust.accepts_ca(&c.ca))),
             &opts.server,

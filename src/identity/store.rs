@@ -263,6 +263,38 @@ impl IdentityStore {
         Ok(())
     }
 
+    /// Removes the pending key when it is the key of `identity`: an
+    /// enrolment that committed but was killed before cleaning up. A pending
+    /// key for another enrolment (say a `--force` to a new server that was
+    /// interrupted) is kept for its retry.
+    ///
+    /// # Errors
+    /// When it cannot be removed.
+    pub fn clear_committed_pending(
+        &self,
+        _lock: &StoreLock,
+        identity: &Identity,
+    ) -> Result<(), StoreError> {
+        let dir = self.root.join(PENDING);
+        if !dir.exists() {
+            return Ok(());
+        }
+        // A pending directory without a usable key (killed while it was being
+        // made or removed) is of no use to anyone either.
+        let pending = std::fs::read_to_string(dir.join(KEY_FILE))
+            .ok()
+            .and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok());
+        let stale = pending.is_none_or(|pending| {
+            super::key_spki(identity.key())
+                .is_ok_and(|live| live == rcgen::PublicKeyData::subject_public_key_info(&pending))
+        });
+        if stale {
+            remove_dir_all_if_exists(&dir)?;
+            fsync_dir(&self.root)?;
+        }
+        Ok(())
+    }
+
     /// The key pair for an enrolment with `server`: the one an interrupted
     /// enrolment with the same server left, or a new ECDSA P-256 pair,
     /// stored (0600) before it is used so that a re-run after a crash sends
@@ -359,16 +391,24 @@ impl IdentityStore {
 
 /// PEM text of a certificate.
 pub fn pem(cert: &CertificateDer<'_>) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
+    pem_lf(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
 }
 
 /// PEM text of a PKCS#8 private key (the only kind the agent generates).
 fn key_pem(key: &PrivateKeyDer<'_>) -> Option<String> {
     match key {
-        PrivateKeyDer::Pkcs8(k) => Some(pem::encode(&pem::Pem::new(
+        PrivateKeyDer::Pkcs8(k) => Some(pem_lf(&pem::Pem::new(
             "PRIVATE KEY",
             k.secret_pkcs8_der().to_vec(),
         ))),
         _ => None,
     }
+}
+
+/// PEM with Unix line endings (the `pem` crate defaults to CRLF).
+fn pem_lf(p: &pem::Pem) -> String {
+    pem::encode_config(
+        p,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
