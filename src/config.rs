@@ -238,6 +238,14 @@ pub fn from_texts(
         }
     }
     let settings = validate(&merged, &env, &mut problems);
+    // Report in file order (environment last), then key order.
+    let rank = |p: &Problem| {
+        fragments
+            .iter()
+            .position(|(path, _)| path.display().to_string() == p.source)
+            .unwrap_or(usize::MAX)
+    };
+    problems.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.key.cmp(&b.key)));
     if problems.is_empty() {
         Ok(settings)
     } else {
@@ -400,19 +408,20 @@ fn validate(
 
     let log_level = match get("log.level") {
         None => DEFAULT_LOG_LEVEL.to_owned(),
-        Some((v, src)) => match tracing_subscriber::EnvFilter::builder().parse(v) {
-            Ok(_) if !v.trim().is_empty() => v.to_owned(),
-            _ => {
+        Some((v, src)) => {
+            if valid_log_filter(v) {
+                v.to_owned()
+            } else {
                 bad(
                     src,
                     "log.level",
                     format!(
-                        "{v:?} is not a level (error, warn, info, debug, trace) or filter directive"
+                        "{v:?} is not a level (error, warn, info, debug, trace, off) or tracing filter directives such as \"warn,linkmesh_agent=debug\""
                     ),
                 );
                 DEFAULT_LOG_LEVEL.to_owned()
             }
-        },
+        }
     };
 
     let mut sources: Vec<PathBuf> = Vec::new();
@@ -436,6 +445,18 @@ fn validate(
         log_level,
         sources,
     }
+}
+
+/// A level name, or directives (`target=level`, comma-separated). A bare
+/// word other than a level would silently be taken as a target name.
+fn valid_log_filter(v: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let v = v.trim();
+    if LEVELS.contains(&v) {
+        return true;
+    }
+    (v.contains('=') || v.contains(','))
+        && tracing_subscriber::EnvFilter::builder().parse(v).is_ok()
 }
 
 /// A duration that is not `<number><unit>` with unit ms, s, m, h or d.
@@ -632,6 +653,21 @@ mod tests {
         let s = load(&ConfigPaths::for_file(file), no_env).unwrap();
         assert_eq!(s.log_level, "debug");
         assert_eq!(s.report_interval, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn log_levels() {
+        for ok in [
+            "info",
+            "off",
+            "warn,linkmesh_agent=debug",
+            "linkmesh_agent=trace",
+        ] {
+            assert!(valid_log_filter(ok), "{ok}");
+        }
+        for bad in ["loud", "", "linkmesh_agent=loud"] {
+            assert!(!valid_log_filter(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -265,10 +265,9 @@ fn token_create(
 
     let secret = token.expose();
     let pin = ca.pin();
-    let enroll =
-        format!("LINKMESH_TOKEN={secret} linkmesh-agent enroll --server {url} --ca-pin {pin}");
-    let install = format!(
-        "curl -fsSL {url}/install.sh | sudo sh -s -- --server {url} --token {secret} --ca-pin {pin}"
+    // Keeps the token off the command line of the agent's process.
+    let enroll = format!(
+        "echo {secret} | linkmesh-agent enroll --server {url} --ca-pin {pin} --token-file /dev/stdin"
     );
     if json {
         let doc = serde_json::json!({
@@ -279,7 +278,6 @@ fn token_create(
             "expires_at": rfc3339(expires_at),
             "max_uses": uses,
             "enroll_command": enroll,
-            "install_command": install,
         });
         println!("{doc}");
     } else {
@@ -293,10 +291,8 @@ fn token_create(
         println!("CA pin:   {pin}");
         println!("server:   {url}");
         println!();
-        println!("Enrol a host that has linkmesh-agent:");
+        println!("Enrol a host that has linkmesh-agent installed (as root):");
         println!("  {enroll}");
-        println!("Install and enrol in one step:");
-        println!("  {install}");
     }
     Ok(())
 }
