@@ -13,6 +13,8 @@ pub mod hex;
 pub mod host;
 pub mod identity;
 pub mod proto;
+pub mod runtime;
+pub mod supervisor;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -31,7 +31,10 @@ use linkmesh_agent::{
 use linkmesh_integration::harness::{AgentEnv, Fleet, binary, scratch};
 
 #[derive(Debug, Parser)]
-#[command(name = "linkmesh-bench", about = "Benchmarks of linkmesh-agent; prints a table and writes JSON")]
+#[command(
+    name = "linkmesh-bench",
+    about = "Benchmarks of linkmesh-agent; prints a table and writes JSON"
+)]
 struct Args {
     /// Runs per latency figure.
     #[arg(long, default_value_t = 100)]
@@ -97,10 +100,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut figures = Vec::new();
 
     let size = std::fs::metadata(&agent_bin)?.len() as f64;
-    figures.push(figure("binary_size", "MiB", "size of the linkmesh-agent file (release profile strips)", vec![size / 1_048_576.0]));
+    figures.push(figure(
+        "binary_size",
+        "MiB",
+        "size of the linkmesh-agent file (release profile strips)",
+        vec![size / 1_048_576.0],
+    ));
 
     // Tokens are made up front so the loop times enrolment only.
-    let tokens: Vec<_> = (0..args.runs).map(|_| fleet.token(1, "1h")).collect::<Result<_, _>>()?;
+    let tokens: Vec<_> = (0..args.runs)
+        .map(|_| fleet.token(1, "1h"))
+        .collect::<Result<_, _>>()?;
     let mut command_ms = Vec::with_capacity(args.runs);
     for (i, t) in tokens.iter().enumerate() {
         let agent = AgentEnv::new(&dir.path().join(format!("cmd-{i}")))?;
@@ -118,8 +128,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         command_ms,
     ));
 
-    let tokens: Vec<_> = (0..args.runs).map(|_| fleet.token(1, "1h")).collect::<Result<_, _>>()?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let tokens: Vec<_> = (0..args.runs)
+        .map(|_| fleet.token(1, "1h"))
+        .collect::<Result<_, _>>()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let facts = host::collect();
     let mut lib_ms = Vec::with_capacity(args.runs);
     for (i, t) in tokens.iter().enumerate() {
@@ -135,7 +149,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let start = Instant::now();
         let lock = store.lock_exclusive()?;
         runtime
-            .block_on(enrollment::enroll(&store, &lock, &opts, move || Ok(token), &facts))
+            .block_on(enrollment::enroll(
+                &store,
+                &lock,
+                &opts,
+                move || Ok(token),
+                &facts,
+            ))
             .context("in-process enrolment")?;
         drop(lock);
         lib_ms.push(start.elapsed().as_secs_f64() * 1e3);
@@ -148,7 +168,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     ));
 
     print_table(&figures);
-    let out = args.out.unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -165,7 +187,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn print_table(figures: &[Figure]) {
-    println!("{:<18} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "figure", "unit", "median", "p90", "p99", "min", "max", "samples");
+    println!(
+        "{:<18} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "figure", "unit", "median", "p90", "p99", "min", "max", "samples"
+    );
     for f in figures {
         println!(
             "{:<18} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
