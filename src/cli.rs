@@ -42,6 +42,32 @@ pub struct Cli {
 enum Command {
     /// Enrol this host with a fleet server (a no-op when already enrolled with it).
     Enroll(EnrollArgs),
+    /// The daemon: supervise the collector runtime (systemd's ExecStart).
+    Run {
+        /// Grace period for stopping the supervisor: SIGINT, then SIGTERM to
+        /// its process group after two thirds of it, then SIGKILL.
+        #[arg(long, value_name = "DURATION", default_value = "15s")]
+        stop_timeout: String,
+        /// How often a watched Alloy is re-inspected.
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        alloy_poll: String,
+    },
+    /// Show which collector runtime this host has, with versions, paths and services.
+    Detect {
+        /// Print stable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: run PROGRAM so that the kernel kills it if the agent dies.
+    #[command(hide = true)]
+    Launch {
+        /// The agent's pid; the program is not started if it is gone already.
+        #[arg(long)]
+        parent_pid: i32,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Show this host's identity and server.
     Status {
         /// Print stable JSON.
@@ -134,8 +160,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(f) => ConfigPaths::for_file(f.clone()),
         None => ConfigPaths::from_env(|k| std::env::var(k).ok()),
     };
-    if let Command::Version { json } = cli.command {
-        return print_version(json);
+    match cli.command {
+        Command::Version { json } => return print_version(json),
+        Command::Launch {
+            parent_pid,
+            command,
+        } => return launch(parent_pid, &command),
+        _ => {}
     }
     let settings = config::load(&paths, |k| std::env::var(k).ok()).map_err(|e| Failure {
         code: EXIT_CONFIG,
@@ -143,7 +174,24 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     })?;
     crate::telemetry::init(&settings.log_level);
     match cli.command {
-        Command::Version { .. } => Ok(()),
+        Command::Version { .. } | Command::Launch { .. } => Ok(()),
+        Command::Run {
+            stop_timeout,
+            alloy_poll,
+        } => {
+            let stop_timeout = config::parse_duration(&stop_timeout)
+                .map_err(|e| Failure::usage(format!("--stop-timeout: {e}")))?;
+            let alloy_poll = config::parse_duration(&alloy_poll)
+                .map_err(|e| Failure::usage(format!("--alloy-poll: {e}")))?;
+            let options = crate::app::RunOptions {
+                stop_timeout,
+                alloy_poll,
+            };
+            runtime()?
+                .block_on(crate::app::run(paths, settings, options))
+                .map_err(|e| Failure::from(anyhow::Error::new(e)))
+        }
+        Command::Detect { json } => detect(&settings, json),
         Command::Config(ConfigCommand::Check) => {
             let files: Vec<String> = settings
                 .sources
@@ -166,6 +214,92 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Enroll(args) => enroll(&settings, args),
         Command::Status { json } => status(&settings, json),
     }
+}
+
+/// Sets SIGKILL as this process's parent-death signal, checks the agent is
+/// still its parent, then becomes `command` (exec keeps the setting).
+fn launch(parent_pid: i32, command: &[std::ffi::OsString]) -> Result<(), Failure> {
+    use std::os::unix::process::CommandExt as _;
+    nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
+        .context("cannot set the parent-death signal")?;
+    if nix::unistd::getppid().as_raw() != parent_pid {
+        return Err(anyhow::anyhow!("the agent (pid {parent_pid}) is gone; not starting").into());
+    }
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| Failure::usage("launch: no program".into()))?;
+    let error = std::process::Command::new(program).args(args).exec();
+    Err(Failure {
+        code: 127,
+        error: anyhow::anyhow!("cannot execute {}: {error}", program.to_string_lossy()),
+    })
+}
+
+fn detect(settings: &Settings, json: bool) -> Result<(), Failure> {
+    let probes = crate::runtime::probe::HostProbes {
+        state_dir: settings.state_dir.clone(),
+    };
+    let d = crate::runtime::detect(&settings.runtime, &probes);
+    if json {
+        println!("{}", serde_json::to_string(&d).context("encode detection")?);
+        return Ok(());
+    }
+    let kind = serde_json::to_value(d.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    println!("runtime: {kind}");
+    let show = |name: &str, e: &Option<crate::runtime::Executable>| match e {
+        Some(e) => {
+            let version = match (&e.version, &e.version_error) {
+                (Some(v), _) => {
+                    format!("{v} (from {})", e.version_source.as_deref().unwrap_or("?"))
+                }
+                (None, Some(err)) => format!("unknown: {err}"),
+                (None, None) => "unknown".to_owned(),
+            };
+            let unit = e
+                .unit
+                .as_ref()
+                .map(|u| format!(", unit {}/{}", u.enabled, u.active))
+                .unwrap_or_default();
+            println!("  {name:<16} {}  version {version}{unit}", e.path.display());
+        }
+        None => println!("  {name:<16} not found"),
+    };
+    show("otelcol-contrib", &d.collector);
+    show("opampsupervisor", &d.supervisor);
+    show("alloy", &d.alloy.as_ref().map(|a| a.executable.clone()));
+    if let Some(a) = &d.alloy {
+        println!("  alloy config     {}", a.config_file.display());
+        match &a.remotecfg {
+            Some(r) => println!(
+                "  alloy remotecfg  url {}, id {}",
+                r.url.as_deref().unwrap_or("(unset)"),
+                r.id.as_deref().unwrap_or("(unset)")
+            ),
+            None => println!("  alloy remotecfg  none"),
+        }
+        match (&a.running_version, &a.running_error) {
+            (Some(v), _) => println!(
+                "  alloy running    {v}{}",
+                if a.restart_pending {
+                    " (installed build differs: restart pending)"
+                } else {
+                    ""
+                }
+            ),
+            (None, Some(e)) => println!("  alloy running    unknown: {e}"),
+            (None, None) => {}
+        }
+    }
+    for c in &d.conflicts {
+        println!("conflict: {}", c.message);
+    }
+    for n in &d.notes {
+        println!("note: {n}");
+    }
+    Ok(())
 }
 
 fn print_version(json: bool) -> Result<(), Failure> {
@@ -325,9 +459,19 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
             "agent_version": version::AGENT_VERSION,
         }),
     };
+    let runtime = read_runtime_status(&settings.state_dir);
+    let mut doc = doc;
+    if let Some(obj) = doc.as_object_mut() {
+        obj.insert(
+            "runtime".into(),
+            runtime.clone().unwrap_or(serde_json::Value::Null),
+        );
+    }
     if json {
         println!("{doc}");
-    } else if let Some(id) = &identity {
+        return Ok(());
+    }
+    if let Some(id) = &identity {
         println!("host id:      {}", id.host_id);
         println!("server:       {}", id.server);
         println!("CA pin:       {}", id.ca_pin);
@@ -338,6 +482,32 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
             rfc3339(id.validity.not_after)
         );
         println!("agent:        {}", version::AGENT_VERSION);
+        match &runtime {
+            Some(r) if r["agent_running"] == true => {
+                let sup = &r["supervision"];
+                let line = match sup["state"].as_str() {
+                    Some(state) => format!(
+                        "{} {state} (pid {}, {} restarts, collector pid {}, {} collector crashes{})",
+                        sup["name"].as_str().unwrap_or("?"),
+                        sup["pid"],
+                        sup["restarts"],
+                        sup["collector_pid"],
+                        sup["collector_crashes"],
+                        sup["error"]
+                            .as_str()
+                            .map(|e| format!("; {e}"))
+                            .unwrap_or_default()
+                    ),
+                    None => format!("{} (not supervised)", r["kind"].as_str().unwrap_or("none")),
+                };
+                println!("runtime:      {line}");
+            }
+            Some(_) => println!(
+                "runtime:      agent not running (last state in {})",
+                settings.state_dir.join(crate::app::STATUS_FILE).display()
+            ),
+            None => println!("runtime:      agent not running"),
+        }
     } else {
         println!(
             "not enrolled (state directory {})",
@@ -348,6 +518,26 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// The state `run` last published, with `agent_running` telling whether
+/// that agent is still alive.
+fn read_runtime_status(state_dir: &std::path::Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(state_dir.join(crate::app::STATUS_FILE)).ok()?;
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let pid = v["agent_pid"]
+        .as_u64()
+        .and_then(|p| i32::try_from(p).ok())?;
+    let running = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            std::fs::read_link("/proc/self/exe").is_ok_and(|me| me == exe)
+                || exe
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("linkmesh-agent"))
+        });
+    v.as_object_mut()?
+        .insert("agent_running".into(), running.into());
+    Some(v)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms, missing_docs, clippy::disallowed_methods)]
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod endpoint;
@@ -14,7 +15,9 @@ pub mod host;
 pub mod identity;
 pub mod proto;
 pub mod runtime;
+pub mod signal;
 pub mod supervisor;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -157,6 +157,13 @@ impl Supervisor {
         self.status.clone()
     }
 
+    /// Waits (at most `limit`) until the first start attempt has an outcome:
+    /// running, or not runnable.
+    pub async fn started(&self, limit: Duration) {
+        let mut rx = self.status.clone();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.state != State::Starting)).await;
+    }
+
     /// Replaces the child's spec: the running child is stopped and the new
     /// one started without delay.
     pub async fn apply(&self, spec: ChildSpec) {
@@ -208,8 +215,8 @@ impl Sink {
         let text = String::from_utf8_lossy(&line.bytes);
         let record = parse_record(&text, default);
         let child = self.name.as_str();
-        let fields = record.fields.as_deref().unwrap_or("");
-        let truncated = line.truncated;
+        let fields = record.fields.as_deref();
+        let truncated = (line.truncated > 0).then_some(line.truncated);
         match record.level {
             Level::Debug => tracing::debug!(child, fields, truncated, "{}", record.message),
             Level::Info => tracing::info!(child, fields, truncated, "{}", record.message),

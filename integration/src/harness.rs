@@ -367,3 +367,234 @@ pub fn scratch(label: &str) -> anyhow::Result<tempfile::TempDir> {
         .prefix(&format!("{label}-"))
         .tempdir_in(parent)?)
 }
+
+/// A directory holding `opampsupervisor`, `otelcol-contrib` and `alloy`:
+/// the real binaries named by `LINKMESH_REAL_OPAMPSUPERVISOR`,
+/// `LINKMESH_REAL_OTELCOL_CONTRIB` and `LINKMESH_REAL_ALLOY` when set, else
+/// this workspace's stand-ins (symlinks, so each keeps its real name).
+///
+/// # Errors
+/// When a binary is missing or a link cannot be made.
+pub fn runtime_bin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    for (name, real_var, standin) in [
+        (
+            "opampsupervisor",
+            "LINKMESH_REAL_OPAMPSUPERVISOR",
+            "standin-opampsupervisor",
+        ),
+        (
+            "otelcol-contrib",
+            "LINKMESH_REAL_OTELCOL_CONTRIB",
+            "standin-otelcol-contrib",
+        ),
+        ("alloy", "LINKMESH_REAL_ALLOY", "standin-alloy"),
+    ] {
+        let target = match std::env::var_os(real_var) {
+            Some(p) => PathBuf::from(p),
+            None => binary(standin)?,
+        };
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)?;
+    }
+    Ok(dir.to_owned())
+}
+
+/// A fixture script from `integration/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// A `linkmesh-agent run` in the background; SIGKILLed (with everything in
+/// its process groups) when dropped.
+pub struct RunningAgent {
+    child: Option<Child>,
+    /// Its log (stderr and stdout).
+    pub log: PathBuf,
+    status_file: PathBuf,
+}
+
+impl AgentEnv {
+    /// Writes the agent's configuration file.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn write_config(&self, text: &str) -> anyhow::Result<()> {
+        if let Some(p) = self.config.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// Starts `linkmesh-agent run ARGS` with `env` added.
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn spawn_run(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<RunningAgent> {
+        let log = self.root.join(format!(
+            "run-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = self.cmd()?;
+        cmd.arg("run")
+            .args(args)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn()?;
+        Ok(RunningAgent {
+            child: Some(child),
+            log,
+            status_file: self.state.join("runtime-status.json"),
+        })
+    }
+}
+
+impl RunningAgent {
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The status file `run` publishes, if readable.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(&self.status_file).ok()?).ok()
+    }
+
+    /// Polls the status file until `pred` holds, for at most `limit`.
+    ///
+    /// # Errors
+    /// On timeout, with the last status and the log.
+    pub fn wait_status(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.status()
+                && pred(&s)
+            {
+                return Ok(s);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "timed out after {limit:?} waiting for {what}; status: {:?}\nlog:\n{}",
+                    self.status(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig);
+    }
+
+    /// Waits for the agent to exit, at most `limit`; `None` on timeout.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        // Kill the supervisor's group too, should the agent not have.
+        if let Some(pid) = self.status().and_then(|s| s["supervision"]["pid"].as_u64()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Polls until `pid` is gone, for at most `limit`; whether it went.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// A process's `VmHWM` (peak resident set) in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// An enrolled agent environment under `root` with `fleet`, using the
+/// runtime binaries in `bins`, and extra configuration lines.
+///
+/// # Errors
+/// When enrolment fails.
+pub fn enrolled_agent(
+    root: &Path,
+    fleet: &Fleet,
+    bins: &Path,
+    extra_config: &str,
+) -> anyhow::Result<AgentEnv> {
+    let agent = AgentEnv::new(root)?;
+    agent.write_config(&format!(
+        "[runtime]\nsupervisor = \"{}\"\ncollector = \"{}\"\nalloy = \"{}\"\n{extra_config}",
+        bins.join("opampsupervisor").display(),
+        bins.join("otelcol-contrib").display(),
+        bins.join("alloy-not-installed").display(),
+    ))?;
+    let t = fleet.token(1, "1h")?;
+    let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+    if !out.status.success() {
+        bail!("enrol failed: {}", text(&out));
+    }
+    Ok(agent)
+}

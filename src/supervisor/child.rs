@@ -29,6 +29,8 @@ pub struct ChildSpec {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// Other executables it needs (name, path), checked before each start.
+    pub requires: Vec<(String, PathBuf)>,
     /// The agent executable providing `launch`; `None` starts the program
     /// directly (it is then not killed when the agent dies).
     pub launcher: Option<PathBuf>,
@@ -121,6 +123,9 @@ pub enum Event {
 /// [`SpawnError`] when it is not executable or cannot be started.
 pub fn spawn(spec: &ChildSpec) -> Result<Running, SpawnError> {
     check_executable(&spec.name, &spec.program)?;
+    for (name, path) in &spec.requires {
+        check_executable(name, path)?;
+    }
     let mut cmd = match &spec.launcher {
         Some(launcher) => {
             let mut c = tokio::process::Command::new(launcher);

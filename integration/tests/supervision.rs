@@ -1,0 +1,568 @@
+//! `linkmesh-agent run` supervising opampsupervisor and its collector: the
+//! stand-ins (or real binaries, see `harness::runtime_bin_dir`) run as real
+//! processes; faults are real signals.
+
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
+
+use linkmesh_integration::harness::{
+    AgentEnv, Fleet, alive, enrolled_agent, fixture, peak_rss_kib, runtime_bin_dir, scratch, text,
+    wait_gone,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+type R = anyhow::Result<()>;
+
+const T: Duration = Duration::from_secs(15);
+
+fn running(s: &Value) -> bool {
+    s["supervision"]["state"] == "running"
+}
+
+fn pid_of(s: &Value, key: &str) -> u32 {
+    s["supervision"][key].as_u64().unwrap_or(0) as u32
+}
+
+#[test]
+fn supervises_streams_logs_and_stops_cleanly() -> R {
+    let dir = scratch("sup-basic")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let mut run = agent.spawn_run(&[], &[])?;
+
+    let s = run.wait_status(T, "collector running", |s| {
+        running(s) && pid_of(s, "collector_pid") > 0
+    })?;
+    let (sup, col) = (pid_of(&s, "pid"), pid_of(&s, "collector_pid"));
+    assert!(alive(sup) && alive(col));
+    assert_eq!(s["kind"], "otelcol");
+    assert_eq!(s["detection"]["collector"]["version"], "0.159.0");
+    // The supervisor runs in its own process group.
+    let stat = std::fs::read_to_string(format!("/proc/{sup}/stat"))?;
+    let pgid: u32 = stat
+        .rsplit_once(") ")
+        .and_then(|(_, r)| r.split_whitespace().nth(2))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(pgid, sup);
+    // Its JSON log lines arrive in the agent's log with the child's name and level.
+    let log = run.log_text();
+    assert!(
+        log.contains("INFO Agent process started child=\"opampsupervisor\""),
+        "{log}"
+    );
+    // The collector's instance id persists in the supervisor's storage, 0600.
+    let state = agent.state.join("supervisor/persistent_state.yaml");
+    let first_id = std::fs::read_to_string(&state)?;
+    assert!(first_id.starts_with("instance_id: "), "{first_id}");
+    assert_eq!(
+        std::fs::metadata(&state)?.permissions().mode() & 0o777,
+        0o600
+    );
+
+    run.signal(Signal::SIGTERM);
+    let st = run
+        .wait_exit(T)
+        .ok_or_else(|| anyhow::anyhow!("agent did not stop:\n{}", run.log_text()))?;
+    assert!(st.success(), "{st:?}\n{}", run.log_text());
+    assert!(
+        wait_gone(sup, Duration::from_secs(2)),
+        "supervisor {sup} left running"
+    );
+    assert!(
+        wait_gone(col, Duration::from_secs(2)),
+        "collector {col} left running"
+    );
+    assert_eq!(
+        run.status().map(|s| s["supervision"]["state"].clone()),
+        Some(Value::from("stopped"))
+    );
+    let log = run.log_text();
+    assert!(
+        log.contains("Supervisor shutting down"),
+        "SIGINT was not the first signal:\n{log}"
+    );
+    assert!(log.contains("signal=\"SIGINT\""), "{log}");
+
+    // A second run keeps the same collector instance id.
+    let run = agent.spawn_run(&[], &[])?;
+    run.wait_status(T, "running again", running)?;
+    assert_eq!(std::fs::read_to_string(&state)?, first_id);
+    Ok(())
+}
+
+#[test]
+fn a_crashed_supervisor_is_restarted_and_counted() -> R {
+    let dir = scratch("sup-crash")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "running", running)?;
+    let first = pid_of(&s, "pid");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL);
+    let s = run.wait_status(T, "restarted", |s| running(s) && pid_of(s, "pid") != first)?;
+    assert_eq!(s["supervision"]["restarts"], 1);
+    assert_eq!(s["supervision"]["last_exit"], "killed by SIGKILL");
+    Ok(())
+}
+
+#[test]
+fn a_crashed_collector_is_restarted_by_the_supervisor_and_shows() -> R {
+    let dir = scratch("col-crash")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "collector running", |s| {
+        running(s) && pid_of(s, "collector_pid") > 0
+    })?;
+    let (sup, col) = (pid_of(&s, "pid"), pid_of(&s, "collector_pid"));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(col as i32), Signal::SIGKILL);
+    let s = run.wait_status(T, "crash seen", |s| {
+        s["supervision"]["collector_crashes"] == 1
+    })?;
+    assert_eq!(pid_of(&s, "pid"), sup, "the supervisor itself kept running");
+    // opampsupervisor restarts its collector after its fixed delay.
+    let s = run.wait_status(T, "collector back", |s| {
+        pid_of(s, "collector_pid") > 0 && pid_of(s, "collector_pid") != col
+    })?;
+    assert!(alive(pid_of(&s, "collector_pid")));
+    assert_eq!(s["supervision"]["restarts"], 0);
+    assert!(
+        run.log_text().contains("exited unexpectedly"),
+        "{}",
+        run.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_is_flagged() -> R {
+    let dir = scratch("sup-loop")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let cfg = std::fs::read_to_string(&agent.config)?.replace(
+        &bins.join("opampsupervisor").display().to_string(),
+        &fixture("fail_fast.sh").display().to_string(),
+    );
+    agent.write_config(&cfg)?;
+    let run = agent.spawn_run(&[], &[])?;
+    let start = std::time::Instant::now();
+    let s = run.wait_status(T, "crash loop", |s| {
+        s["supervision"]["state"] == "crash_loop"
+    })?;
+    let elapsed = start.elapsed();
+    assert_eq!(s["supervision"]["consecutive_failures"], 5);
+    // 100 + 200 + 400 + 800 ms (±20 %) elapse before the fifth start: no tight loop.
+    assert!(elapsed >= Duration::from_millis(1200), "{elapsed:?}");
+    let delay = s["supervision"]["delay_ms"].as_u64().unwrap_or(0);
+    assert!((1280..=1920).contains(&delay), "fifth delay {delay} ms");
+    assert!(
+        run.log_text().contains("fixture always fails"),
+        "{}",
+        run.log_text()
+    );
+    // Still restarting, at growing delays.
+    let s = run.wait_status(T, "sixth failure", |s| {
+        s["supervision"]["consecutive_failures"] == 6
+    })?;
+    assert!(s["supervision"]["delay_ms"].as_u64().unwrap_or(0) >= 2560);
+    Ok(())
+}
+
+#[test]
+fn a_supervisor_ignoring_sigint_and_sigterm_is_killed_within_the_grace_period() -> R {
+    let dir = scratch("sup-stubborn")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let cfg = std::fs::read_to_string(&agent.config)?.replace(
+        &bins.join("opampsupervisor").display().to_string(),
+        &fixture("ignore_signals.sh").display().to_string(),
+    );
+    agent.write_config(&cfg)?;
+    let mut run = agent.spawn_run(&["--stop-timeout", "1500ms"], &[])?;
+    let s = run.wait_status(T, "running", running)?;
+    let sup = pid_of(&s, "pid");
+    std::thread::sleep(Duration::from_millis(200)); // let the trap be installed
+    let start = std::time::Instant::now();
+    run.signal(Signal::SIGTERM);
+    let st = run
+        .wait_exit(Duration::from_secs(10))
+        .ok_or_else(|| anyhow::anyhow!("agent hung:\n{}", run.log_text()))?;
+    let took = start.elapsed();
+    assert!(st.success(), "{st:?}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
+        "{took:?}"
+    );
+    assert!(!alive(sup), "fixture survived");
+    assert!(
+        run.log_text().contains("signal=\"SIGKILL\""),
+        "{}",
+        run.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn sigkill_of_the_agent_leaves_no_orphan_collector() -> R {
+    let dir = scratch("sup-orphan")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let mut run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "collector running", |s| {
+        running(s) && pid_of(s, "collector_pid") > 0
+    })?;
+    let (sup, col) = (pid_of(&s, "pid"), pid_of(&s, "collector_pid"));
+    run.signal(Signal::SIGKILL);
+    run.wait_exit(Duration::from_secs(5));
+    // The kernel kills the supervisor with the agent (parent-death signal)...
+    assert!(
+        wait_gone(sup, Duration::from_secs(2)),
+        "supervisor {sup} outlived the agent"
+    );
+    // ...and the collector notices within its orphan-detection interval (5 s).
+    assert!(
+        wait_gone(col, Duration::from_secs(7)),
+        "collector {col} orphaned"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_missing_runtime_is_reported_and_picked_up_once_installed() -> R {
+    let dir = scratch("sup-missing")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let later = dir.path().join("later");
+    std::fs::create_dir_all(&later)?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let missing = later.join("opampsupervisor");
+    let cfg = std::fs::read_to_string(&agent.config)?
+        .replace("[runtime]\n", "[runtime]\nkind = \"otelcol\"\n")
+        .replace(
+            &bins.join("opampsupervisor").display().to_string(),
+            &missing.display().to_string(),
+        );
+    agent.write_config(&cfg)?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "not runnable", |s| {
+        s["supervision"]["state"] == "not_runnable"
+    })?;
+    let error = s["supervision"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains(&format!("{} does not exist", missing.display())),
+        "{error}"
+    );
+    // Not executable: named too.
+    std::fs::write(&missing, "#!/bin/sh\n")?;
+    run.wait_status(T, "not executable", |s| {
+        s["supervision"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not executable"))
+    })?;
+    // Installed: picked up on a retry, no restart of the agent needed.
+    std::fs::remove_file(&missing)?;
+    std::os::unix::fs::symlink(bins.join("opampsupervisor"), &missing)?;
+    run.wait_status(Duration::from_secs(30), "running once installed", running)?;
+    assert!(alive(run.pid()));
+    Ok(())
+}
+
+#[test]
+fn hostile_output_is_logged_safely_with_bounded_memory() -> R {
+    let dir = scratch("sup-noisy")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let cfg = std::fs::read_to_string(&agent.config)?.replace(
+        &bins.join("opampsupervisor").display().to_string(),
+        &fixture("noisy.sh").display().to_string(),
+    );
+    agent.write_config(&cfg)?;
+    let run = agent.spawn_run(&[], &[])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !run.log_text().contains("after the flood") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flood never finished:\n{}",
+            run.log_text().chars().take(2000).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = run.log_text();
+    assert!(
+        log.contains("bad utf8: \u{fffd}\u{fffd} end"),
+        "invalid UTF-8 not replaced"
+    );
+    assert!(
+        log.contains("truncated=1032192"),
+        "1 MiB line not truncated to 16 KiB"
+    );
+    assert!(
+        log.contains("truncated=33538048"),
+        "32 MiB line not truncated"
+    );
+    assert!(
+        log.contains("WARN after the flood"),
+        "level of the JSON line after the flood"
+    );
+    let peak = peak_rss_kib(run.pid()).unwrap_or(u64::MAX);
+    assert!(
+        peak < 24 * 1024,
+        "agent peak RSS {peak} KiB after 33 MiB of output"
+    );
+    Ok(())
+}
+
+#[test]
+fn sighup_restarts_the_supervisor_only_when_its_configuration_changed() -> R {
+    let dir = scratch("sup-hup")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "running", running)?;
+    let first = pid_of(&s, "pid");
+    let rendered = agent.state.join("supervisor.yaml");
+    let before = std::fs::read_to_string(&rendered)?;
+
+    run.signal(Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + T;
+    while !run
+        .log_text()
+        .contains("Supervisor configuration unchanged")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", run.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pid_of(&run.status().unwrap_or_default(), "pid"), first);
+    assert_eq!(std::fs::read_to_string(&rendered)?, before);
+
+    // Point the agent at another collector path: the rendered config changes.
+    let other = dir.path().join("bin2");
+    runtime_bin_dir(&other)?;
+    let cfg = std::fs::read_to_string(&agent.config)?.replace(
+        &bins.join("otelcol-contrib").display().to_string(),
+        &other.join("otelcol-contrib").display().to_string(),
+    );
+    agent.write_config(&cfg)?;
+    run.signal(Signal::SIGHUP);
+    let s = run.wait_status(T, "restarted with new config", |s| {
+        running(s) && pid_of(s, "pid") != first
+    })?;
+    assert!(alive(pid_of(&s, "pid")));
+    assert!(!alive(first) || wait_gone(first, Duration::from_secs(2)));
+    let after = std::fs::read_to_string(&rendered)?;
+    assert!(
+        after.contains(&other.join("otelcol-contrib").display().to_string()),
+        "{after}"
+    );
+
+    // A broken configuration on reload is refused; the runtime keeps running.
+    agent.write_config("[runtime]\nkind = \"docker\"\n")?;
+    run.signal(Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + T;
+    while !run
+        .log_text()
+        .contains("Reload failed; keeping the running configuration")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", run.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alive(pid_of(&s, "pid")));
+    Ok(())
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_stopping() -> R {
+    let dir = scratch("sup-notify")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut run = agent.spawn_run(
+        &[],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap_or_default()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    )?;
+    let mut got: Vec<String> = Vec::new();
+    let recv_until = |want: &str, got: &mut Vec<String>| -> bool {
+        let deadline = std::time::Instant::now() + T;
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = msg.contains(want);
+                got.push(msg);
+                if hit {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    assert!(recv_until("READY=1", &mut got), "{got:?}");
+    let ready = got
+        .iter()
+        .find(|m| m.contains("READY=1"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ready.contains("STATUS=opampsupervisor running"),
+        "READY before the runtime started: {ready}"
+    );
+    assert!(recv_until("WATCHDOG=1", &mut got), "{got:?}");
+    run.signal(Signal::SIGTERM);
+    assert!(recv_until("STOPPING=1", &mut got), "{got:?}");
+    assert!(run.wait_exit(T).is_some_and(|s| s.success()));
+    Ok(())
+}
+
+#[test]
+fn run_refuses_an_unenrolled_host_and_bad_configuration() -> R {
+    let dir = scratch("sup-refuse")?;
+    let agent = AgentEnv::new(dir.path())?;
+    let out = agent.cmd()?.arg("run").output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not enrolled"),
+        "{}",
+        text(&out)
+    );
+    agent.write_config("[report]\ninterval = \"never\"\n")?;
+    let out = agent.cmd()?.arg("run").output()?;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    Ok(())
+}
+
+#[test]
+fn the_standin_supervisor_rejects_what_the_real_one_rejects() -> R {
+    // Fidelity check of the stand-in the other tests rely on.
+    let dir = scratch("standin")?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let sup = bins.join("opampsupervisor");
+    let out = std::process::Command::new(&sup).arg("--version").output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("flag provided but not defined: -version"),
+        "{}",
+        text(&out)
+    );
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server:\n  endpoint: wss://x:1/v1/opamp\nagent:\n  executable: {}\n  run_as: nobody\nstorage:\n  directory: {}\n  secrets: x\n",
+            bins.join("otelcol-contrib").display(),
+            dir.path().join("s").display()
+        ),
+    )?;
+    let out = std::process::Command::new(&sup)
+        .arg(format!("-config={}", cfg.display()))
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'agent' has invalid keys: run_as")
+            && err.contains("'storage' has invalid keys: secrets"),
+        "{err}"
+    );
+    std::fs::write(
+        &cfg,
+        "server:\n  endpoint: tcp://x:1\nagent:\n  executable: /nonexistent\n",
+    )?;
+    let out = std::process::Command::new(&sup)
+        .args(["--config", cfg.to_str().unwrap_or_default()])
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid scheme \"tcp\""),
+        "{}",
+        text(&out)
+    );
+    let out = std::process::Command::new(bins.join("otelcol-contrib"))
+        .arg("--version")
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "otelcol-contrib version 0.159.0\n"
+    );
+    Ok(())
+}
+
+#[test]
+fn alloy_build_info_is_read_over_http_from_a_running_alloy() -> R {
+    let dir = scratch("alloy")?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(bins.join("alloy"))
+        .args([
+            "run",
+            &format!("--server.http.listen-addr={addr}"),
+            "/etc/alloy/config.alloy",
+        ])
+        .env("LINKMESH_STANDIN_ALLOY_VERSION", "v1.17.0")
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + T;
+    let body = loop {
+        match linkmesh_agent::runtime::probe::http_get(&addr, "/metrics", Duration::from_secs(2)) {
+            Ok(b) => break b,
+            Err(e) if std::time::Instant::now() > deadline => anyhow::bail!("{e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        linkmesh_agent::runtime::alloy::build_info_version(&body).as_deref(),
+        Some("v1.17.0")
+    );
+    let out = std::process::Command::new(bins.join("alloy"))
+        .arg("--version")
+        .output()?;
+    let build = linkmesh_agent::runtime::parse_alloy_version(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(build.map(|b| b.version).as_deref(), Some("v1.18.1"));
+    Ok(())
+}
+
+#[test]
+fn status_shows_the_supervised_runtime() -> R {
+    let dir = scratch("sup-status")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let mut run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "collector running", |s| {
+        running(s) && pid_of(s, "collector_pid") > 0
+    })?;
+    let st = agent.status()?;
+    assert_eq!(st["runtime"]["agent_running"], true, "{st}");
+    assert_eq!(st["runtime"]["supervision"]["pid"], s["supervision"]["pid"]);
+    let out = agent.cmd()?.arg("status").output()?;
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("runtime:      opampsupervisor running"),
+        "{human}"
+    );
+    run.signal(Signal::SIGTERM);
+    run.wait_exit(T);
+    let st = agent.status()?;
+    assert_eq!(st["runtime"]["agent_running"], false, "{st}");
+    Ok(())
+}

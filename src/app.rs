@@ -1,0 +1,515 @@
+//! `linkmesh-agent run`: wiring only. Loads the identity, detects the
+//! runtime, supervises opampsupervisor (or watches Alloy), publishes state to
+//! systemd and to a status file, and handles signals: SIGHUP re-reads the
+//! configuration and restarts the supervisor only when what it runs changed;
+//! SIGTERM/SIGINT stop it within the grace period.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{self, ConfigPaths, RuntimeKind, Settings},
+    fs::{FsError, ensure_private_dir, write_atomic},
+    identity::{Identity, IdentityStore, StoreError},
+    runtime::{self, Detection, probe::HostProbes},
+    signal::{Signal, Signals},
+    supervisor::{
+        self, Supervisor, SupervisorOptions,
+        child::{ChildSpec, StopTimeouts},
+        policy::RestartPolicy,
+        render::{SupervisorInputs, render},
+    },
+    systemd::{Notifier, watchdog_interval_from_env},
+};
+
+/// File in the state directory where `run` publishes its state for `status`.
+pub const STATUS_FILE: &str = "runtime-status.json";
+/// The rendered supervisor configuration, in the state directory.
+pub const SUPERVISOR_CONFIG: &str = "supervisor.yaml";
+/// The supervisor's storage directory (its `persistent_state.yaml` holds the
+/// collector's instance id), in the state directory.
+pub const SUPERVISOR_STORAGE: &str = "supervisor";
+/// How often the collector checks that its supervisor is alive.
+pub const ORPHAN_DETECTION_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Options of `run` that are not configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Total grace period for stopping the supervisor.
+    pub stop_timeout: Duration,
+    /// How often Alloy is re-inspected.
+    pub alloy_poll: Duration,
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// No identity yet.
+    #[error("this host is not enrolled (no identity in {0}): run `linkmesh-agent enroll` first")]
+    NotEnrolled(PathBuf),
+    /// The identity could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file could not be written.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What `run` publishes about itself.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RuntimeReport {
+    /// The agent's pid, so readers can tell a stale file.
+    pub agent_pid: u32,
+    /// When this was written (Unix ms).
+    pub updated_unix_ms: u64,
+    /// The runtime managed.
+    pub kind: RuntimeKind,
+    /// Supervision state, for otelcol.
+    pub supervision: Option<supervisor::Status>,
+    /// What detection found.
+    pub detection: Detection,
+}
+
+impl RuntimeReport {
+    /// One line for systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        match (&self.kind, &self.supervision, &self.detection.alloy) {
+            (RuntimeKind::Otelcol, Some(s), _) => s.summary(),
+            (RuntimeKind::Alloy, _, Some(a)) => format!(
+                "watching alloy {}{}",
+                a.executable
+                    .version
+                    .as_deref()
+                    .unwrap_or("(version unknown)"),
+                if a.restart_pending {
+                    " (upgraded, restart pending)"
+                } else {
+                    ""
+                }
+            ),
+            _ => "no collector runtime found; enrolled and idle".to_owned(),
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+///
+/// # Errors
+/// [`AppError`] when it cannot start; once running, problems are logged and
+/// published, not returned.
+pub async fn run(
+    paths: ConfigPaths,
+    mut settings: Settings,
+    options: RunOptions,
+) -> Result<(), AppError> {
+    let started = Instant::now();
+    let notifier = Notifier::from_env();
+    let mut signals = Signals::new().map_err(AppError::Signals)?;
+    let identity = load_identity(&settings)?;
+    tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
+
+    let (report_tx, report_rx) = watch::channel(None::<RuntimeReport>);
+    let publisher = tokio::spawn(publish(report_rx, settings.state_dir.join(STATUS_FILE)));
+    let mut managed = Managed::start(&settings, &identity, options, report_tx.clone()).await?;
+    let summary = managed.summary();
+    notifier.ready(&summary);
+    tracing::info!(startup_ms = started.elapsed().as_millis() as u64, status = %summary, "Agent ready");
+
+    let watchdog = watchdog_interval_from_env().map(|every| {
+        let n = Notifier::from_env();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                n.watchdog();
+            }
+        })
+    });
+    let status_task = {
+        let mut rx = report_tx.subscribe();
+        let n = Notifier::from_env();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let line = rx.borrow_and_update().as_ref().map(RuntimeReport::summary);
+                if let Some(line) = line {
+                    n.status(&line);
+                }
+            }
+        })
+    };
+
+    while signals.recv().await == Signal::Reload {
+        notifier.reloading();
+        match config::load(&paths, |k| std::env::var(k).ok()) {
+            Ok(new) => {
+                settings = new;
+                managed = managed
+                    .reload(&settings, &identity, options, report_tx.clone())
+                    .await?;
+                tracing::info!(status = %managed.summary(), "Configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Reload failed; keeping the running configuration");
+            }
+        }
+        notifier.ready(&managed.summary());
+    }
+    tracing::info!("Shutting down");
+    notifier.stopping();
+    managed.stop().await;
+    for t in [Some(status_task), watchdog].into_iter().flatten() {
+        t.abort();
+    }
+    drop(report_tx);
+    let _ = publisher.await;
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+fn load_identity(settings: &Settings) -> Result<Identity, AppError> {
+    let store = IdentityStore::new(&settings.state_dir);
+    let Some(lock) = store.lock_shared()? else {
+        return Err(AppError::NotEnrolled(settings.state_dir.clone()));
+    };
+    store
+        .load(&lock)?
+        .ok_or_else(|| AppError::NotEnrolled(settings.state_dir.clone()))
+}
+
+/// The runtime the agent manages now.
+enum Managed {
+    Otelcol {
+        supervisor: Supervisor,
+        spec: ChildSpec,
+        forward: JoinHandle<()>,
+    },
+    Alloy {
+        watcher: JoinHandle<()>,
+        detection: watch::Receiver<Detection>,
+    },
+    Idle,
+}
+
+impl Managed {
+    async fn start(
+        settings: &Settings,
+        identity: &Identity,
+        options: RunOptions,
+        report: watch::Sender<Option<RuntimeReport>>,
+    ) -> Result<Self, AppError> {
+        let detection = detect(settings).await;
+        for note in &detection.notes {
+            tracing::warn!(note = %note, "Runtime configuration");
+        }
+        for c in &detection.conflicts {
+            tracing::warn!(code = c.code, "{}", c.message);
+        }
+        match detection.kind {
+            RuntimeKind::Otelcol => {
+                let spec = prepare_supervisor(settings, identity, &detection)?;
+                let supervisor = Supervisor::start(
+                    spec.clone(),
+                    SupervisorOptions {
+                        policy: RestartPolicy::default(),
+                        stop: StopTimeouts::from_total(options.stop_timeout),
+                    },
+                );
+                supervisor.started(Duration::from_secs(5)).await;
+                let forward = forward_supervision(supervisor.status(), detection.clone(), report);
+                Ok(Self::Otelcol {
+                    supervisor,
+                    spec,
+                    forward,
+                })
+            }
+            RuntimeKind::Alloy => {
+                let (tx, rx) = watch::channel(detection.clone());
+                let settings = settings.clone();
+                let watcher = tokio::spawn(async move {
+                    let mut last = None;
+                    loop {
+                        let d = tx.borrow().clone();
+                        let alloy = d.alloy.clone();
+                        if last.as_ref() != Some(&alloy) {
+                            if let Some(a) = &alloy
+                                && a.restart_pending
+                            {
+                                tracing::warn!(installed = ?a.executable.version, running = ?a.running_version, "Alloy was upgraded but not restarted");
+                            }
+                            last = Some(alloy);
+                        }
+                        let _ = report.send(Some(RuntimeReport {
+                            agent_pid: std::process::id(),
+                            updated_unix_ms: unix_ms(),
+                            kind: RuntimeKind::Alloy,
+                            supervision: None,
+                            detection: d,
+                        }));
+                        tokio::time::sleep(options.alloy_poll).await;
+                        let fresh = detect(&settings).await;
+                        let _ = tx.send(fresh);
+                    }
+                });
+                Ok(Self::Alloy {
+                    watcher,
+                    detection: rx,
+                })
+            }
+            RuntimeKind::Auto | RuntimeKind::None => {
+                tracing::info!(
+                    "No collector runtime to manage; reload (SIGHUP) after installing one"
+                );
+                let _ = report.send(Some(RuntimeReport {
+                    agent_pid: std::process::id(),
+                    updated_unix_ms: unix_ms(),
+                    kind: RuntimeKind::None,
+                    supervision: None,
+                    detection,
+                }));
+                Ok(Self::Idle)
+            }
+        }
+    }
+
+    /// Applies new settings: restarts the supervisor only when its spec or
+    /// rendered configuration changed; switches runtimes when detection says so.
+    async fn reload(
+        self,
+        settings: &Settings,
+        identity: &Identity,
+        options: RunOptions,
+        report: watch::Sender<Option<RuntimeReport>>,
+    ) -> Result<Self, AppError> {
+        match self {
+            Self::Otelcol {
+                supervisor,
+                spec,
+                forward,
+                ..
+            } => {
+                let detection = detect(settings).await;
+                if detection.kind != RuntimeKind::Otelcol {
+                    forward.abort();
+                    supervisor.stop().await;
+                    return Self::start(settings, identity, options, report).await;
+                }
+                let config_path = settings.state_dir.join(SUPERVISOR_CONFIG);
+                let before = std::fs::read(&config_path).unwrap_or_default();
+                let new_spec = match prepare_supervisor(settings, identity, &detection) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Reload failed; keeping the running supervisor");
+                        return Ok(Self::Otelcol {
+                            supervisor,
+                            spec,
+                            forward,
+                        });
+                    }
+                };
+                let after = std::fs::read(&config_path).unwrap_or_default();
+                forward.abort();
+                let forward = forward_supervision(supervisor.status(), detection.clone(), report);
+                if new_spec != spec || before != after {
+                    tracing::info!(config = %config_path.display(), "Supervisor configuration changed; restarting it");
+                    supervisor.apply(new_spec.clone()).await;
+                } else {
+                    tracing::info!("Supervisor configuration unchanged; not restarting it");
+                }
+                Ok(Self::Otelcol {
+                    supervisor,
+                    spec: new_spec,
+                    forward,
+                })
+            }
+            other => {
+                other.stop().await;
+                Self::start(settings, identity, options, report).await
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Otelcol {
+                supervisor,
+                forward,
+                ..
+            } => {
+                supervisor.stop().await;
+                // Let the final state reach the status file.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                forward.abort();
+            }
+            Self::Alloy { watcher, .. } => watcher.abort(),
+            Self::Idle => {}
+        }
+    }
+
+    fn summary(&self) -> String {
+        match self {
+            Self::Otelcol { supervisor, .. } => supervisor.status().borrow().summary(),
+            Self::Alloy { detection, .. } => {
+                let d = detection.borrow();
+                RuntimeReport {
+                    agent_pid: 0,
+                    updated_unix_ms: 0,
+                    kind: RuntimeKind::Alloy,
+                    supervision: None,
+                    detection: d.clone(),
+                }
+                .summary()
+            }
+            Self::Idle => "no collector runtime found; enrolled and idle".to_owned(),
+        }
+    }
+}
+
+/// Detection off the async threads (its probes run commands).
+async fn detect(settings: &Settings) -> Detection {
+    let runtime = settings.runtime.clone();
+    let probes = HostProbes {
+        state_dir: settings.state_dir.clone(),
+    };
+    match tokio::task::spawn_blocking(move || runtime::detect(&runtime, &probes)).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "Runtime detection failed");
+            runtime::detect(&settings.runtime, &NoProbes)
+        }
+    }
+}
+
+/// Renders the supervisor's configuration (written only when it changed)
+/// and returns how to run it.
+fn prepare_supervisor(
+    settings: &Settings,
+    identity: &Identity,
+    detection: &Detection,
+) -> Result<ChildSpec, AppError> {
+    let state = &settings.state_dir;
+    let identity_dir = IdentityStore::new(state).identity_dir();
+    let collector = detection
+        .collector
+        .as_ref()
+        .map_or_else(|| settings.runtime.collector.clone(), |c| c.path.clone());
+    let supervisor = detection
+        .supervisor
+        .as_ref()
+        .map_or_else(|| settings.runtime.supervisor.clone(), |s| s.path.clone());
+    let inputs = SupervisorInputs {
+        server: identity.server.clone(),
+        host_id: identity.host_id.clone(),
+        hostname: crate::host::collect().hostname,
+        ca_file: identity_dir.join(crate::identity::store::CA_FILE),
+        cert_file: identity_dir.join(crate::identity::store::CERT_FILE),
+        key_file: identity_dir.join(crate::identity::store::KEY_FILE),
+        storage_dir: state.join(SUPERVISOR_STORAGE),
+        collector: collector.clone(),
+        orphan_detection_interval: ORPHAN_DETECTION_INTERVAL,
+        log_level: "info",
+    };
+    let yaml = render(&inputs);
+    let path = state.join(SUPERVISOR_CONFIG);
+    ensure_private_dir(state, 0o700)?;
+    if std::fs::read(&path).ok().as_deref() != Some(yaml.as_bytes()) {
+        write_atomic(&path, yaml.as_bytes(), 0o600)?;
+        tracing::info!(path = %path.display(), "Wrote supervisor configuration");
+    }
+    Ok(ChildSpec {
+        name: "opampsupervisor".to_owned(),
+        program: supervisor,
+        args: vec!["--config".into(), path.into_os_string()],
+        requires: vec![("otelcol-contrib".to_owned(), collector)],
+        launcher: Some(PathBuf::from("/proc/self/exe")),
+    })
+}
+
+fn forward_supervision(
+    mut status: watch::Receiver<supervisor::Status>,
+    detection: Detection,
+    report: watch::Sender<Option<RuntimeReport>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let s = status.borrow_and_update().clone();
+            let _ = report.send(Some(RuntimeReport {
+                agent_pid: std::process::id(),
+                updated_unix_ms: unix_ms(),
+                kind: RuntimeKind::Otelcol,
+                supervision: Some(s),
+                detection: detection.clone(),
+            }));
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Writes each new report to the status file (atomically).
+async fn publish(mut rx: watch::Receiver<Option<RuntimeReport>>, path: PathBuf) {
+    loop {
+        let report = rx.borrow_and_update().clone();
+        if let Some(r) = report {
+            write_status(&path, &r);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn write_status(path: &Path, report: &RuntimeReport) {
+    match serde_json::to_vec_pretty(report) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            if let Err(e) = write_atomic(path, &bytes, 0o600) {
+                tracing::warn!(error = %e, "Cannot write status file");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "Cannot encode status"),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Probes that find nothing, when the real ones could not run.
+struct NoProbes;
+
+impl runtime::Probes for NoProbes {
+    fn is_executable(&self, _: &Path) -> bool {
+        false
+    }
+    fn which(&self, _: &str) -> Option<PathBuf> {
+        None
+    }
+    fn run(&self, _: &Path, _: &[&str]) -> Result<String, String> {
+        Err("detection unavailable".into())
+    }
+    fn package_version(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn install_record(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn unit(&self, _: &str) -> Option<runtime::UnitState> {
+        None
+    }
+    fn read_file(&self, _: &Path) -> Option<String> {
+        None
+    }
+    fn http_get(&self, _: &str, _: &str) -> Result<String, String> {
+        Err("detection unavailable".into())
+    }
+}
