@@ -12,6 +12,16 @@
 //!   writes with fsyncs).
 //! - `enrol_in_process`: the same enrolment through the library in one
 //!   process (no exec, no runtime start), isolating protocol and disk cost.
+//! - `run_to_ready`: from spawning `linkmesh-agent run` (enrolled host,
+//!   stand-in runtime) to `READY=1` arriving on `NOTIFY_SOCKET`.
+//! - `idle_rss_*`: the agent's memory while supervising the stand-in
+//!   supervisor and collector, sampled once a second over `--idle-secs`:
+//!   `VmRSS`, `RssAnon` (heap and stacks) and `Pss` (from smaps_rollup).
+//! - `idle_cpu`: the agent's user+system CPU over `--idle-secs` of idle
+//!   supervision, as a percentage of one core (/proc/PID/stat).
+//! - `crash_to_restart`: SIGKILL of the supervisor to the agent's status file
+//!   showing a new supervisor pid running (polled every millisecond). Each
+//!   sample is a fresh agent, so it is the first restart (backoff 100 ms ±20 %).
 
 use std::{
     path::PathBuf,
@@ -39,6 +49,12 @@ struct Args {
     /// Runs per latency figure.
     #[arg(long, default_value_t = 100)]
     runs: usize,
+    /// Seconds of idle supervision over which RSS and CPU are measured.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// Samples of crash-to-restart and exec-to-READY (one fresh agent each).
+    #[arg(long, default_value_t = 20)]
+    restarts: usize,
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -167,6 +183,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         lib_ms,
     ));
 
+    supervision_figures(&args, &dir, &fleet, &mut figures)?;
+
     print_table(&figures);
     let out = args
         .out
@@ -184,6 +202,156 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)?;
     println!("\nresults written to {}", out.display());
     Ok(())
+}
+
+fn supervision_figures(
+    args: &Args,
+    dir: &tempfile::TempDir,
+    fleet: &Fleet,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    use linkmesh_integration::harness::{enrolled_agent, runtime_bin_dir};
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+
+    // exec → READY and crash → restart, one fresh agent per sample.
+    let mut ready_ms = Vec::new();
+    let mut restart_ms = Vec::new();
+    for i in 0..args.restarts {
+        let agent = enrolled_agent(&dir.path().join(format!("sup-{i}")), fleet, &bins, "")?;
+        let sock_path = agent.root.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let start = Instant::now();
+        let run = agent.spawn_run(
+            &[],
+            &[("NOTIFY_SOCKET", sock_path.to_str().unwrap_or_default())],
+        )?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = sock.recv(&mut buf).context("no READY=1 within 10 s")?;
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        ready_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        let s = run.wait_status(Duration::from_secs(10), "running", |s| {
+            s["supervision"]["state"] == "running"
+        })?;
+        let pid = s["supervision"]["pid"].as_u64().unwrap_or(0);
+        let killed = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let deadline = killed + Duration::from_secs(10);
+        loop {
+            if let Some(s) = run.status()
+                && s["supervision"]["state"] == "running"
+                && s["supervision"]["pid"].as_u64().is_some_and(|p| p != pid)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("no restart within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        restart_ms.push(killed.elapsed().as_secs_f64() * 1e3);
+        drop(run);
+    }
+    figures.push(figure(
+        "run_to_ready",
+        "ms",
+        "spawn of `linkmesh-agent run` to READY=1 on NOTIFY_SOCKET (enrolled, stand-in runtime)",
+        ready_ms,
+    ));
+    figures.push(figure(
+        "crash_to_restart",
+        "ms",
+        "SIGKILL of opampsupervisor to a new one running, first restart of a fresh agent",
+        restart_ms,
+    ));
+
+    // Idle supervision: memory and CPU.
+    let agent = enrolled_agent(&dir.path().join("idle"), fleet, &bins, "")?;
+    let run = agent.spawn_run(&[], &[])?;
+    run.wait_status(Duration::from_secs(10), "collector running", |s| {
+        s["supervision"]["state"] == "running"
+            && s["supervision"]["collector_pid"].as_u64().is_some()
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = run.pid();
+    let (mut rss, mut anon, mut pss) = (Vec::new(), Vec::new(), Vec::new());
+    let cpu0 = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    for _ in 0..args.idle_secs.max(1) {
+        std::thread::sleep(Duration::from_secs(1));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        rss.push(kib(&status, "VmRSS:") / 1024.0);
+        anon.push(kib(&status, "RssAnon:") / 1024.0);
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        pss.push(kib(&rollup, "Pss:") / 1024.0);
+    }
+    let cpu = (cpu_ticks(pid)? - cpu0) as f64 / clock_ticks() as f64;
+    let wall = t0.elapsed().as_secs_f64();
+    figures.push(figure(
+        "idle_rss",
+        "MiB",
+        "VmRSS of the agent, sampled each second while idle-supervising",
+        rss,
+    ));
+    figures.push(figure(
+        "idle_rss_anon",
+        "MiB",
+        "RssAnon (heap, stacks) of the same samples",
+        anon,
+    ));
+    figures.push(figure(
+        "idle_pss",
+        "MiB",
+        "Pss from smaps_rollup of the same samples",
+        pss,
+    ));
+    figures.push(figure(
+        "idle_cpu",
+        "%core",
+        "agent utime+stime over the idle period / wall time",
+        vec![cpu / wall * 100.0],
+    ));
+    Ok(())
+}
+
+fn kib(text: &str, key: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    Ok(fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0))
+}
+
+fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100, |v| v as u64)
 }
 
 fn print_table(figures: &[Figure]) {
