@@ -33,6 +33,8 @@ pub const SUPERVISOR_CONFIG: &str = "supervisor.yaml";
 /// The supervisor's storage directory (its `persistent_state.yaml` holds the
 /// collector's instance id), in the state directory.
 pub const SUPERVISOR_STORAGE: &str = "supervisor";
+/// Where installers and packages record how the agent was installed.
+pub const INSTALL_METHOD_FILE: &str = "install-method";
 /// How often the collector checks that its supervisor is alive.
 pub const ORPHAN_DETECTION_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -116,7 +118,27 @@ pub async fn run(
     tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
 
     let (report_tx, report_rx) = watch::channel(None::<RuntimeReport>);
-    let publisher = tokio::spawn(publish(report_rx, settings.state_dir.join(STATUS_FILE)));
+    let proxy =
+        crate::transport::proxy_for(identity.server.host(), settings.proxy_url.as_deref(), |k| {
+            std::env::var(k).ok()
+        });
+    if let Some(p) = &proxy {
+        tracing::info!(proxy = %p.authority, source = %p.source, "Connecting to the server through an HTTP proxy");
+    }
+    let (reporter, reporter_rx) = crate::reporter::spawn(crate::reporter::ReporterContext {
+        store: IdentityStore::new(&settings.state_dir),
+        identity: load_identity(&settings)?,
+        interval: settings.report_interval,
+        proxy,
+        install_method: install_method(&settings.state_dir),
+        host: crate::host::collect(),
+        runtime: report_tx.subscribe(),
+    });
+    let publisher = tokio::spawn(publish(
+        report_rx,
+        reporter_rx,
+        settings.state_dir.join(STATUS_FILE),
+    ));
     let mut managed = Managed::start(&settings, &identity, options, report_tx.clone()).await?;
     let summary = managed.summary();
     notifier.ready(&summary);
@@ -164,6 +186,7 @@ pub async fn run(
     tracing::info!("Shutting down");
     notifier.stopping();
     managed.stop().await;
+    reporter.abort();
     for t in [Some(status_task), watchdog].into_iter().flatten() {
         t.abort();
     }
@@ -453,21 +476,38 @@ fn forward_supervision(
     })
 }
 
-/// Writes each new report to the status file (atomically).
-async fn publish(mut rx: watch::Receiver<Option<RuntimeReport>>, path: PathBuf) {
+/// Writes the runtime's and the reporter's state to the status file
+/// (atomically) whenever either changes.
+async fn publish(
+    mut runtime: watch::Receiver<Option<RuntimeReport>>,
+    mut reporter: watch::Receiver<crate::reporter::ReporterStatus>,
+    path: PathBuf,
+) {
     loop {
-        let report = rx.borrow_and_update().clone();
+        let report = runtime.borrow_and_update().clone();
+        let rep = reporter.borrow_and_update().clone();
         if let Some(r) = report {
-            write_status(&path, &r);
+            write_status(&path, &r, &rep);
         }
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            c = runtime.changed() => if c.is_err() { return },
+            c = reporter.changed() => if c.is_err() { return },
         }
     }
 }
 
-fn write_status(path: &Path, report: &RuntimeReport) {
-    match serde_json::to_vec_pretty(report) {
+fn write_status(path: &Path, report: &RuntimeReport, reporter: &crate::reporter::ReporterStatus) {
+    let mut doc = match serde_json::to_value(report) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot encode status");
+            return;
+        }
+    };
+    if let (Some(obj), Ok(rep)) = (doc.as_object_mut(), serde_json::to_value(reporter)) {
+        obj.insert("reporter".into(), rep);
+    }
+    match serde_json::to_vec_pretty(&doc) {
         Ok(mut bytes) => {
             bytes.push(b'\n');
             if let Err(e) = write_atomic(path, &bytes, 0o600) {
@@ -476,6 +516,16 @@ fn write_status(path: &Path, report: &RuntimeReport) {
         }
         Err(e) => tracing::warn!(error = %e, "Cannot encode status"),
     }
+}
+
+/// How the agent was installed, as the installer or package recorded it in
+/// `STATE/install-method` (deb, rpm, script); `binary` when nothing did.
+pub fn install_method(state_dir: &Path) -> String {
+    std::fs::read_to_string(state_dir.join(INSTALL_METHOD_FILE))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|m| ["deb", "rpm", "script", "binary"].contains(&m.as_str()))
+        .unwrap_or_else(|| "binary".to_owned())
 }
 
 fn unix_ms() -> u64 {

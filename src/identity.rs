@@ -2,6 +2,7 @@
 //! fleet's CA signed for it, the CA, the host id and the server it belongs to.
 //! [`store`] keeps it on disk.
 
+pub mod rotation;
 pub mod store;
 
 use std::fmt;

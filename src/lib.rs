@@ -14,6 +14,7 @@ pub mod hex;
 pub mod host;
 pub mod identity;
 pub mod proto;
+pub mod reporter;
 pub mod runtime;
 pub mod signal;
 pub mod supervisor;

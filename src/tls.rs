@@ -284,6 +284,25 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
     }
 }
 
+/// The client configuration for everything after enrolment: TLS 1.3, the
+/// fleet CA as the only root, the host certificate and key as the client
+/// identity.
+///
+/// # Errors
+/// When rustls rejects the CA, certificate or key.
+pub fn mtls_client_config(
+    identity: &crate::identity::Identity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(identity.ca.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.certs.clone(), identity.key().clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,7 +187,9 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
+        // Backdating tolerates clocks slightly behind, but must stay small
+        // against the lifetime or two thirds of it would lie in the past.
+        params.not_before = now - BACKDATE.min(lifetime / 4);
         let not_after = now + lifetime;
         params.not_after = not_after;
         let serial = random_serial()?;

@@ -485,6 +485,7 @@ impl RunningAgent {
         let deadline = std::time::Instant::now() + limit;
         loop {
             if let Some(s) = self.status()
+                && s["agent_pid"].as_u64() == Some(u64::from(self.pid()))
                 && pred(&s)
             {
                 return Ok(s);

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod drift;
 pub mod harness;
 pub mod server;
 pub mod service;

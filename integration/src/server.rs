@@ -12,8 +12,14 @@ use std::{
 };
 
 use linkmesh_agent::{proto, tls::ALPN_H2};
-use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
-use rustls_pki_types::CertificateDer;
+use rustls::{
+    RootCertStore, ServerConfig,
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -101,7 +107,10 @@ impl AsyncWrite for TlsConn {
 
 /// The server's TLS configuration: a fresh certificate for `names` signed by
 /// `ca`, TLS 1.3 only, h2, client certificates from `ca` accepted but not
-/// required (enrolment has none yet).
+/// required (enrolment has none yet). An expired client certificate signed by
+/// the CA still completes the handshake (it proves the host holds the key);
+/// each RPC decides: Report refuses it, Renew accepts it within the grace
+/// window and otherwise says what to do.
 ///
 /// # Errors
 /// When the certificate cannot be made or rustls rejects the configuration.
@@ -110,15 +119,86 @@ pub fn tls_config(ca: &Ca, names: &[String]) -> anyhow::Result<ServerConfig> {
     let (chain, key) = ca.server_cert(names)?;
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert().clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(ExpiredOkVerifier { inner }))
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
+}
+
+/// Verifies client certificates like webpki, except that an expired one is
+/// verified as of the last moment it was valid.
+#[derive(Debug)]
+struct ExpiredOkVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ExpiredOkVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            )) => {
+                let not_after = x509_parser::parse_x509_certificate(end_entity)
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+                    .map_err(|_| {
+                        rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+                    })?;
+                let last_valid = UnixTime::since_unix_epoch(Duration::from_secs(
+                    u64::try_from(not_after).unwrap_or(0),
+                ));
+                self.inner
+                    .verify_client_cert(end_entity, intermediates, last_valid)
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Serves `service` on `listener` until `shutdown` completes.

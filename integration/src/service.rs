@@ -26,6 +26,12 @@ pub struct ServiceConfig {
     pub cert_lifetime: Duration,
     /// How many minor versions agents may lag.
     pub minor_versions_behind: u32,
+    /// The report interval agents are told to use.
+    pub report_interval: Duration,
+    /// How long after expiry a certificate may still be renewed.
+    pub renew_grace: Duration,
+    /// Runtime versions the fleet pins.
+    pub runtime_pins: Vec<proto::RuntimePin>,
 }
 
 /// The reference implementation of `linkmesh.v1.Fleet`.
@@ -38,14 +44,86 @@ struct Inner {
     state: State,
     ca: Ca,
     config: ServiceConfig,
+    /// Every host as last known, kept in memory so a heartbeat costs no I/O;
+    /// changed hosts are written back by [`FleetService::flush`].
+    live: std::sync::Mutex<Live>,
+}
+
+#[derive(Default)]
+struct Live {
+    hosts: std::collections::HashMap<String, HostRecord>,
+    dirty: std::collections::HashSet<String>,
 }
 
 impl FleetService {
     /// A service over `state`, signing with `ca`.
-    pub fn new(state: State, ca: Ca, config: ServiceConfig) -> Self {
-        Self {
-            inner: Arc::new(Inner { state, ca, config }),
+    ///
+    /// # Errors
+    /// When the enrolled hosts cannot be read.
+    pub fn new(
+        state: State,
+        ca: Ca,
+        config: ServiceConfig,
+    ) -> Result<Self, crate::state::StateError> {
+        let hosts = state
+            .hosts()?
+            .into_iter()
+            .map(|h| (h.host_id.clone(), h))
+            .collect();
+        let live = std::sync::Mutex::new(Live {
+            hosts,
+            dirty: Default::default(),
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state,
+                ca,
+                config,
+                live,
+            }),
+        })
+    }
+
+    /// Writes hosts changed by reports to the state directory.
+    ///
+    /// # Errors
+    /// When the state cannot be locked or written.
+    pub fn flush(&self) -> Result<usize, crate::state::StateError> {
+        let changed: Vec<HostRecord> = {
+            let Ok(mut live) = self.inner.live.lock() else {
+                return Ok(0);
+            };
+            let dirty = std::mem::take(&mut live.dirty);
+            dirty
+                .iter()
+                .filter_map(|id| live.hosts.get(id).cloned())
+                .collect()
+        };
+        if changed.is_empty() {
+            return Ok(0);
         }
+        let lock = self.inner.state.lock()?;
+        for h in &changed {
+            self.inner.state.put_host(&lock, h)?;
+        }
+        Ok(changed.len())
+    }
+
+    /// Flushes every `every` until the process ends.
+    pub fn spawn_flusher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let m = me.clone();
+                match tokio::task::spawn_blocking(move || m.flush()).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "Cannot write host records"),
+                    Err(e) => tracing::error!(error = %e, "Flush task failed"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        })
     }
 }
 
@@ -62,7 +140,7 @@ impl proto::Fleet for FleetService {
             skew_policy: Some(proto::SkewPolicy {
                 minor_versions_behind: c.minor_versions_behind,
             }),
-            runtime_pins: Vec::new(),
+            runtime_pins: c.runtime_pins.clone(),
             server_time_unix_ms: now_unix_ms(),
         }))
     }
@@ -93,9 +171,189 @@ impl proto::Fleet for FleetService {
             .map_err(|e| Status::internal(format!("enrolment task failed: {e}")))?
             .map(Response::new)
     }
+
+    async fn report(
+        &self,
+        request: Request<proto::ReportRequest>,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let (host, not_after) = peer_host(&request)?;
+        let now = OffsetDateTime::now_utc();
+        if now > not_after {
+            return Err(Status::unauthenticated(format!(
+                "client certificate expired at {}: renew it (linkmesh-agent renews within the grace window)",
+                rfc3339(not_after.unix_timestamp())
+            )));
+        }
+        let req = request.into_inner();
+        if !req.host_id.is_empty() && req.host_id != host.as_str() {
+            tracing::warn!(cert_host = %host, claimed = %req.host_id, "Report claiming another host refused");
+            return Err(Status::permission_denied(format!(
+                "the report claims host {} but the client certificate is for host {host}",
+                req.host_id
+            )));
+        }
+        let c = &self.inner.config;
+        let mut send_full = false;
+        let agent_version = {
+            let Ok(mut live) = self.inner.live.lock() else {
+                return Err(Status::internal("host table poisoned"));
+            };
+            let Some(rec) = live.hosts.get_mut(host.as_str()) else {
+                return Err(Status::not_found(format!(
+                    "host {host} is not enrolled with this server: re-enrol with a new token (enroll --force)"
+                )));
+            };
+            let now_s = now.unix_timestamp();
+            rec.last_seen = now_s;
+            let report = rec.report.get_or_insert_with(Default::default);
+            report.reports += 1;
+            if req.full {
+                let rt = req.runtime.clone().unwrap_or_default();
+                let hostname = req
+                    .host
+                    .as_ref()
+                    .map(|h| h.hostname.clone())
+                    .unwrap_or_default();
+                let reports = report.reports;
+                *report = crate::state::ReportRecord {
+                    agent_version: req.agent_version.clone(),
+                    git_revision: req.git_revision.clone(),
+                    install_method: req.install_method.clone(),
+                    runtime_kind: rt.kind,
+                    runtime_version: rt.version,
+                    supervisor_version: rt.supervisor_version,
+                    runtime_state: rt.state,
+                    restarts: rt.restarts,
+                    last_exit: rt.last_exit,
+                    collector_crashes: rt.collector_crashes,
+                    runtime_error: rt.error,
+                    running_version: rt.running_version,
+                    restart_pending: rt.restart_pending,
+                    hostname,
+                    agent_skew_verdict: req.skew_verdict.clone(),
+                    clock_offset_ms: req.clock_offset_ms,
+                    state_digest: req.state_digest,
+                    full_report_at: now_s,
+                    reports,
+                };
+                if !report.hostname.is_empty() {
+                    rec.hostname = report.hostname.clone();
+                }
+                rec.agent_version = req.agent_version.clone();
+            } else {
+                report.clock_offset_ms = req.clock_offset_ms;
+                send_full = report.state_digest != req.state_digest || report.full_report_at == 0;
+            }
+            let v = rec.agent_version.clone();
+            live.dirty.insert(host.to_string());
+            v
+        };
+        let verdict = agent_version
+            .parse::<Version>()
+            .map(|a| {
+                version::skew(&a, &c.version, c.minor_versions_behind)
+                    .as_str()
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(proto::ReportResponse {
+            server_version: c.version.to_string(),
+            skew_policy: Some(proto::SkewPolicy {
+                minor_versions_behind: c.minor_versions_behind,
+            }),
+            runtime_pins: c.runtime_pins.clone(),
+            report_interval_seconds: u32::try_from(c.report_interval.as_secs())
+                .unwrap_or(30)
+                .max(1),
+            server_time_unix_ms: now_unix_ms(),
+            skew_verdict: verdict,
+            send_full_report: send_full,
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::RenewResponse>, Status> {
+        let (host, not_after) = peer_host(&request)?;
+        let now = OffsetDateTime::now_utc();
+        let grace = self.inner.config.renew_grace;
+        if now > not_after + grace {
+            return Err(Status::unauthenticated(format!(
+                "client certificate expired at {}, beyond the renewal grace of {}: enrol again with a new token (enroll --force)",
+                rfc3339(not_after.unix_timestamp()),
+                linkmesh_agent::config::format_duration(grace)
+            )));
+        }
+        let req = request.into_inner();
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.renew(&host, &req.csr_der))
+            .await
+            .map_err(|e| Status::internal(format!("renewal task failed: {e}")))?
+            .map(Response::new)
+    }
+}
+
+/// The host a request's verified client certificate names, and its expiry.
+fn peer_host<T>(request: &Request<T>) -> Result<(HostId, OffsetDateTime), Status> {
+    let certs = request
+        .extensions()
+        .get::<crate::server::PeerInfo>()
+        .and_then(|p| p.certs.clone())
+        .ok_or_else(|| {
+            Status::unauthenticated("a client certificate is required: enrol this host first")
+        })?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+    let host = linkmesh_agent::identity::host_id_of_certificate(leaf).ok_or_else(|| {
+        Status::permission_denied("the client certificate names no LinkMesh host")
+    })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|_| Status::unauthenticated("unparsable client certificate"))?;
+    Ok((host, parsed.validity().not_after.to_datetime()))
 }
 
 impl Inner {
+    fn renew(&self, host: &HostId, csr_der: &[u8]) -> Result<proto::RenewResponse, Status> {
+        let internal = |e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "Renewal failed");
+            Status::internal("the server could not record the renewal; see its log")
+        };
+        let cert = self
+            .ca
+            .sign_host(csr_der, host, self.config.cert_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let lock = self.state.lock().map_err(|e| internal(&e))?;
+        let record = {
+            let Ok(mut live) = self.live.lock() else {
+                return Err(Status::internal("host table poisoned"));
+            };
+            let Some(rec) = live.hosts.get_mut(host.as_str()) else {
+                return Err(Status::not_found(format!(
+                    "host {host} is not enrolled with this server"
+                )));
+            };
+            rec.spki_sha256 = cert.spki_sha256.clone();
+            rec.cert_serial = cert.serial.clone();
+            rec.cert_not_after = cert.not_after.unix_timestamp();
+            rec.last_seen = OffsetDateTime::now_utc().unix_timestamp();
+            rec.clone()
+        };
+        self.state
+            .put_host(&lock, &record)
+            .map_err(|e| internal(&e))?;
+        tracing::info!(host_id = %host, not_after = %rfc3339(cert.not_after.unix_timestamp()), "Renewed host certificate");
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let lifetime = self.config.cert_lifetime.as_secs() as i64;
+        Ok(proto::RenewResponse {
+            certificate_chain_der: vec![cert.der.to_vec()],
+            ca_certificate_der: self.ca.cert().to_vec(),
+            renew_after_unix: now + lifetime * 2 / 3,
+            server_time_unix_ms: now_unix_ms(),
+        })
+    }
+
     /// Checks and spends the token, signs the certificate and records the
     /// host, all under the state lock. A retry with the same key and token
     /// (an agent killed after the server answered) gets the same host back
@@ -193,10 +451,14 @@ impl Inner {
             cert_not_after: cert.not_after.unix_timestamp(),
             enrolled_at: previous.as_ref().map_or(now, |p| p.enrolled_at),
             last_seen: now,
+            report: previous.as_ref().and_then(|p| p.report.clone()),
         };
         self.state
             .put_host(&lock, &record)
             .map_err(|e| internal(&e))?;
+        if let Ok(mut live) = self.live.lock() {
+            live.hosts.insert(host_id.clone(), record.clone());
+        }
         tracing::info!(
             host_id = %host_id,
             hostname = %record.hostname,

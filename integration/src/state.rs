@@ -93,6 +93,52 @@ pub struct HostRecord {
     pub enrolled_at: i64,
     /// Unix seconds of the last contact.
     pub last_seen: i64,
+    /// What the last full report said (absent until the first report).
+    #[serde(default)]
+    pub report: Option<ReportRecord>,
+}
+
+/// What an agent last reported.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReportRecord {
+    /// Agent version.
+    pub agent_version: String,
+    /// Agent git revision.
+    pub git_revision: String,
+    /// deb, rpm, script or binary.
+    pub install_method: String,
+    /// otelcol, alloy or none.
+    pub runtime_kind: String,
+    /// Runtime (collector or Alloy) version.
+    pub runtime_version: String,
+    /// opampsupervisor version.
+    pub supervisor_version: String,
+    /// Supervision state.
+    pub runtime_state: String,
+    /// Supervisor restarts.
+    pub restarts: u32,
+    /// Last exit of the supervisor.
+    pub last_exit: String,
+    /// Collector crashes seen by the supervisor.
+    pub collector_crashes: u32,
+    /// Why the runtime is not running.
+    pub runtime_error: String,
+    /// Alloy's running version.
+    pub running_version: String,
+    /// Alloy upgraded but not restarted.
+    pub restart_pending: bool,
+    /// Host name now.
+    pub hostname: String,
+    /// The agent's own skew verdict.
+    pub agent_skew_verdict: String,
+    /// Host clock minus server clock, ms.
+    pub clock_offset_ms: i64,
+    /// Digest of the full report.
+    pub state_digest: u64,
+    /// Unix seconds of the last full report.
+    pub full_report_at: i64,
+    /// Reports received (full and heartbeats).
+    pub reports: u64,
 }
 
 /// Where the server is reachable, written by `serve`.
@@ -100,6 +146,18 @@ pub struct HostRecord {
 pub struct ServeRecord {
     /// The URL agents use.
     pub url: String,
+    /// The version the server reports.
+    #[serde(default)]
+    pub version: String,
+    /// The report interval agents are told.
+    #[serde(default)]
+    pub report_interval_secs: u64,
+    /// The skew window.
+    #[serde(default)]
+    pub minor_versions_behind: u32,
+    /// Runtime pins: kind -> version.
+    #[serde(default)]
+    pub runtime_pins: std::collections::BTreeMap<String, String>,
 }
 
 /// The state directory.

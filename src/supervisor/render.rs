@@ -62,6 +62,8 @@ pub fn render(i: &SupervisorInputs) -> String {
     );
     let _ = writeln!(y, "    key_file: {}", q(&i.key_file.display().to_string()));
     let _ = writeln!(y, "    min_version: \"1.3\"");
+    // The agent renews the certificate in place; the supervisor re-reads it.
+    let _ = writeln!(y, "    reload_interval: \"10m\"");
     let _ = writeln!(y, "capabilities:");
     for (k, v) in [
         ("accepts_remote_config", true),

@@ -17,8 +17,8 @@
 //! - `idle_rss_*`: the agent's memory while supervising the stand-in
 //!   supervisor and collector, sampled once a second over `--idle-secs`:
 //!   `VmRSS`, `RssAnon` (heap and stacks) and `Pss` (from smaps_rollup).
-//! - `idle_cpu`: the agent's user+system CPU over `--idle-secs` of idle
-//!   supervision, as a percentage of one core (/proc/PID/stat).
+//! - `idle_cpu`: the agent's CPU time (all threads, nanosecond schedstat)
+//!   over `--idle-secs` of idle supervision, as a percentage of one core.
 //! - `crash_to_restart`: SIGKILL of the supervisor to the agent's status file
 //!   showing a new supervisor pid running (polled every millisecond). Each
 //!   sample is a fresh agent, so it is the first restart (backoff 100 ms ±20 %).
@@ -282,7 +282,7 @@ fn supervision_figures(
     std::thread::sleep(Duration::from_secs(2));
     let pid = run.pid();
     let (mut rss, mut anon, mut pss) = (Vec::new(), Vec::new(), Vec::new());
-    let cpu0 = cpu_ticks(pid)?;
+    let cpu0 = cpu_ns(pid)?;
     let t0 = Instant::now();
     for _ in 0..args.idle_secs.max(1) {
         std::thread::sleep(Duration::from_secs(1));
@@ -293,7 +293,7 @@ fn supervision_figures(
             std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         pss.push(kib(&rollup, "Pss:") / 1024.0);
     }
-    let cpu = (cpu_ticks(pid)? - cpu0) as f64 / clock_ticks() as f64;
+    let cpu = (cpu_ns(pid)? - cpu0) as f64 / 1e9;
     let wall = t0.elapsed().as_secs_f64();
     figures.push(figure(
         "idle_rss",
@@ -316,7 +316,7 @@ fn supervision_figures(
     figures.push(figure(
         "idle_cpu",
         "%core",
-        "agent utime+stime over the idle period / wall time",
+        "agent CPU time (all threads, /proc/PID/task/*/schedstat) over the idle period / wall time",
         vec![cpu / wall * 100.0],
     ));
     Ok(())
@@ -329,29 +329,21 @@ fn kib(text: &str, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r)
-        .context("bad /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    Ok(fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0))
-}
-
-fn clock_ticks() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100, |v| v as u64)
+/// CPU time of every thread of `pid`, in nanoseconds (schedstat's first
+/// field: time spent on the CPU), far finer than /proc/PID/stat's ticks.
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
 }
 
 fn print_table(figures: &[Figure]) {

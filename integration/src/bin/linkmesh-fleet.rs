@@ -7,7 +7,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use linkmesh_agent::{config::parse_duration, endpoint::ServerUrl, token::Token, version::Version};
+use linkmesh_agent::{
+    config::parse_duration, endpoint::ServerUrl, proto, token::Token, version::Version,
+};
 use linkmesh_integration::{
     ca::Ca,
     server,
@@ -53,6 +55,29 @@ enum Command {
         /// Version to report to agents [default: this build's].
         #[arg(long, value_name = "X.Y.Z")]
         server_version: Option<String>,
+        /// Report interval agents are told to use.
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        report_interval: String,
+        /// How long after expiry a host certificate may still be renewed.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        renew_grace: String,
+        /// otelcol-contrib version the fleet pins.
+        #[arg(long, value_name = "X.Y.Z", default_value = "0.159.0")]
+        pin_otelcol: String,
+        /// opampsupervisor version the fleet pins.
+        #[arg(long, value_name = "X.Y.Z", default_value = "0.159.0")]
+        pin_supervisor: String,
+        /// Grafana Alloy version the fleet pins.
+        #[arg(long, value_name = "vX.Y.Z", default_value = "v1.18.1")]
+        pin_alloy: String,
+    },
+    /// Fleet drift: each host's agent and runtime versions against the server
+    /// and the pins, with the upgrade command for hosts out of the window.
+    Drift {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Enrolment tokens.
     #[command(subcommand)]
@@ -119,6 +144,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             san,
             cert_lifetime,
             server_version,
+            report_interval,
+            renew_grace,
+            pin_otelcol,
+            pin_supervisor,
+            pin_alloy,
         } => {
             let version = match server_version {
                 Some(v) => v.parse::<Version>().context("--server-version")?,
@@ -128,17 +158,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if cert_lifetime < Duration::from_secs(1) {
                 bail!("--cert-lifetime must be at least 1s");
             }
+            let report_interval = parse_duration(&report_interval).context("--report-interval")?;
+            if report_interval < Duration::from_secs(1) {
+                bail!("--report-interval must be at least 1s");
+            }
+            let renew_grace = parse_duration(&renew_grace).context("--renew-grace")?;
+            let config = ServiceConfig {
+                version,
+                cert_lifetime,
+                minor_versions_behind: linkmesh_agent::version::DEFAULT_MINOR_VERSIONS_BEHIND,
+                report_interval,
+                renew_grace,
+                runtime_pins: vec![
+                    proto::RuntimePin {
+                        kind: "otelcol".into(),
+                        version: pin_otelcol,
+                        supervisor_version: pin_supervisor,
+                    },
+                    proto::RuntimePin {
+                        kind: "alloy".into(),
+                        version: pin_alloy,
+                        supervisor_version: String::new(),
+                    },
+                ],
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(
-                    State::new(state),
-                    listen,
-                    advertise_url,
-                    san,
-                    cert_lifetime,
-                    version,
-                ))
+                .block_on(serve(State::new(state), listen, advertise_url, san, config))
+        }
+        Command::Drift { state, json } => {
+            linkmesh_integration::drift::print(&State::new(state), json)
         }
         Command::Token(TokenCommand::Create {
             state,
@@ -173,8 +223,7 @@ async fn serve(
     listen: SocketAddr,
     advertise_url: Option<String>,
     san: Vec<String>,
-    cert_lifetime: Duration,
-    version: Version,
+    config: ServiceConfig,
 ) -> anyhow::Result<()> {
     let ca = Ca::load(&state.ca_dir())?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -199,18 +248,20 @@ async fn serve(
     names.sort();
     names.dedup();
     let tls = Arc::new(server::tls_config(&ca, &names)?);
+    let version = config.version.clone();
     state.put_serve(&ServeRecord {
         url: url.to_string(),
+        version: version.to_string(),
+        report_interval_secs: config.report_interval.as_secs(),
+        minor_versions_behind: config.minor_versions_behind,
+        runtime_pins: config
+            .runtime_pins
+            .iter()
+            .map(|p| (p.kind.clone(), p.version.clone()))
+            .collect(),
     })?;
-    let service = FleetService::new(
-        state.clone(),
-        ca,
-        ServiceConfig {
-            version: version.clone(),
-            cert_lifetime,
-            minor_versions_behind: 1,
-        },
-    );
+    let service = FleetService::new(state.clone(), ca, config)?;
+    let flusher = service.spawn_flusher(Duration::from_secs(1));
     println!("linkmesh-fleet {version} listening on {addr} as {url}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, %url, "Serving");
@@ -223,7 +274,9 @@ async fn serve(
         }
         tracing::info!("Shutting down");
     };
-    server::serve(listener, tls, service, shutdown).await?;
+    server::serve(listener, tls, service.clone(), shutdown).await?;
+    flusher.abort();
+    service.flush()?;
     Ok(())
 }
 

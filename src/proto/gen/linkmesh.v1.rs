@@ -90,6 +90,114 @@ pub struct EnrollResponse {
     #[prost(int64, tag = "6")]
     pub server_time_unix_ms: i64,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportRequest {
+    /// False for a heartbeat: only sequence, agent_time_unix_ms and
+    /// state_digest are set, and the server keeps what the last full report said.
+    #[prost(bool, tag = "1")]
+    pub full: bool,
+    /// Increases by one per report from one agent process.
+    #[prost(uint64, tag = "2")]
+    pub sequence: u64,
+    #[prost(int64, tag = "3")]
+    pub agent_time_unix_ms: i64,
+    /// Digest of everything a full report carries; a heartbeat whose digest
+    /// differs from the server's last full report asks for a full one.
+    #[prost(fixed64, tag = "4")]
+    pub state_digest: u64,
+    /// Informational only: the server rejects a report whose host_id differs
+    /// from its client certificate's.
+    #[prost(string, tag = "5")]
+    pub host_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub agent_version: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub git_revision: ::prost::alloc::string::String,
+    /// deb, rpm, script or binary.
+    #[prost(string, tag = "8")]
+    pub install_method: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "9")]
+    pub runtime: ::core::option::Option<RuntimeStatus>,
+    #[prost(message, optional, tag = "10")]
+    pub host: ::core::option::Option<HostFacts>,
+    /// The agent's own view of where it stands ("in_window", "behind"...).
+    #[prost(string, tag = "11")]
+    pub skew_verdict: ::prost::alloc::string::String,
+    /// Measured offset of the host's clock from the server's, ms (host - server).
+    #[prost(int64, tag = "12")]
+    pub clock_offset_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RuntimeStatus {
+    /// "otelcol", "alloy" or "none".
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// otelcol-contrib or Alloy version installed.
+    #[prost(string, tag = "2")]
+    pub version: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub supervisor_version: ::prost::alloc::string::String,
+    /// running, backoff, crash_loop, not_runnable, stopped, starting; for Alloy
+    /// "watched".
+    #[prost(string, tag = "4")]
+    pub state: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "5")]
+    pub pid: u32,
+    #[prost(uint32, tag = "6")]
+    pub restarts: u32,
+    #[prost(string, tag = "7")]
+    pub last_exit: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "8")]
+    pub collector_pid: u32,
+    #[prost(uint32, tag = "9")]
+    pub collector_crashes: u32,
+    /// Why the runtime is not running, when it is not.
+    #[prost(string, tag = "10")]
+    pub error: ::prost::alloc::string::String,
+    /// Alloy: the version actually running (alloy_build_info).
+    #[prost(string, tag = "11")]
+    pub running_version: ::prost::alloc::string::String,
+    /// Alloy: installed and running versions differ.
+    #[prost(bool, tag = "12")]
+    pub restart_pending: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReportResponse {
+    #[prost(string, tag = "1")]
+    pub server_version: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub skew_policy: ::core::option::Option<SkewPolicy>,
+    #[prost(message, repeated, tag = "3")]
+    pub runtime_pins: ::prost::alloc::vec::Vec<RuntimePin>,
+    /// When to send the next report.
+    #[prost(uint32, tag = "4")]
+    pub report_interval_seconds: u32,
+    #[prost(int64, tag = "5")]
+    pub server_time_unix_ms: i64,
+    /// The server's verdict on this agent's version.
+    #[prost(string, tag = "6")]
+    pub skew_verdict: ::prost::alloc::string::String,
+    /// The server wants a full report next (a heartbeat's digest did not match).
+    #[prost(bool, tag = "7")]
+    pub send_full_report: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewRequest {
+    /// PKCS#10 request for a new key pair made on the host.
+    #[prost(bytes = "vec", tag = "1")]
+    pub csr_der: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewResponse {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub certificate_chain_der: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub ca_certificate_der: ::prost::alloc::vec::Vec<u8>,
+    #[prost(int64, tag = "3")]
+    pub renew_after_unix: i64,
+    #[prost(int64, tag = "4")]
+    pub server_time_unix_ms: i64,
+}
 /// Generated client implementations.
 pub mod fleet_client {
     #![allow(
@@ -218,6 +326,49 @@ pub mod fleet_client {
             req.extensions_mut().insert(GrpcMethod::new("linkmesh.v1.Fleet", "Enroll"));
             self.inner.unary(req, path, codec).await
         }
+        /// What the agent runs and how it is doing. Mutual TLS: the server takes the
+        /// host id from the client certificate, never from the body. A full report
+        /// at start and whenever something changed, a heartbeat otherwise.
+        pub async fn report(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReportRequest>,
+        ) -> std::result::Result<tonic::Response<super::ReportResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/linkmesh.v1.Fleet/Report");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("linkmesh.v1.Fleet", "Report"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A new certificate for a new key made on the host, over mutual TLS with
+        /// the current certificate. An expired certificate is accepted here (only
+        /// here) within the server's grace window: the handshake proves the host
+        /// still holds the old key, so no new token is needed.
+        pub async fn renew(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewRequest>,
+        ) -> std::result::Result<tonic::Response<super::RenewResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/linkmesh.v1.Fleet/Renew");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("linkmesh.v1.Fleet", "Renew"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -251,6 +402,21 @@ pub mod fleet_server {
             &self,
             request: tonic::Request<super::EnrollRequest>,
         ) -> std::result::Result<tonic::Response<super::EnrollResponse>, tonic::Status>;
+        /// What the agent runs and how it is doing. Mutual TLS: the server takes the
+        /// host id from the client certificate, never from the body. A full report
+        /// at start and whenever something changed, a heartbeat otherwise.
+        async fn report(
+            &self,
+            request: tonic::Request<super::ReportRequest>,
+        ) -> std::result::Result<tonic::Response<super::ReportResponse>, tonic::Status>;
+        /// A new certificate for a new key made on the host, over mutual TLS with
+        /// the current certificate. An expired certificate is accepted here (only
+        /// here) within the server's grace window: the handshake proves the host
+        /// still holds the old key, so no new token is needed.
+        async fn renew(
+            &self,
+            request: tonic::Request<super::RenewRequest>,
+        ) -> std::result::Result<tonic::Response<super::RenewResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct FleetServer<T> {
@@ -399,6 +565,92 @@ pub mod fleet_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = EnrollSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/linkmesh.v1.Fleet/Report" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportSvc<T: Fleet>(pub Arc<T>);
+                    impl<T: Fleet> tonic::server::UnaryService<super::ReportRequest>
+                    for ReportSvc<T> {
+                        type Response = super::ReportResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReportRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Fleet>::report(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/linkmesh.v1.Fleet/Renew" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewSvc<T: Fleet>(pub Arc<T>);
+                    impl<T: Fleet> tonic::server::UnaryService<super::RenewRequest>
+                    for RenewSvc<T> {
+                        type Response = super::RenewResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Fleet>::renew(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

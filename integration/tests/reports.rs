@@ -1,0 +1,660 @@
+//! Version reports over mutual TLS, renewal, skew, drift, the server away,
+//! the clock off and a proxy in between: the real agent and server binaries.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use linkmesh_agent::{identity::IdentityStore, proto, tls::mtls_client_config, transport::Dialer};
+use linkmesh_integration::harness::{
+    AgentEnv, Fleet, alive, enrolled_agent, runtime_bin_dir, scratch, snapshot, text,
+};
+use serde_json::Value;
+
+type R = anyhow::Result<()>;
+
+const T: Duration = Duration::from_secs(20);
+
+fn reports(s: &Value) -> u64 {
+    s["reporter"]["reports"].as_u64().unwrap_or(0)
+}
+
+fn drift(fleet: &Fleet) -> anyhow::Result<Value> {
+    let out = fleet.admin(&["drift", "--json"])?;
+    anyhow::ensure!(out.status.success(), "drift failed: {}", text(&out));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Polls `drift --json` until `pred` holds for the first host.
+fn wait_drift(fleet: &Fleet, what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let d = drift(fleet)?;
+        if d["hosts"].get(0).is_some_and(&pred) {
+            return Ok(d);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn setup(name: &str, fleet_args: &[&str]) -> anyhow::Result<(tempfile::TempDir, Fleet, AgentEnv)> {
+    let dir = scratch(name)?;
+    let mut args = vec!["--report-interval", "1s"];
+    args.extend_from_slice(fleet_args);
+    let fleet = Fleet::start(&dir.path().join("fleet"), &args)?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    Ok((dir, fleet, agent))
+}
+
+#[test]
+fn reports_reach_the_drift_report_with_heartbeats_between() -> R {
+    let (_dir, fleet, agent) = setup("rep-basic", &[])?;
+    std::fs::write(agent.state.join("install-method"), "deb\n")?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "three reports", |s| {
+        reports(s) >= 3 && s["supervision"]["state"] == "running"
+    })?;
+    assert_eq!(s["reporter"]["skew_verdict"], "in_window");
+    assert_eq!(s["reporter"]["report_interval_secs"], 1);
+    let d = wait_drift(&fleet, "runtime reported", |h| {
+        h["runtime_version"] == "0.159.0"
+    })?;
+    let h = &d["hosts"][0];
+    assert_eq!(h["verdict"], "in_window");
+    assert_eq!(h["install_method"], "deb");
+    assert_eq!(h["runtime_kind"], "otelcol");
+    assert_eq!(h["runtime_at_pin"], true);
+    assert_eq!(h["stale"], false);
+    assert_eq!(h["action"], Value::Null);
+    // Heartbeats, not full reports, once nothing changes.
+    std::thread::sleep(Duration::from_secs(3));
+    let record = fleet.hosts()?;
+    assert_eq!(record.len(), 1);
+    let raw: Value = serde_json::from_slice(&std::fs::read(fleet.state().join("hosts").join(
+        format!("{}.json", h["host_id"].as_str().unwrap_or_default()),
+    ))?)?;
+    let total = raw["report"]["reports"].as_u64().unwrap_or(0);
+    let full_at = raw["report"]["full_report_at"].as_i64().unwrap_or(0);
+    assert!(total >= 5, "{raw}");
+    assert!(
+        time::OffsetDateTime::now_utc().unix_timestamp() - full_at >= 2,
+        "full reports keep coming: {raw}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_server_away_and_back_never_touches_the_collector() -> R {
+    let (_dir, mut fleet, agent) = setup("rep-away", &[])?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "reporting", |s| {
+        reports(s) >= 1 && s["supervision"]["collector_pid"].as_u64().is_some()
+    })?;
+    let (sup, col) = (
+        s["supervision"]["pid"].clone(),
+        s["supervision"]["collector_pid"].clone(),
+    );
+    let rss_before = rss_kib(run.pid());
+    fleet.stop();
+    let s = run.wait_status(T, "failures noticed", |s| {
+        s["reporter"]["consecutive_failures"].as_u64() >= Some(2)
+    })?;
+    let err = s["reporter"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        err.contains(&fleet.addr),
+        "the error names the address: {err}"
+    );
+    // Away for several report intervals: backoff, not a tight loop.
+    std::thread::sleep(Duration::from_secs(6));
+    let s = run.status().unwrap_or_default();
+    let failures = s["reporter"]["consecutive_failures"].as_u64().unwrap_or(0);
+    assert!((3..=7).contains(&failures), "{failures} attempts in ~8 s");
+    assert_eq!(s["supervision"]["pid"], sup);
+    assert_eq!(s["supervision"]["collector_pid"], col);
+    let rss_after = rss_kib(run.pid());
+    assert!(
+        rss_after < rss_before + 2048,
+        "RSS grew from {rss_before} to {rss_after} KiB while the server was away"
+    );
+    fleet.restart(None)?;
+    let before = reports(&s);
+    let s = run.wait_status(T, "reconnected", |s| {
+        reports(s) > before && s["reporter"]["consecutive_failures"] == 0
+    })?;
+    assert_eq!(s["supervision"]["pid"], sup);
+    assert_eq!(s["supervision"]["collector_pid"], col);
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_upgraded_server_flags_the_agent_behind_with_its_upgrade_command() -> R {
+    let (_dir, mut fleet, agent) = setup("rep-upgrade", &[])?;
+    let v = linkmesh_agent::version::agent_version();
+    let newer = format!("{}.{}.0", v.major, v.minor + 2);
+    run_agent_once(&agent)?;
+    wait_drift(&fleet, "in window", |h| h["verdict"] == "in_window")?;
+    fleet.restart(Some(&[
+        "--report-interval",
+        "1s",
+        "--server-version",
+        &newer,
+    ]))?;
+    for (method, command) in [
+        ("rpm", "yum update linkmesh-agent"),
+        ("deb", "apt upgrade linkmesh-agent"),
+    ] {
+        // The install method is read at start, as after a reinstall.
+        std::fs::write(agent.state.join("install-method"), method)?;
+        run_agent_once(&agent)?;
+        let d = wait_drift(&fleet, "behind", |h| {
+            h["verdict"] == "behind" && h["install_method"] == method
+        })?;
+        assert_eq!(d["hosts"][0]["action"], command);
+        assert_eq!(fleet.hosts()?.len(), 1, "a reinstall is the same row");
+    }
+    std::fs::remove_file(agent.state.join("install-method"))?;
+    run_agent_once(&agent)?;
+    let d = wait_drift(&fleet, "binary install", |h| {
+        h["install_method"] == "binary"
+    })?;
+    let action = d["hosts"][0]["action"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        action.starts_with(&format!(
+            "curl -fsSL {0}/install.sh | sudo sh -s -- --server {0} --ca-pin sha256:",
+            fleet.url
+        )),
+        "{action}"
+    );
+    Ok(())
+}
+
+/// Runs the agent until it has reported once, then stops it.
+fn run_agent_once(agent: &AgentEnv) -> anyhow::Result<()> {
+    let mut run = agent.spawn_run(&[], &[])?;
+    run.wait_status(T, "a report", |s| {
+        reports(s) >= 1 && s["supervision"]["state"] == "running"
+    })?;
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    run.wait_exit(T);
+    Ok(())
+}
+
+#[test]
+fn a_rolled_back_server_makes_the_agent_ahead_and_it_keeps_supervising() -> R {
+    let v = linkmesh_agent::version::agent_version();
+    if v.minor == 0 {
+        return Ok(()); // no older minor to roll back to
+    }
+    let (_dir, mut fleet, agent) = setup("rep-rollback", &[])?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "reporting", |s| {
+        reports(s) >= 1 && s["supervision"]["state"] == "running"
+    })?;
+    let sup = s["supervision"]["pid"].clone();
+    let older = format!("{}.{}.0", v.major, v.minor - 1);
+    fleet.restart(Some(&[
+        "--report-interval",
+        "1s",
+        "--server-version",
+        &older,
+    ]))?;
+    let s = run.wait_status(T, "ahead", |s| s["reporter"]["skew_verdict"] == "ahead")?;
+    assert_eq!(
+        s["supervision"]["pid"], sup,
+        "still supervising the same process"
+    );
+    assert!(
+        run.log_text().contains("upgrade the server first"),
+        "{}",
+        run.log_text()
+    );
+    let d = wait_drift(&fleet, "ahead in drift", |h| h["verdict"] == "ahead")?;
+    assert!(
+        d["hosts"][0]["action"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("upgrade the server")
+    );
+    let st = agent.status()?;
+    assert_eq!(st["runtime"]["reporter"]["skew_verdict"], "ahead");
+    Ok(())
+}
+
+/// A mutual-TLS client with the agent's identity, for sending crafted requests.
+async fn client_for(agent: &AgentEnv) -> anyhow::Result<proto::Client<tonic::transport::Channel>> {
+    let store = IdentityStore::new(&agent.state);
+    let lock = store
+        .lock_shared()?
+        .ok_or_else(|| anyhow::anyhow!("no state"))?;
+    let identity = store
+        .load(&lock)?
+        .ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
+    let tls = std::sync::Arc::new(mtls_client_config(&identity)?);
+    let dialer = Dialer::new(identity.server.clone(), tls, None, Duration::from_secs(5));
+    Ok(proto::Client::new(dialer.channel()?))
+}
+
+#[test]
+fn identity_comes_from_the_certificate_never_the_body() -> R {
+    let (dir, mut fleet, agent) = setup("rep-identity", &[])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = client_for(&agent).await?;
+        // A report claiming another host is refused.
+        let err = client
+            .report(proto::ReportRequest {
+                full: true,
+                host_id: "someone-else".into(),
+                agent_version: "0.1.0".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("claim accepted");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("claims host someone-else"),
+            "{err:?}"
+        );
+        // The same report without the claim is accepted, as the certificate's host.
+        client
+            .report(proto::ReportRequest {
+                full: true,
+                agent_version: "0.1.0".into(),
+                ..Default::default()
+            })
+            .await?;
+        anyhow::Ok(())
+    })?;
+
+    // A certificate from another fleet's CA is refused in the handshake.
+    let other = Fleet::start(&dir.path().join("other-fleet"), &[])?;
+    let stranger = enrolled_agent(
+        &dir.path().join("stranger"),
+        &other,
+        &dir.path().join("bin"),
+        "",
+    )?;
+    let load = |env: &AgentEnv| -> anyhow::Result<linkmesh_agent::identity::Identity> {
+        let store = IdentityStore::new(&env.state);
+        let lock = store
+            .lock_shared()?
+            .ok_or_else(|| anyhow::anyhow!("no state"))?;
+        store
+            .load(&lock)?
+            .ok_or_else(|| anyhow::anyhow!("not enrolled"))
+    };
+    let (ours, theirs) = (load(&agent)?, load(&stranger)?);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ours.ca.clone())?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(linkmesh_agent::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(theirs.certs.clone(), theirs.key().clone_key())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let hosts_before = fleet.hosts()?.len();
+    rt.block_on(async {
+        let dialer = Dialer::new(
+            ours.server.clone(),
+            std::sync::Arc::new(cfg),
+            None,
+            Duration::from_secs(5),
+        );
+        let mut client = proto::Client::new(dialer.channel()?);
+        let result = client
+            .report(proto::ReportRequest {
+                full: true,
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            result.is_err(),
+            "a foreign certificate was accepted: {result:?}"
+        );
+        anyhow::Ok(())
+    })?;
+    assert_eq!(fleet.hosts()?.len(), hosts_before);
+    assert!(
+        fleet.log().contains("TLS handshake failed"),
+        "{}",
+        fleet.log()
+    );
+    drop(other);
+
+    // A valid certificate for a host this server no longer knows: NotFound.
+    let host_id = agent.status()?["host_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    fleet.stop();
+    std::fs::remove_file(fleet.state().join("hosts").join(format!("{host_id}.json")))?;
+    fleet.restart(None)?;
+    rt.block_on(async {
+        let mut client = client_for(&agent).await?;
+        let err = client
+            .report(proto::ReportRequest {
+                full: true,
+                ..Default::default()
+            })
+            .await
+            .expect_err("unknown host accepted");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn certificates_renew_in_place_and_an_expired_one_within_grace() -> R {
+    // Lifetime 6 s: renewal about every 4 s.
+    let (_dir, fleet, agent) = setup(
+        "rep-renew",
+        &["--cert-lifetime", "6s", "--renew-grace", "1h"],
+    )?;
+    let host_id = agent.status()?["host_id"].clone();
+    let first_cert = std::fs::read(agent.state.join("identity/cert.pem"))?;
+    let first_key = std::fs::read(agent.state.join("identity/key.pem"))?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "a renewal", |s| {
+        s["reporter"]["renewals"].as_u64() >= Some(1) && reports(s) >= 2
+    })?;
+    assert_eq!(s["reporter"]["consecutive_failures"], 0);
+    let st = agent.status()?;
+    assert_eq!(st["host_id"], host_id, "same host after renewal");
+    assert_ne!(
+        std::fs::read(agent.state.join("identity/cert.pem"))?,
+        first_cert
+    );
+    assert_ne!(
+        std::fs::read(agent.state.join("identity/key.pem"))?,
+        first_key,
+        "a new key made on the host"
+    );
+    drop(run);
+    assert_eq!(fleet.hosts()?.len(), 1);
+
+    // The host is off past expiry; on return it renews without a token.
+    std::thread::sleep(Duration::from_secs(7));
+    let expired = agent.status()?;
+    let not_after = time::OffsetDateTime::parse(
+        expired["certificate"]["not_after"]
+            .as_str()
+            .unwrap_or_default(),
+        &time::format_description::well_known::Rfc3339,
+    )?;
+    assert!(
+        not_after < time::OffsetDateTime::now_utc(),
+        "certificate should have expired"
+    );
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "renewed after expiry", |s| {
+        s["reporter"]["renewals"].as_u64() >= Some(1) && reports(s) >= 1
+    })?;
+    assert_eq!(s["reporter"]["consecutive_failures"], 0);
+    assert_eq!(agent.status()?["host_id"], host_id);
+    Ok(())
+}
+
+#[test]
+fn beyond_the_grace_window_renewal_is_refused_and_nothing_re_enrols() -> R {
+    let (_dir, _fleet, agent) = setup(
+        "rep-grace",
+        &["--cert-lifetime", "2s", "--renew-grace", "1s"],
+    )?;
+    std::thread::sleep(Duration::from_secs(4));
+    let before = snapshot(&agent.state.join("identity"));
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "refusal", |s| {
+        s["reporter"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("beyond the renewal grace"))
+    })?;
+    assert!(
+        s["reporter"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("enrol again with a new token")
+    );
+    // The collector keeps running; the identity is untouched.
+    assert_eq!(s["supervision"]["state"], "running");
+    assert_eq!(snapshot(&agent.state.join("identity")), before);
+    Ok(())
+}
+
+#[test]
+fn a_host_clock_an_hour_off_is_measured_and_reported_as_skew() -> R {
+    let faketime = which("faketime");
+    let (_dir, _fleet, agent) = setup("rep-clock", &[])?;
+    let identity_before = snapshot(&agent.state.join("identity"));
+    let agent_bin = linkmesh_integration::harness::binary("linkmesh-agent")?;
+
+    // An hour ahead: certificates still valid both ways; the offset is measured.
+    let ahead = AgentCmd::new(&agent, &faketime, "+1h", &agent_bin)?;
+    let s = ahead.wait(|s| {
+        s["reporter"]["clock_offset_ms"]
+            .as_i64()
+            .is_some_and(|o| (3_590_000..3_610_000).contains(&o))
+    })?;
+    assert_eq!(s["reporter"]["consecutive_failures"], 0, "{s}");
+    assert!(
+        ahead
+            .log()
+            .contains("Host clock differs from the server's by more than a minute"),
+        "{}",
+        ahead.log()
+    );
+    drop(ahead);
+
+    // An hour behind: the server's certificate is not valid yet on this host.
+    let behind = AgentCmd::new(&agent, &faketime, "-1h", &agent_bin)?;
+    let s = behind.wait(|s| {
+        s["reporter"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("clock"))
+    })?;
+    let err = s["reporter"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("not valid yet, or this host's clock is behind"),
+        "{err}"
+    );
+    assert_eq!(s["supervision"]["state"], "running", "supervision goes on");
+    drop(behind);
+    assert_eq!(
+        snapshot(&agent.state.join("identity")),
+        identity_before,
+        "no re-enrolment"
+    );
+    Ok(())
+}
+
+/// `linkmesh-agent run` under faketime.
+struct AgentCmd {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    status: std::path::PathBuf,
+}
+
+impl AgentCmd {
+    fn new(agent: &AgentEnv, faketime: &Path, offset: &str, bin: &Path) -> anyhow::Result<Self> {
+        // faketime runs the agent as its child: the status file of an earlier
+        // run must not be mistaken for this one's.
+        let _ = std::fs::remove_file(agent.state.join("runtime-status.json"));
+        let log = agent.root.join(format!("faketime{offset}.log"));
+        let f = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(faketime)
+            .args(["-f", offset])
+            .arg(bin)
+            .arg("run")
+            .env("LINKMESH_CONFIG", &agent.config)
+            .env("LINKMESH_STATE_DIR", &agent.state)
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()?;
+        Ok(Self {
+            child,
+            log,
+            status: agent.state.join("runtime-status.json"),
+        })
+    }
+
+    fn wait(&self, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Some(s) = std::fs::read(&self.status)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                && pred(&s)
+            {
+                return Ok(s);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "timed out; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentCmd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(name: &str) -> std::path::PathBuf {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is required: run scripts/test (it installs it) or apt-get install {name}"
+            )
+        })
+}
+
+#[test]
+fn reports_go_through_an_http_connect_proxy() -> R {
+    let tinyproxy = which("tinyproxy");
+    let (dir, fleet, agent) = setup("rep-proxy", &[])?;
+    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let fleet_port = fleet.addr.rsplit(':').next().unwrap_or("0").to_owned();
+    let conf = dir.path().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Port {proxy_port}\nListen 127.0.0.1\nTimeout 30\nLogLevel Connect\nMaxClients 20\nAllow 127.0.0.1\nConnectPort {fleet_port}\n"
+        ),
+    )?;
+    let proxy_log = dir.path().join("tinyproxy.log");
+    let mut proxy = std::process::Command::new(tinyproxy)
+        .args(["-d", "-c"])
+        .arg(&conf)
+        .stdout(std::fs::File::create(&proxy_log)?)
+        .stderr(std::fs::File::options().append(true).open(&proxy_log)?)
+        .spawn()?;
+    let result = (|| -> R {
+        let cfg = std::fs::read_to_string(&agent.config)?;
+        agent.write_config(&format!(
+            "{cfg}[proxy]\nurl = \"http://127.0.0.1:{proxy_port}\"\n"
+        ))?;
+        let run = agent.spawn_run(&[], &[])?;
+        let s = run.wait_status(T, "reports via proxy", |s| reports(s) >= 2)?;
+        assert_eq!(
+            s["reporter"]["proxy"],
+            format!("127.0.0.1:{proxy_port} via proxy.url").as_str()
+        );
+        let log = std::fs::read_to_string(&proxy_log)?;
+        assert!(
+            log.contains("Established connection to host \"127.0.0.1\" using file descriptor")
+                || log.contains("CONNECT"),
+            "{log}"
+        );
+        drop(run);
+        // The environment works too, and NO_PROXY exempts the server.
+        agent.write_config(&cfg)?;
+        let run = agent.spawn_run(
+            &[],
+            &[
+                ("HTTPS_PROXY", &format!("http://127.0.0.1:{proxy_port}")),
+                ("NO_PROXY", ""),
+            ],
+        )?;
+        let s = run.wait_status(T, "reports via HTTPS_PROXY", |s| reports(s) >= 1)?;
+        assert_eq!(
+            s["reporter"]["proxy"],
+            format!("127.0.0.1:{proxy_port} via HTTPS_PROXY").as_str()
+        );
+        drop(run);
+        let run = agent.spawn_run(
+            &[],
+            &[
+                ("HTTPS_PROXY", &format!("http://127.0.0.1:{proxy_port}")),
+                ("NO_PROXY", "127.0.0.1"),
+            ],
+        )?;
+        let s = run.wait_status(T, "direct", |s| reports(s) >= 1)?;
+        assert_eq!(s["reporter"]["proxy"], Value::Null);
+        // A proxy that is down is named in the error.
+        let _ = proxy.kill();
+        let _ = proxy.wait();
+        drop(run);
+        let run = agent.spawn_run(
+            &[],
+            &[("HTTPS_PROXY", &format!("http://127.0.0.1:{proxy_port}"))],
+        )?;
+        run.wait_status(T, "proxy error", |s| {
+            s["reporter"]["last_error"].as_str().is_some_and(|e| {
+                e.contains(&format!("proxy 127.0.0.1:{proxy_port} is unreachable"))
+            })
+        })?;
+        assert!(alive(run.pid()));
+        Ok(())
+    })();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    result
+}

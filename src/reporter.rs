@@ -1,0 +1,646 @@
+//! Reports to the fleet server over mutual TLS, and certificate renewal.
+//!
+//! A full report at start and whenever what it carries changes (compared by
+//! digest), a heartbeat of a few bytes otherwise, at the interval the server
+//! asks for with ±10 % jitter. When the server is away the reporter backs off
+//! (1 s × 1.6 up to 120 s, ±20 %, gRPC's connection backoff) and keeps
+//! nothing but a counter: reports are state, not a queue, so nothing grows.
+//! Supervision never waits on the reporter.
+//!
+//! Renewal happens at two thirds of the certificate's lifetime (see
+//! [`crate::identity::rotation`]), with a new key made on the host, over the
+//! current mutual-TLS channel; an expired certificate is renewed the same way
+//! within the server's grace window. Clock offset is measured on every
+//! exchange; a certificate error caused by the clock is reported as clock
+//! skew, never answered by re-enrolment.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+
+use crate::{
+    app::RuntimeReport,
+    config::RuntimeKind,
+    host::HostFacts,
+    identity::{
+        Identity, IdentityStore,
+        rotation::{self, Renewal},
+    },
+    proto,
+    tls::mtls_client_config,
+    transport::{Dialer, Proxy},
+    version::{self, SkewVerdict, Version},
+};
+
+/// A clock offset beyond this (ms) is warned about.
+pub const MAX_CLOCK_OFFSET_MS: i64 = 60_000;
+
+/// Bound on one report or renewal exchange.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the reporter publishes about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReporterStatus {
+    /// Last successful report (Unix ms).
+    pub last_report_unix_ms: Option<u64>,
+    /// Reports sent successfully since start.
+    pub reports: u64,
+    /// Failed attempts in a row.
+    pub consecutive_failures: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// The server's version, as it last said.
+    pub server_version: Option<String>,
+    /// This agent against the server (`in_window`, `behind`, `ahead`, `incompatible`).
+    pub skew_verdict: Option<SkewVerdict>,
+    /// Host clock minus server clock, ms, from the last exchange.
+    pub clock_offset_ms: Option<i64>,
+    /// The report interval in force, seconds.
+    pub report_interval_secs: u64,
+    /// Runtime pins the server sent (kind -> version).
+    pub runtime_pins: Vec<(String, String)>,
+    /// When the certificate will be renewed (RFC 3339).
+    pub renew_at: Option<String>,
+    /// Expiry of the current certificate (RFC 3339).
+    pub cert_not_after: Option<String>,
+    /// Renewals done since start.
+    pub renewals: u32,
+    /// The HTTP CONNECT proxy used, if any (`host:port via SOURCE`).
+    pub proxy: Option<String>,
+}
+
+/// What the reporter needs.
+pub struct ReporterContext {
+    /// Where a renewed identity is stored.
+    pub store: IdentityStore,
+    /// The current identity.
+    pub identity: Identity,
+    /// Report interval until the server says otherwise.
+    pub interval: Duration,
+    /// The proxy to use, if any.
+    pub proxy: Option<Proxy>,
+    /// How the agent was installed.
+    pub install_method: String,
+    /// Facts about the host.
+    pub host: HostFacts,
+    /// The runtime's state.
+    pub runtime: watch::Receiver<Option<RuntimeReport>>,
+}
+
+/// The delay before retry `failures` (1-based): 1 s × 1.6ⁿ⁻¹ capped at
+/// 120 s, ±20 % from `jitter` in `[-1, 1]`.
+pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
+    let base = (1.6f64.powi(
+        i32::try_from(failures.saturating_sub(1))
+            .unwrap_or(i32::MAX)
+            .min(64),
+    ))
+    .min(120.0);
+    Duration::from_secs_f64(base * (1.0 + 0.2 * jitter.clamp(-1.0, 1.0)))
+}
+
+/// What a failed exchange calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The server is away or overloaded: retry with backoff.
+    Retry,
+    /// The certificate expired: renew, then retry.
+    Renew,
+    /// The server refuses this identity or request: retry slowly, it will
+    /// not change by itself.
+    Rejected,
+}
+
+/// Classifies a failed RPC. Pure.
+pub fn classify(status: &tonic::Status) -> Failure {
+    use tonic::Code;
+    match status.code() {
+        Code::Unauthenticated if status.message().contains("expired") => Failure::Renew,
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition => Failure::Rejected,
+        _ => Failure::Retry,
+    }
+}
+
+/// The runtime part of a report.
+pub fn runtime_status(r: Option<&RuntimeReport>) -> proto::RuntimeStatus {
+    let Some(r) = r else {
+        return proto::RuntimeStatus {
+            kind: "none".into(),
+            ..Default::default()
+        };
+    };
+    let kind = match r.kind {
+        RuntimeKind::Otelcol => "otelcol",
+        RuntimeKind::Alloy => "alloy",
+        RuntimeKind::Auto | RuntimeKind::None => "none",
+    };
+    let d = &r.detection;
+    let mut s = proto::RuntimeStatus {
+        kind: kind.into(),
+        ..Default::default()
+    };
+    match r.kind {
+        RuntimeKind::Otelcol => {
+            s.version = d
+                .collector
+                .as_ref()
+                .and_then(|c| c.version.clone())
+                .unwrap_or_default();
+            s.supervisor_version = d
+                .supervisor
+                .as_ref()
+                .and_then(|c| c.version.clone())
+                .unwrap_or_default();
+            if let Some(sup) = &r.supervision {
+                let state = serde_json::to_value(&sup.state).ok();
+                let field = |k: &str| state.as_ref().and_then(|v| v.get(k).cloned());
+                s.state = field("state")
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                s.pid = field("pid")
+                    .and_then(|v| v.as_u64())
+                    .and_then(|p| u32::try_from(p).ok())
+                    .unwrap_or(0);
+                s.error = field("error")
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                s.restarts = sup.restarts;
+                s.last_exit = sup.last_exit.clone().unwrap_or_default();
+                s.collector_pid = sup.collector_pid.unwrap_or(0);
+                s.collector_crashes = sup.collector_crashes;
+            }
+        }
+        RuntimeKind::Alloy => {
+            if let Some(a) = &d.alloy {
+                s.version = a.executable.version.clone().unwrap_or_default();
+                s.running_version = a.running_version.clone().unwrap_or_default();
+                s.restart_pending = a.restart_pending;
+                s.state = if a.running_version.is_some() {
+                    "watched".into()
+                } else {
+                    "not_running".into()
+                };
+            }
+        }
+        RuntimeKind::Auto | RuntimeKind::None => {}
+    }
+    s
+}
+
+/// A full report (sequence and times left for the caller).
+pub fn full_report(
+    identity: &Identity,
+    install_method: &str,
+    host: &HostFacts,
+    runtime: proto::RuntimeStatus,
+    verdict: Option<SkewVerdict>,
+) -> proto::ReportRequest {
+    let mut r = proto::ReportRequest {
+        full: true,
+        host_id: identity.host_id.to_string(),
+        agent_version: version::AGENT_VERSION.to_owned(),
+        git_revision: version::GIT_REVISION.to_owned(),
+        install_method: install_method.to_owned(),
+        runtime: Some(runtime),
+        host: Some(host.into()),
+        skew_verdict: verdict.map(|v| v.as_str().to_owned()).unwrap_or_default(),
+        ..Default::default()
+    };
+    r.state_digest = digest(&r);
+    r
+}
+
+/// A digest of what a full report says (sequence, times and offset excluded).
+pub fn digest(r: &proto::ReportRequest) -> u64 {
+    let mut stable = r.clone();
+    stable.sequence = 0;
+    stable.agent_time_unix_ms = 0;
+    stable.clock_offset_ms = 0;
+    stable.state_digest = 0;
+    let bytes = prost::Message::encode_to_vec(&stable);
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    u64::from_le_bytes(d.as_ref()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// A heartbeat: a few bytes that say "still here, still the same".
+pub fn heartbeat(state_digest: u64) -> proto::ReportRequest {
+    proto::ReportRequest {
+        full: false,
+        state_digest,
+        ..Default::default()
+    }
+}
+
+/// Starts the reporter. It runs until aborted.
+pub fn spawn(
+    ctx: ReporterContext,
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<ReporterStatus>) {
+    let (tx, rx) = watch::channel(ReporterStatus::default());
+    (tokio::spawn(run(ctx, tx)), rx)
+}
+
+async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
+    let tls = match mtls_client_config(&ctx.identity) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot build the TLS client configuration; not reporting");
+            status.send_modify(|s| s.last_error = Some(e.to_string()));
+            return;
+        }
+    };
+    let dialer = Dialer::new(
+        ctx.identity.server.clone(),
+        tls,
+        ctx.proxy.clone(),
+        EXCHANGE_TIMEOUT,
+    );
+    let Ok(channel) = dialer.channel() else {
+        return;
+    };
+    let mut client = proto::Client::new(channel);
+    let renew_jitter = jitter();
+    let mut interval = ctx.interval;
+    let mut sequence = 0u64;
+    let mut sent_digest: Option<u64> = None;
+    let mut want_full = true;
+    let mut force_renew = false;
+    let mut verdict: Option<SkewVerdict> = None;
+    let mut clock_warned = false;
+    status.send_modify(|s| {
+        s.report_interval_secs = interval.as_secs();
+        s.proxy = ctx
+            .proxy
+            .as_ref()
+            .map(|p| format!("{} via {}", p.authority, p.source));
+        s.cert_not_after = Some(rfc3339(ctx.identity.validity.not_after));
+        s.renew_at = Some(rfc3339(rotation::renew_at(
+            &ctx.identity.validity,
+            renew_jitter,
+        )));
+    });
+
+    loop {
+        // Renewal first: a report with an expired certificate is refused.
+        let due = rotation::renewal(
+            &ctx.identity.validity,
+            time::OffsetDateTime::now_utc(),
+            renew_jitter,
+        );
+        if force_renew || matches!(due, Renewal::Due | Renewal::Expired) {
+            match renew(&mut client, &ctx, &dialer).await {
+                Ok(new) => {
+                    tracing::info!(not_after = %rfc3339(new.validity.not_after), "Renewed the host certificate");
+                    match mtls_client_config(&new) {
+                        Ok(t) => dialer.set_tls(Arc::new(t)),
+                        Err(e) => tracing::error!(error = %e, "Renewed identity unusable for TLS"),
+                    }
+                    // A fresh channel, so the next exchange uses the new certificate.
+                    if let Ok(ch) = dialer.channel() {
+                        client = proto::Client::new(ch);
+                    }
+                    ctx.identity = new;
+                    force_renew = false;
+                    status.send_modify(|s| {
+                        s.renewals += 1;
+                        s.cert_not_after = Some(rfc3339(ctx.identity.validity.not_after));
+                        s.renew_at = Some(rfc3339(rotation::renew_at(
+                            &ctx.identity.validity,
+                            renew_jitter,
+                        )));
+                    });
+                }
+                Err(e) => {
+                    let failures = status.borrow().consecutive_failures + 1;
+                    let wait = retry_delay(failures, jitter());
+                    tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "Certificate renewal failed; retrying");
+                    status.send_modify(|s| {
+                        s.consecutive_failures = failures;
+                        s.last_error = Some(format!("renewal: {e}"));
+                    });
+                    if wait_or_change(wait, &mut ctx.runtime).await {
+                        want_full = true;
+                    }
+                    continue;
+                }
+            }
+        }
+
+        let runtime = ctx.runtime.borrow_and_update().clone();
+        let full = full_report(
+            &ctx.identity,
+            &ctx.install_method,
+            &ctx.host,
+            runtime_status(runtime.as_ref()),
+            verdict,
+        );
+        let send_full = want_full || sent_digest != Some(full.state_digest);
+        let mut request = if send_full {
+            full.clone()
+        } else {
+            heartbeat(full.state_digest)
+        };
+        sequence += 1;
+        request.sequence = sequence;
+        let before = SystemTime::now();
+        request.agent_time_unix_ms = unix_ms(before) as i64;
+        request.clock_offset_ms = status.borrow().clock_offset_ms.unwrap_or(0);
+        let result = tokio::time::timeout(EXCHANGE_TIMEOUT, client.report(request)).await;
+        let after = SystemTime::now();
+        let wait = match result {
+            Ok(Ok(resp)) => {
+                let resp = resp.into_inner();
+                let midpoint = (unix_ms(before) + unix_ms(after)) / 2;
+                let offset = midpoint as i64 - resp.server_time_unix_ms;
+                let new_verdict = resp.server_version.parse::<Version>().ok().map(|sv| {
+                    let behind = resp
+                        .skew_policy
+                        .as_ref()
+                        .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
+                            p.minor_versions_behind
+                        });
+                    (version::skew(&version::agent_version(), &sv, behind), sv)
+                });
+                if let Some((v, sv)) = &new_verdict
+                    && verdict != Some(*v)
+                {
+                    match v {
+                        SkewVerdict::InWindow => {
+                            tracing::info!(server_version = %sv, "Agent version is within the server's window")
+                        }
+                        _ => {
+                            tracing::warn!(server_version = %sv, verdict = v.as_str(), "{}", v.explain(&version::agent_version(), sv))
+                        }
+                    }
+                    verdict = Some(*v);
+                    want_full = true; // the verdict is part of the report
+                } else {
+                    want_full = resp.send_full_report;
+                }
+                if send_full {
+                    sent_digest = Some(full.state_digest);
+                }
+                let skewed = offset.abs() > MAX_CLOCK_OFFSET_MS;
+                if skewed && !clock_warned {
+                    tracing::warn!(
+                        clock_offset_ms = offset,
+                        "Host clock differs from the server's by more than a minute"
+                    );
+                } else if !skewed && clock_warned {
+                    tracing::info!(
+                        clock_offset_ms = offset,
+                        "Host clock agrees with the server's again"
+                    );
+                }
+                clock_warned = skewed;
+                interval =
+                    Duration::from_secs(u64::from(resp.report_interval_seconds).clamp(1, 3600));
+                status.send_modify(|s| {
+                    s.last_report_unix_ms = Some(unix_ms(after));
+                    s.reports += 1;
+                    s.consecutive_failures = 0;
+                    s.last_error = None;
+                    s.server_version = Some(resp.server_version.clone());
+                    s.skew_verdict = verdict;
+                    s.clock_offset_ms = Some(offset);
+                    s.report_interval_secs = interval.as_secs();
+                    s.runtime_pins = resp
+                        .runtime_pins
+                        .iter()
+                        .map(|p| (p.kind.clone(), p.version.clone()))
+                        .collect();
+                });
+                interval.mul_f64(1.0 + 0.1 * jitter())
+            }
+            Ok(Err(s)) => {
+                let failure = classify(&s);
+                let message = dialer
+                    .last_error()
+                    .filter(|_| s.code() == tonic::Code::Unavailable)
+                    .unwrap_or_else(|| s.message().to_owned());
+                want_full = true;
+                let failures = status.borrow().consecutive_failures + 1;
+                let wait = match failure {
+                    Failure::Renew => {
+                        force_renew = true;
+                        Duration::ZERO
+                    }
+                    Failure::Rejected => Duration::from_secs(120),
+                    Failure::Retry => retry_delay(failures, jitter()),
+                };
+                if failures == 1 || failure != Failure::Retry {
+                    tracing::warn!(error = %message, code = ?s.code(), retry_ms = wait.as_millis() as u64, "Report failed");
+                } else {
+                    tracing::debug!(error = %message, failures, retry_ms = wait.as_millis() as u64, "Report failed");
+                }
+                status.send_modify(|st| {
+                    st.consecutive_failures = failures;
+                    st.last_error = Some(message.clone());
+                });
+                wait
+            }
+            Err(_) => {
+                want_full = true;
+                let failures = status.borrow().consecutive_failures + 1;
+                let wait = retry_delay(failures, jitter());
+                status.send_modify(|st| {
+                    st.consecutive_failures = failures;
+                    st.last_error = Some(format!("no answer within {EXCHANGE_TIMEOUT:?}"));
+                });
+                wait
+            }
+        };
+        // The next report, a runtime change (reported promptly), or renewal time.
+        let until_renewal = match rotation::renewal(
+            &ctx.identity.validity,
+            time::OffsetDateTime::now_utc(),
+            renew_jitter,
+        ) {
+            Renewal::Wait(at) => {
+                Duration::try_from(at - time::OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO)
+            }
+            Renewal::Due | Renewal::Expired => Duration::ZERO,
+        };
+        if wait_or_change(
+            wait.min(until_renewal.max(Duration::from_secs(1))),
+            &mut ctx.runtime,
+        )
+        .await
+        {
+            // Let a burst of state changes settle into one report.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Sleeps for `wait`, or until the runtime state changes (true).
+async fn wait_or_change(
+    wait: Duration,
+    runtime: &mut watch::Receiver<Option<RuntimeReport>>,
+) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => false,
+        changed = runtime.changed() => changed.is_ok(),
+    }
+}
+
+/// Renews the certificate with a new key made here.
+async fn renew(
+    client: &mut proto::Client<tonic::transport::Channel>,
+    ctx: &ReporterContext,
+    dialer: &Dialer,
+) -> Result<Identity, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(
+        EXCHANGE_TIMEOUT,
+        client.renew(proto::RenewRequest {
+            csr_der: csr.der().to_vec(),
+        }),
+    )
+    .await
+    .map_err(|_| format!("no answer within {EXCHANGE_TIMEOUT:?}"))?
+    .map_err(|s| match dialer.last_error() {
+        Some(e) if s.code() == tonic::Code::Unavailable => e,
+        _ => s.message().to_owned(),
+    })?
+    .into_inner();
+    let ca = CertificateDer::from(resp.ca_certificate_der);
+    if ca.as_ref() != ctx.identity.ca.as_ref() {
+        return Err("the server answered with another CA; refusing the certificate".into());
+    }
+    let certs: Vec<CertificateDer<'static>> = resp
+        .certificate_chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let identity = Identity::new(
+        ctx.identity.host_id.clone(),
+        ctx.identity.server.clone(),
+        ctx.identity.enrolled_at.clone(),
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        certs,
+        ca,
+    )
+    .map_err(|e| format!("unusable certificate: {e}"))?;
+    let store = ctx.store.clone();
+    let to_store = Identity::new(
+        identity.host_id.clone(),
+        identity.server.clone(),
+        identity.enrolled_at.clone(),
+        identity.key().clone_key(),
+        identity.certs.clone(),
+        identity.ca.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        let lock = store.lock_exclusive()?;
+        store.commit(&lock, &to_store)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(identity)
+}
+
+fn jitter() -> f64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 4];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff() {
+        let d: Vec<u64> = (1..=13)
+            .map(|n| retry_delay(n, 0.0).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            d,
+            [
+                1000, 1600, 2560, 4096, 6553, 10485, 16777, 26843, 42949, 68719, 109951, 120000,
+                120000
+            ]
+        );
+        assert_eq!(retry_delay(1, 1.0), Duration::from_millis(1200));
+        assert_eq!(retry_delay(1, -1.0), Duration::from_millis(800));
+        assert_eq!(retry_delay(u32::MAX, 0.0), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn classification() {
+        use tonic::{Code, Status};
+        assert_eq!(
+            classify(&Status::new(Code::Unavailable, "down")),
+            Failure::Retry
+        );
+        assert_eq!(
+            classify(&Status::new(
+                Code::Unauthenticated,
+                "client certificate expired at x"
+            )),
+            Failure::Renew
+        );
+        assert_eq!(
+            classify(&Status::new(Code::PermissionDenied, "claims host")),
+            Failure::Rejected
+        );
+        assert_eq!(
+            classify(&Status::new(Code::NotFound, "not enrolled")),
+            Failure::Rejected
+        );
+        assert_eq!(
+            classify(&Status::new(Code::DeadlineExceeded, "slow")),
+            Failure::Retry
+        );
+    }
+
+    #[test]
+    fn heartbeats_are_tiny_and_digests_ignore_timing() {
+        let mut hb = heartbeat(u64::MAX);
+        hb.sequence = u64::from(u32::MAX);
+        hb.agent_time_unix_ms = 1_795_447_872_876;
+        hb.clock_offset_ms = -3_600_000;
+        assert!(
+            prost::Message::encoded_len(&hb) <= 40,
+            "{}",
+            prost::Message::encoded_len(&hb)
+        );
+        let mut a = proto::ReportRequest {
+            full: true,
+            agent_version: "1.0.0".into(),
+            ..Default::default()
+        };
+        let d = digest(&a);
+        a.sequence = 9;
+        a.agent_time_unix_ms = 5;
+        assert_eq!(digest(&a), d);
+        a.agent_version = "1.0.1".into();
+        assert_ne!(digest(&a), d);
+    }
+}
