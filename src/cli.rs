@@ -52,6 +52,12 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "60s")]
         alloy_poll: String,
     },
+    /// Pre-flight and health checks; exits non-zero when any fails.
+    Check {
+        /// Print stable JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show which collector runtime this host has, with versions, paths and services.
     Detect {
         /// Print stable JSON.
@@ -162,6 +168,24 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Version { json } => return print_version(json),
+        Command::Check { json } => {
+            // Checks report bad configuration themselves instead of exiting 64.
+            let checks = crate::check::run(&paths);
+            return if crate::check::print(&checks, json) {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: EXIT_FAILURE,
+                    error: anyhow::anyhow!(
+                        "{} check(s) failed",
+                        checks
+                            .iter()
+                            .filter(|c| c.outcome == crate::check::Outcome::Fail)
+                            .count()
+                    ),
+                })
+            };
+        }
         Command::Launch {
             parent_pid,
             command,
@@ -174,7 +198,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     })?;
     crate::telemetry::init(&settings.log_level);
     match cli.command {
-        Command::Version { .. } | Command::Launch { .. } => Ok(()),
+        Command::Version { .. } | Command::Launch { .. } | Command::Check { .. } => Ok(()),
         Command::Run {
             stop_timeout,
             alloy_poll,
@@ -501,6 +525,33 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
                     None => format!("{} (not supervised)", r["kind"].as_str().unwrap_or("none")),
                 };
                 println!("runtime:      {line}");
+                let rep = &r["reporter"];
+                let last = rep["last_report_unix_ms"].as_i64().map(|ms| {
+                    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_default()
+                });
+                println!(
+                    "last report:  {}{}",
+                    last.unwrap_or_else(|| "none yet".into()),
+                    rep["last_error"]
+                        .as_str()
+                        .map(|e| format!(" (last attempt failed: {e})"))
+                        .unwrap_or_default()
+                );
+                if let Some(v) = rep["skew_verdict"].as_str() {
+                    println!(
+                        "version skew: {v} (server {})",
+                        rep["server_version"].as_str().unwrap_or("?")
+                    );
+                }
+                if let Some(o) = rep["clock_offset_ms"].as_i64() {
+                    println!("clock offset: {o} ms");
+                }
             }
             Some(_) => println!(
                 "runtime:      agent not running (last state in {})",

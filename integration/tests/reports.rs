@@ -658,3 +658,108 @@ fn reports_go_through_an_http_connect_proxy() -> R {
     let _ = proxy.wait();
     result
 }
+
+#[test]
+fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
+    let (_dir, mut fleet, agent) = setup("rep-check", &[])?;
+    let run = agent.spawn_run(&[], &[])?;
+    run.wait_status(T, "running and reporting", |s| {
+        reports(s) >= 1 && s["supervision"]["state"] == "running"
+    })?;
+    let out = agent.cmd()?.args(["check", "--json"]).output()?;
+    let doc: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(doc["ok"], true, "{doc}");
+    let ids: Vec<&str> = doc["checks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        ids,
+        [
+            "config",
+            "state_dir",
+            "identity",
+            "key_permissions",
+            "ca_pin",
+            "certificate",
+            "server",
+            "clock",
+            "version",
+            "runtime_version",
+            "supervisor",
+            "conflicts"
+        ]
+    );
+    let server = doc["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == "server"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        server["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("(no proxy)"),
+        "{server}"
+    );
+    let human = agent.cmd()?.arg("check").output()?;
+    let human_text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human_text.contains("\u{221a} server is reachable")
+            && human_text.contains("Status check results are \u{221a}"),
+        "{human_text}"
+    );
+
+    // Server down: a cross with the address, and the dependent checks skipped.
+    fleet.stop();
+    let out = agent.cmd()?.args(["check", "--json"]).output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout)?;
+    let find = |id: &str| {
+        doc["checks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["id"] == id))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(find("server")["outcome"], "fail");
+    assert!(
+        find("server")["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&fleet.addr),
+        "{}",
+        find("server")
+    );
+    assert_eq!(find("version")["outcome"], "skipped");
+    fleet.restart(None)?;
+
+    // A world-readable key and a stopped agent.
+    drop(run);
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(
+        agent.state.join("identity/key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    let out = agent.cmd()?.arg("check").output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("\u{d7} host identity is present and consistent")
+            && human.contains("chmod 600"),
+        "{human}"
+    );
+    std::fs::set_permissions(
+        agent.state.join("identity/key.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    let out = agent.cmd()?.arg("check").output()?;
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("\u{d7} supervisor is running")
+            && human.contains("hint: systemctl start linkmesh-agent"),
+        "{human}"
+    );
+    Ok(())
+}

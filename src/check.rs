@@ -1,0 +1,639 @@
+//! `linkmesh-agent check`: pre-flight and health checks in the manner of
+//! `linkerd check`. Each check is a line with a tick or a cross and, for a
+//! failure, a hint; warnings do not fail the run. The checks are built from
+//! gathered facts by pure functions; gathering is the only I/O.
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    config::{self, ConfigPaths, RuntimeKind, Settings},
+    identity::{Identity, IdentityStore, rotation},
+    proto,
+    runtime::{self, Detection, probe::HostProbes},
+    tls::mtls_client_config,
+    transport::{Dialer, proxy_for},
+    version::{self, SkewVerdict, Version},
+};
+
+/// Outcome of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Fine.
+    Ok,
+    /// Worth attention; does not fail the run.
+    Warn,
+    /// Broken.
+    Fail,
+    /// Not run because something it depends on failed.
+    Skipped,
+}
+
+/// One check.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Check {
+    /// Stable id, for automation.
+    pub id: &'static str,
+    /// What is checked, for people.
+    pub title: &'static str,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// What was found.
+    pub detail: String,
+    /// What to do about a warning or failure.
+    pub hint: Option<String>,
+}
+
+fn ok(id: &'static str, title: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        title,
+        outcome: Outcome::Ok,
+        detail: detail.into(),
+        hint: None,
+    }
+}
+
+fn bad(
+    id: &'static str,
+    title: &'static str,
+    outcome: Outcome,
+    detail: impl Into<String>,
+    hint: impl Into<String>,
+) -> Check {
+    Check {
+        id,
+        title,
+        outcome,
+        detail: detail.into(),
+        hint: Some(hint.into()),
+    }
+}
+
+/// What the server said, from a live exchange.
+#[derive(Clone, Debug)]
+pub struct ServerView {
+    /// ServerInfo's answer.
+    pub info: proto::ServerInfoResponse,
+    /// Host clock minus server clock, ms.
+    pub clock_offset_ms: i64,
+}
+
+/// Runs every check.
+pub fn run(paths: &ConfigPaths) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let settings = match config::load(paths, |k| std::env::var(k).ok()) {
+        Ok(s) => {
+            checks.push(ok(
+                "config",
+                "configuration is valid",
+                format!("{} file(s) read", s.sources.len()),
+            ));
+            s
+        }
+        Err(e) => {
+            checks.push(bad(
+                "config",
+                "configuration is valid",
+                Outcome::Fail,
+                e.to_string(),
+                "fix the keys named above; `linkmesh-agent config check` re-validates",
+            ));
+            return checks;
+        }
+    };
+    checks.push(state_dir_check(
+        &settings.state_dir,
+        nix::unistd::geteuid().as_raw(),
+    ));
+    let store = IdentityStore::new(&settings.state_dir);
+    let identity = match store
+        .lock_shared()
+        .and_then(|l| l.map(|l| store.load(&l)).transpose())
+    {
+        Ok(Some(Some(id))) => {
+            checks.push(ok(
+                "identity",
+                "host identity is present and consistent",
+                format!("host {} enrolled with {}", id.host_id, id.server),
+            ));
+            Some(id)
+        }
+        Ok(_) => {
+            checks.push(bad("identity", "host identity is present and consistent", Outcome::Fail, format!("not enrolled (no identity in {})", settings.state_dir.display()), "enrol: echo $TOKEN | linkmesh-agent enroll --server URL --ca-pin sha256:HEX --token-file /dev/stdin"));
+            None
+        }
+        Err(e) => {
+            checks.push(bad(
+                "identity",
+                "host identity is present and consistent",
+                Outcome::Fail,
+                e.to_string(),
+                "see the file named above",
+            ));
+            None
+        }
+    };
+    let key_path = store.identity_dir().join(crate::identity::store::KEY_FILE);
+    if identity.is_some() {
+        checks.push(ok(
+            "key_permissions",
+            "private key is readable only by its owner",
+            format!("{} mode 0600", key_path.display()),
+        ));
+        checks.push(ok(
+            "ca_pin",
+            "CA pin matches the stored CA",
+            identity
+                .as_ref()
+                .map(|i| i.ca_pin.to_string())
+                .unwrap_or_default(),
+        ));
+    }
+    if let Some(id) = &identity {
+        checks.push(certificate_check(
+            id,
+            time::OffsetDateTime::now_utc(),
+            agent_running(&settings.state_dir),
+        ));
+    }
+    let detection = runtime::detect(
+        &settings.runtime,
+        &HostProbes {
+            state_dir: settings.state_dir.clone(),
+        },
+    );
+    let server = identity.as_ref().map(|id| contact(id, &settings));
+    match (&identity, &server) {
+        (Some(id), Some(Ok(view))) => {
+            let proxy = proxy_for(id.server.host(), settings.proxy_url.as_deref(), |k| {
+                std::env::var(k).ok()
+            });
+            checks.push(ok(
+                "server",
+                "server is reachable and its TLS identity verifies",
+                match &proxy {
+                    Some(p) => format!(
+                        "{} via HTTP proxy {} ({})",
+                        id.server, p.authority, p.source
+                    ),
+                    None => format!("{} (no proxy)", id.server),
+                },
+            ));
+            checks.push(clock_check(view.clock_offset_ms));
+            checks.push(version_check(&view.info));
+            checks.push(runtime_version_check(&detection, &view.info.runtime_pins));
+        }
+        (Some(id), Some(Err(e))) => {
+            checks.push(bad("server", "server is reachable and its TLS identity verifies", Outcome::Fail, format!("{}: {e}", id.server), "check the network path, the proxy settings ([proxy] url, HTTPS_PROXY, NO_PROXY) and the server"));
+            for (cid, title) in [
+                ("clock", "host clock agrees with the server's"),
+                ("version", "agent version is within the server's window"),
+                (
+                    "runtime_version",
+                    "runtime is installed at the pinned version",
+                ),
+            ] {
+                checks.push(Check {
+                    id: cid,
+                    title,
+                    outcome: Outcome::Skipped,
+                    detail: "server not reachable".into(),
+                    hint: None,
+                });
+            }
+        }
+        _ => {}
+    }
+    checks.push(supervision_check(&settings, &detection));
+    checks.push(conflicts_check(&detection));
+    checks
+}
+
+fn agent_running(state_dir: &Path) -> bool {
+    read_status(state_dir).is_some_and(|(_, running)| running)
+}
+
+fn read_status(state_dir: &Path) -> Option<(serde_json::Value, bool)> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join(crate::app::STATUS_FILE)).ok()?)
+            .ok()?;
+    let pid = v["agent_pid"]
+        .as_u64()
+        .and_then(|p| i32::try_from(p).ok())?;
+    let running = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    Some((v, running))
+}
+
+/// The state directory: exists, 0700, owned by the agent's user.
+pub fn state_dir_check(dir: &Path, euid: u32) -> Check {
+    const TITLE: &str = "state directory has safe permissions";
+    match std::fs::metadata(dir) {
+        Err(e) => bad(
+            "state_dir",
+            TITLE,
+            Outcome::Fail,
+            format!("{}: {e}", dir.display()),
+            "enrol to create it, or check LINKMESH_STATE_DIR / state_dir",
+        ),
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => bad(
+            "state_dir",
+            TITLE,
+            Outcome::Fail,
+            format!(
+                "{} has mode {:04o}",
+                dir.display(),
+                m.permissions().mode() & 0o7777
+            ),
+            format!("chmod 700 {}", dir.display()),
+        ),
+        Ok(m) if m.uid() != euid => bad(
+            "state_dir",
+            TITLE,
+            Outcome::Fail,
+            format!(
+                "{} is owned by uid {}, the agent runs as {euid}",
+                dir.display(),
+                m.uid()
+            ),
+            format!("chown -R {euid} {}", dir.display()),
+        ),
+        Ok(_) => ok("state_dir", TITLE, format!("{} mode 0700", dir.display())),
+    }
+}
+
+/// The certificate: valid, and not past its renewal time unless the agent
+/// is running to renew it.
+pub fn certificate_check(id: &Identity, now: time::OffsetDateTime, agent_running: bool) -> Check {
+    const TITLE: &str = "certificate is valid and not near expiry";
+    let v = &id.validity;
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    if now >= v.not_after {
+        return bad(
+            "certificate",
+            TITLE,
+            Outcome::Fail,
+            format!("expired at {}", fmt(v.not_after)),
+            "start the agent (`systemctl start linkmesh-agent`): it renews within the server's grace window; past that, enrol again with --force",
+        );
+    }
+    if now < v.not_before {
+        return bad(
+            "certificate",
+            TITLE,
+            Outcome::Fail,
+            format!("not valid until {}", fmt(v.not_before)),
+            "this host's clock is behind: fix time synchronisation (timedatectl)",
+        );
+    }
+    if now >= rotation::renew_at(v, 1.0) && !agent_running {
+        return bad(
+            "certificate",
+            TITLE,
+            Outcome::Warn,
+            format!("expires at {}, past its renewal time", fmt(v.not_after)),
+            "start the agent so it renews the certificate",
+        );
+    }
+    ok(
+        "certificate",
+        TITLE,
+        format!("valid until {}", fmt(v.not_after)),
+    )
+}
+
+/// The clock offset measured against the server.
+pub fn clock_check(offset_ms: i64) -> Check {
+    const TITLE: &str = "host clock agrees with the server's";
+    if offset_ms.abs() > crate::reporter::MAX_CLOCK_OFFSET_MS {
+        let dir = if offset_ms > 0 { "ahead of" } else { "behind" };
+        return bad(
+            "clock",
+            TITLE,
+            Outcome::Fail,
+            format!(
+                "host clock is {} s {dir} the server's",
+                offset_ms.abs() / 1000
+            ),
+            "fix time synchronisation (timedatectl status; chrony or systemd-timesyncd)",
+        );
+    }
+    ok("clock", TITLE, format!("offset {offset_ms} ms"))
+}
+
+/// The skew rule against the server's version.
+pub fn version_check(info: &proto::ServerInfoResponse) -> Check {
+    const TITLE: &str = "agent version is within the server's window";
+    let agent = version::agent_version();
+    let Ok(server) = info.server_version.parse::<Version>() else {
+        return bad(
+            "version",
+            TITLE,
+            Outcome::Fail,
+            format!(
+                "server reports an unparsable version {:?}",
+                info.server_version
+            ),
+            "check the server",
+        );
+    };
+    let behind = info
+        .skew_policy
+        .as_ref()
+        .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
+            p.minor_versions_behind
+        });
+    let verdict = version::skew(&agent, &server, behind);
+    let detail = verdict.explain(&agent, &server);
+    match verdict {
+        SkewVerdict::InWindow => ok("version", TITLE, detail),
+        SkewVerdict::Behind => bad(
+            "version",
+            TITLE,
+            Outcome::Fail,
+            detail,
+            "upgrade the agent: apt upgrade linkmesh-agent, yum update linkmesh-agent, or re-run the installer",
+        ),
+        SkewVerdict::Ahead => bad(
+            "version",
+            TITLE,
+            Outcome::Fail,
+            detail,
+            "upgrade the server first; this agent keeps working meanwhile",
+        ),
+        SkewVerdict::Incompatible => bad(
+            "version",
+            TITLE,
+            Outcome::Fail,
+            detail,
+            "install an agent of the server's major version",
+        ),
+    }
+}
+
+/// The runtime against the pins.
+pub fn runtime_version_check(d: &Detection, pins: &[proto::RuntimePin]) -> Check {
+    const TITLE: &str = "runtime is installed at the pinned version";
+    let pin = |kind: &str| pins.iter().find(|p| p.kind == kind);
+    let same = |a: &str, b: &str| a.trim_start_matches('v') == b.trim_start_matches('v');
+    match d.kind {
+        RuntimeKind::Otelcol => {
+            let Some(p) = pin("otelcol") else {
+                return ok(
+                    "runtime_version",
+                    TITLE,
+                    "the server pins no otelcol version",
+                );
+            };
+            let col = d
+                .collector
+                .as_ref()
+                .and_then(|c| c.version.clone())
+                .unwrap_or_default();
+            let sup = d.supervisor.as_ref().and_then(|c| c.version.clone());
+            let mut off = Vec::new();
+            if !same(&col, &p.version) {
+                off.push(format!(
+                    "otelcol-contrib {} (pin {})",
+                    if col.is_empty() { "unknown" } else { &col },
+                    p.version
+                ));
+            }
+            if let Some(s) = &sup
+                && !p.supervisor_version.is_empty()
+                && !same(s, &p.supervisor_version)
+            {
+                off.push(format!(
+                    "opampsupervisor {s} (pin {})",
+                    p.supervisor_version
+                ));
+            }
+            if off.is_empty() {
+                ok(
+                    "runtime_version",
+                    TITLE,
+                    format!(
+                        "otelcol-contrib {col}{}",
+                        sup.map(|s| format!(", opampsupervisor {s}"))
+                            .unwrap_or_default()
+                    ),
+                )
+            } else {
+                bad(
+                    "runtime_version",
+                    TITLE,
+                    Outcome::Warn,
+                    off.join("; "),
+                    "install the pinned runtime with install-opamp.sh",
+                )
+            }
+        }
+        RuntimeKind::Alloy => {
+            let a = d.alloy.as_ref();
+            let installed = a
+                .and_then(|a| a.executable.version.clone())
+                .unwrap_or_default();
+            match pin("alloy") {
+                Some(p) if !same(&installed, &p.version) => bad(
+                    "runtime_version",
+                    TITLE,
+                    Outcome::Warn,
+                    format!("alloy {installed} (pin {})", p.version),
+                    "upgrade Alloy with its package manager",
+                ),
+                _ if a.is_some_and(|a| a.restart_pending) => bad(
+                    "runtime_version",
+                    TITLE,
+                    Outcome::Warn,
+                    format!(
+                        "alloy {installed} installed, {} running",
+                        a.and_then(|a| a.running_version.clone())
+                            .unwrap_or_default()
+                    ),
+                    "systemctl restart alloy",
+                ),
+                _ => ok("runtime_version", TITLE, format!("alloy {installed}")),
+            }
+        }
+        RuntimeKind::Auto | RuntimeKind::None => bad(
+            "runtime_version",
+            TITLE,
+            Outcome::Warn,
+            "no collector runtime found",
+            "install one with install-opamp.sh, then systemctl reload linkmesh-agent",
+        ),
+    }
+}
+
+fn supervision_check(settings: &Settings, d: &Detection) -> Check {
+    const TITLE: &str = "supervisor is running";
+    if d.kind != RuntimeKind::Otelcol {
+        return ok("supervisor", TITLE, "no supervised runtime on this host");
+    }
+    match read_status(&settings.state_dir) {
+        Some((v, true)) if v["supervision"]["state"] == "running" => ok(
+            "supervisor",
+            TITLE,
+            format!(
+                "opampsupervisor pid {}, {} restarts",
+                v["supervision"]["pid"], v["supervision"]["restarts"]
+            ),
+        ),
+        Some((v, true)) => bad(
+            "supervisor",
+            TITLE,
+            Outcome::Fail,
+            format!(
+                "opampsupervisor is {}: {}",
+                v["supervision"]["state"].as_str().unwrap_or("?"),
+                v["supervision"]["error"]
+                    .as_str()
+                    .or(v["supervision"]["last_exit"].as_str())
+                    .unwrap_or("")
+            ),
+            "journalctl -u linkmesh-agent",
+        ),
+        _ => bad(
+            "supervisor",
+            TITLE,
+            Outcome::Fail,
+            "linkmesh-agent run is not running",
+            "systemctl start linkmesh-agent",
+        ),
+    }
+}
+
+fn conflicts_check(d: &Detection) -> Check {
+    const TITLE: &str = "no standalone collector service runs beside the supervisor";
+    match d.conflicts.first() {
+        None => ok("conflicts", TITLE, "none"),
+        Some(_) => bad(
+            "conflicts",
+            TITLE,
+            Outcome::Fail,
+            d.conflicts
+                .iter()
+                .map(|c| c.message.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+            "disable the service named above",
+        ),
+    }
+}
+
+/// Asks the server for its information over mutual TLS, measuring the
+/// clock offset.
+fn contact(id: &Identity, settings: &Settings) -> Result<ServerView, String> {
+    let tls = Arc::new(mtls_client_config(id).map_err(|e| e.to_string())?);
+    let proxy = proxy_for(id.server.host(), settings.proxy_url.as_deref(), |k| {
+        std::env::var(k).ok()
+    });
+    let dialer = Dialer::new(id.server.clone(), tls, proxy, Duration::from_secs(5));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut client = proto::Client::new(dialer.channel().map_err(|e| e.to_string())?);
+        let before = SystemTime::now();
+        let info = client
+            .server_info(proto::ServerInfoRequest {})
+            .await
+            .map_err(|s| {
+                dialer
+                    .last_error()
+                    .unwrap_or_else(|| s.message().to_owned())
+            })?
+            .into_inner();
+        let after = SystemTime::now();
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        let offset = (ms(before) + ms(after)) / 2 - info.server_time_unix_ms;
+        Ok(ServerView {
+            info,
+            clock_offset_ms: offset,
+        })
+    })
+}
+
+/// Prints the checks; returns whether none failed.
+pub fn print(checks: &[Check], json: bool) -> bool {
+    let passed = !checks.iter().any(|c| c.outcome == Outcome::Fail);
+    if json {
+        println!("{}", serde_json::json!({ "ok": passed, "checks": checks }));
+        return passed;
+    }
+    println!("linkmesh-agent\n--------------");
+    for c in checks {
+        let mark = match c.outcome {
+            Outcome::Ok => "\u{221a}",
+            Outcome::Warn => "\u{203c}",
+            Outcome::Fail => "\u{d7}",
+            Outcome::Skipped => "-",
+        };
+        println!("{mark} {}", c.title);
+        if c.outcome != Outcome::Ok {
+            println!("    {}", c.detail);
+            if let Some(h) = &c.hint {
+                println!("    hint: {h}");
+            }
+        }
+    }
+    println!(
+        "\nStatus check results are {}",
+        if passed { "\u{221a}" } else { "\u{d7}" }
+    );
+    passed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_and_version_checks() {
+        assert_eq!(clock_check(1500).outcome, Outcome::Ok);
+        let c = clock_check(-3_600_000);
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.contains("3600 s behind"), "{}", c.detail);
+        let v = version::agent_version();
+        let info = |server: String| proto::ServerInfoResponse {
+            server_version: server,
+            skew_policy: Some(proto::SkewPolicy {
+                minor_versions_behind: 1,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(version_check(&info(v.to_string())).outcome, Outcome::Ok);
+        let behind = version_check(&info(format!("{}.{}.0", v.major, v.minor + 2)));
+        assert_eq!(behind.outcome, Outcome::Fail);
+        assert!(behind.hint.unwrap().contains("upgrade the agent"));
+        let other = version_check(&info(format!("{}.0.0", v.major + 1)));
+        assert!(other.detail.contains("different major"));
+    }
+
+    #[test]
+    fn state_dir_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = state_dir_check(dir.path(), nix::unistd::geteuid().as_raw());
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.hint.unwrap().starts_with("chmod 700"));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(
+            state_dir_check(dir.path(), nix::unistd::geteuid().as_raw()).outcome,
+            Outcome::Ok
+        );
+        assert_eq!(state_dir_check(dir.path(), 4242).outcome, Outcome::Fail);
+    }
+}
