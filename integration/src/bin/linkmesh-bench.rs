@@ -19,6 +19,12 @@
 //!   `VmRSS`, `RssAnon` (heap and stacks) and `Pss` (from smaps_rollup).
 //! - `idle_cpu`: the agent's CPU time (all threads, nanosecond schedstat)
 //!   over `--idle-secs` of idle supervision, as a percentage of one core.
+//! - `report_rtt`: round trip of a heartbeat Report on an established
+//!   mutual-TLS channel (library client), `--reports` samples.
+//! - `wire_heartbeat` / `wire_full_report`: bytes the client writes to the
+//!   TCP socket per report on an established channel (TLS records, HTTP/2
+//!   frames, HPACK-compressed headers, gRPC framing and protobuf), averaged;
+//!   `payload_*` the protobuf message alone.
 //! - `crash_to_restart`: SIGKILL of the supervisor to the agent's status file
 //!   showing a new supervisor pid running (polled every millisecond). Each
 //!   sample is a fresh agent, so it is the first restart (backoff 100 ms ±20 %).
@@ -55,6 +61,9 @@ struct Args {
     /// Samples of crash-to-restart and exec-to-READY (one fresh agent each).
     #[arg(long, default_value_t = 20)]
     restarts: usize,
+    /// Reports per report figure.
+    #[arg(long, default_value_t = 1000)]
+    reports: usize,
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -183,6 +192,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         lib_ms,
     ));
 
+    report_figures(&args, &dir, &fleet, &runtime, &mut figures)?;
     supervision_figures(&args, &dir, &fleet, &mut figures)?;
 
     print_table(&figures);
@@ -322,6 +332,179 @@ fn supervision_figures(
     Ok(())
 }
 
+/// A TCP stream that counts the bytes written and read.
+struct Counting {
+    inner: tokio::net::TcpStream,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Counting {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counting {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn report_figures(
+    args: &Args,
+    dir: &tempfile::TempDir,
+    fleet: &Fleet,
+    runtime: &tokio::runtime::Runtime,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    use linkmesh_agent::{proto, reporter};
+    use linkmesh_integration::harness::{enrolled_agent, runtime_bin_dir};
+    let bins = runtime_bin_dir(&dir.path().join("bin-rep"))?;
+    let agent = enrolled_agent(&dir.path().join("rep"), fleet, &bins, "")?;
+    let store = IdentityStore::new(&agent.state);
+    let lock = store.lock_shared()?.context("no state")?;
+    let identity = store.load(&lock)?.context("not enrolled")?;
+    drop(lock);
+    // A realistic full report: a supervised otelcol runtime.
+    let rt_status = proto::RuntimeStatus {
+        kind: "otelcol".into(),
+        version: "0.159.0".into(),
+        supervisor_version: "0.159.0".into(),
+        state: "running".into(),
+        pid: 123_456,
+        restarts: 2,
+        last_exit: "exit code 1".into(),
+        collector_pid: 123_470,
+        collector_crashes: 1,
+        ..Default::default()
+    };
+    let full = reporter::full_report(
+        &identity,
+        "deb",
+        &host::collect(),
+        rt_status,
+        Some(linkmesh_agent::version::SkewVerdict::InWindow),
+    );
+    let mut hb = reporter::heartbeat(full.state_digest);
+    hb.sequence = 86_400;
+    hb.agent_time_unix_ms = 1_795_447_872_876;
+    hb.clock_offset_ms = 12;
+    let mut full_sent = full.clone();
+    full_sent.sequence = 86_400;
+    full_sent.agent_time_unix_ms = hb.agent_time_unix_ms;
+    figures.push(figure(
+        "payload_heartbeat",
+        "B",
+        "protobuf encoding of a heartbeat ReportRequest",
+        vec![prost::Message::encoded_len(&hb) as f64],
+    ));
+    figures.push(figure(
+        "payload_full_report",
+        "B",
+        "protobuf encoding of a full ReportRequest (otelcol, supervised)",
+        vec![prost::Message::encoded_len(&full_sent) as f64],
+    ));
+
+    let tls = std::sync::Arc::new(linkmesh_agent::tls::mtls_client_config(&identity)?);
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let server = identity.server.clone();
+    let counter = written.clone();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (tls, server, counter) = (tls.clone(), server.clone(), counter.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(server.authority()).await?;
+            tcp.set_nodelay(true)?; // as the agent's dialer does
+            let name = rustls::pki_types::ServerName::try_from(server.host().to_owned())
+                .map_err(std::io::Error::other)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(
+                    name,
+                    Counting {
+                        inner: tcp,
+                        written: counter,
+                    },
+                )
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let (rtt, hb_bytes, full_bytes) = runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            identity.server.authority()
+        ))?
+        .connect_with_connector(connector)
+        .await?;
+        let mut client = proto::Client::new(channel);
+        for _ in 0..5 {
+            client.report(full_sent.clone()).await?;
+            client.report(hb.clone()).await?;
+        }
+        let n = args.reports.max(1);
+        let mut rtt = Vec::with_capacity(n);
+        let before = written.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..n {
+            let start = Instant::now();
+            client.report(hb.clone()).await?;
+            rtt.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let hb_bytes =
+            (written.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / n as f64;
+        let m = (n / 10).max(1);
+        let before = written.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..m {
+            client.report(full_sent.clone()).await?;
+        }
+        let full_bytes =
+            (written.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / m as f64;
+        anyhow::Ok((rtt, hb_bytes, full_bytes))
+    })?;
+    figures.push(figure(
+        "report_rtt",
+        "ms",
+        "heartbeat Report round trip on an established mTLS channel, loopback",
+        rtt,
+    ));
+    figures.push(figure(
+        "wire_heartbeat",
+        "B",
+        "client bytes on TCP per heartbeat (TLS+HTTP/2+gRPC+protobuf), established channel",
+        vec![hb_bytes],
+    ));
+    figures.push(figure(
+        "wire_full_report",
+        "B",
+        "client bytes on TCP per full report, established channel",
+        vec![full_bytes],
+    ));
+    Ok(())
+}
+
 fn kib(text: &str, key: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(key))
@@ -348,13 +531,27 @@ fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
 
 fn print_table(figures: &[Figure]) {
     println!(
-        "{:<18} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<20} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
         "figure", "unit", "median", "p90", "p99", "min", "max", "samples"
     );
+    let num = |x: f64| {
+        if x.abs() < 1.0 && x != 0.0 {
+            format!("{x:.4}")
+        } else {
+            format!("{x:.2}")
+        }
+    };
     for f in figures {
         println!(
-            "{:<18} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
-            f.name, f.unit, f.median, f.p90, f.p99, f.min, f.max, f.samples
+            "{:<20} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
+            f.name,
+            f.unit,
+            num(f.median),
+            num(f.p90),
+            num(f.p99),
+            num(f.min),
+            num(f.max),
+            f.samples
         );
     }
     println!();
