@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::{sync::watch, task::JoinHandle};
@@ -270,7 +270,7 @@ impl Managed {
                         }
                         let _ = report.send(Some(RuntimeReport {
                             agent_pid: std::process::id(),
-                            updated_unix_ms: unix_ms(),
+                            updated_unix_ms: crate::clock::now_unix_ms(),
                             kind: RuntimeKind::Alloy,
                             supervision: None,
                             detection: d,
@@ -291,7 +291,7 @@ impl Managed {
                 );
                 let _ = report.send(Some(RuntimeReport {
                     agent_pid: std::process::id(),
-                    updated_unix_ms: unix_ms(),
+                    updated_unix_ms: crate::clock::now_unix_ms(),
                     kind: RuntimeKind::None,
                     supervision: None,
                     detection,
@@ -464,7 +464,7 @@ fn forward_supervision(
             let s = status.borrow_and_update().clone();
             let _ = report.send(Some(RuntimeReport {
                 agent_pid: std::process::id(),
-                updated_unix_ms: unix_ms(),
+                updated_unix_ms: crate::clock::now_unix_ms(),
                 kind: RuntimeKind::Otelcol,
                 supervision: Some(s),
                 detection: detection.clone(),
@@ -526,12 +526,6 @@ pub fn install_method(state_dir: &Path) -> String {
         .map(|s| s.trim().to_owned())
         .filter(|m| ["deb", "rpm", "script", "binary"].contains(&m.as_str()))
         .unwrap_or_else(|| "binary".to_owned())
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Probes that find nothing, when the real ones could not run.

@@ -133,6 +133,30 @@ pub fn remove_dir_all_if_exists(dir: &Path) -> Result<(), FsError> {
     }
 }
 
+/// Opens (creating it 0600 if needed) and flocks `path`, waiting for other
+/// holders; shared or exclusive. The lock goes with the returned handle.
+///
+/// # Errors
+/// When the file cannot be opened or locked.
+pub fn lock_file(path: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<File>, FsError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| FsError::new("open lock", path, e))?;
+    let arg = if exclusive {
+        nix::fcntl::FlockArg::LockExclusive
+    } else {
+        nix::fcntl::FlockArg::LockShared
+    };
+    nix::fcntl::Flock::lock(file, arg)
+        .map_err(|(_, e)| FsError::new("lock", path, io::Error::from(e)))
+}
+
 fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -266,7 +266,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         return;
     };
     let mut client = proto::Client::new(channel);
-    let renew_jitter = jitter();
+    let renew_jitter = crate::clock::jitter();
     let mut interval = ctx.interval;
     let mut sequence = 0u64;
     let mut sent_digest: Option<u64> = None;
@@ -319,7 +319,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                 }
                 Err(e) => {
                     let failures = status.borrow().consecutive_failures + 1;
-                    let wait = retry_delay(failures, jitter());
+                    let wait = retry_delay(failures, crate::clock::jitter());
                     tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "Certificate renewal failed; retrying");
                     status.send_modify(|s| {
                         s.consecutive_failures = failures;
@@ -350,14 +350,14 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         sequence += 1;
         request.sequence = sequence;
         let before = SystemTime::now();
-        request.agent_time_unix_ms = unix_ms(before) as i64;
+        request.agent_time_unix_ms = crate::clock::unix_ms(before) as i64;
         request.clock_offset_ms = status.borrow().clock_offset_ms.unwrap_or(0);
         let result = tokio::time::timeout(EXCHANGE_TIMEOUT, client.report(request)).await;
         let after = SystemTime::now();
         let wait = match result {
             Ok(Ok(resp)) => {
                 let resp = resp.into_inner();
-                let midpoint = (unix_ms(before) + unix_ms(after)) / 2;
+                let midpoint = (crate::clock::unix_ms(before) + crate::clock::unix_ms(after)) / 2;
                 let offset = midpoint as i64 - resp.server_time_unix_ms;
                 let new_verdict = resp.server_version.parse::<Version>().ok().map(|sv| {
                     let behind = resp
@@ -403,7 +403,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                 interval =
                     Duration::from_secs(u64::from(resp.report_interval_seconds).clamp(1, 3600));
                 status.send_modify(|s| {
-                    s.last_report_unix_ms = Some(unix_ms(after));
+                    s.last_report_unix_ms = Some(crate::clock::unix_ms(after));
                     s.reports += 1;
                     s.consecutive_failures = 0;
                     s.last_error = None;
@@ -417,7 +417,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         .map(|p| (p.kind.clone(), p.version.clone()))
                         .collect();
                 });
-                interval.mul_f64(1.0 + 0.1 * jitter())
+                interval.mul_f64(1.0 + 0.1 * crate::clock::jitter())
             }
             Ok(Err(s)) => {
                 let failure = classify(&s);
@@ -433,7 +433,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         Duration::ZERO
                     }
                     Failure::Rejected => Duration::from_secs(120),
-                    Failure::Retry => retry_delay(failures, jitter()),
+                    Failure::Retry => retry_delay(failures, crate::clock::jitter()),
                 };
                 if failures == 1 || failure != Failure::Retry {
                     tracing::warn!(error = %message, code = ?s.code(), retry_ms = wait.as_millis() as u64, "Report failed");
@@ -449,7 +449,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
             Err(_) => {
                 want_full = true;
                 let failures = status.borrow().consecutive_failures + 1;
-                let wait = retry_delay(failures, jitter());
+                let wait = retry_delay(failures, crate::clock::jitter());
                 status.send_modify(|st| {
                     st.consecutive_failures = failures;
                     st.last_error = Some(format!("no answer within {EXCHANGE_TIMEOUT:?}"));
@@ -550,20 +550,6 @@ async fn renew(
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     Ok(identity)
-}
-
-fn jitter() -> f64 {
-    use ring::rand::SecureRandom as _;
-    let mut b = [0u8; 4];
-    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
-        return 0.0;
-    }
-    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

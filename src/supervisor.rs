@@ -16,7 +16,7 @@ pub mod output;
 pub mod policy;
 pub mod render;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -253,13 +253,13 @@ async fn supervise(
                 status.send_modify(|s| {
                     s.state = State::Running {
                         pid,
-                        since_unix_ms: unix_ms(),
+                        since_unix_ms: crate::clock::now_unix_ms(),
                     };
                     s.collector_pid = None;
                 });
                 match run_until_exit(running, &spec, options, &mut requests, &status).await {
                     Outcome::Exited(exit) => {
-                        let restart = backoff.on_exit(started.elapsed(), jitter());
+                        let restart = backoff.on_exit(started.elapsed(), crate::clock::jitter());
                         let delay_ms = restart.delay.as_millis() as u64;
                         let consecutive_failures = restart.consecutive_failures;
                         tracing::warn!(child = %spec.name, exit = %exit, delay_ms, consecutive_failures, crash_loop = restart.crash_loop, "Child exited; restarting");
@@ -292,7 +292,7 @@ async fn supervise(
                 }
             }
             Err(e) => {
-                let restart = backoff.on_exit(Duration::ZERO, jitter());
+                let restart = backoff.on_exit(Duration::ZERO, crate::clock::jitter());
                 let error = e.to_string();
                 match &e {
                     SpawnError::NotExecutable { .. }
@@ -366,20 +366,4 @@ async fn run_until_exit(
             }
         }
     }
-}
-
-/// A uniform sample in [-1, 1] for backoff jitter.
-fn jitter() -> f64 {
-    use ring::rand::SecureRandom as _;
-    let mut b = [0u8; 4];
-    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
-        return 0.0;
-    }
-    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

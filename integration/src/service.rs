@@ -484,15 +484,7 @@ fn new_host_id() -> Result<String, ring::error::Unspecified> {
     ring::rand::SystemRandom::new().fill(&mut b)?;
     b[6] = (b[6] & 0x0f) | 0x40; // UUID version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let h = linkmesh_agent::hex::encode(&b);
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    ))
+    Ok(linkmesh_agent::clock::uuid_string(&b))
 }
 
 fn now_unix_ms() -> i64 {

@@ -11,14 +11,13 @@
 //! ```
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
 use linkmesh_agent::fs::{ensure_private_dir, write_atomic};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Failures of the state store, naming the file.
@@ -208,21 +207,12 @@ impl State {
     /// When the lock file cannot be opened or locked.
     pub fn lock(&self) -> Result<StateLock, StateError> {
         let path = self.dir.join("lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| {
-                StateError::new(
-                    &path,
-                    format!("{e} (is this a state directory made by `linkmesh-fleet init`?)"),
-                )
-            })?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| StateError::new(&path, e))?;
+        let lock = linkmesh_agent::fs::lock_file(&path, true).map_err(|e| {
+            StateError::new(
+                &path,
+                format!("{e} (is this a state directory made by `linkmesh-fleet init`?)"),
+            )
+        })?;
         Ok(StateLock { _lock: lock })
     }
 

@@ -14,13 +14,13 @@
 //! only after the new one is in place.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
-use nix::fcntl::{Flock, FlockArg, RenameFlags, renameat2};
+use nix::fcntl::{Flock, RenameFlags, renameat2};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use super::{HostId, Identity, IdentityError};
@@ -79,14 +79,6 @@ pub enum StoreError {
         /// Its mode bits.
         mode: u32,
     },
-    /// The lock could not be taken.
-    #[error("cannot lock {path}: {error}")]
-    Lock {
-        /// The lock file.
-        path: PathBuf,
-        /// The error.
-        error: io::Error,
-    },
 }
 
 /// Metadata stored beside the key and certificates.
@@ -138,7 +130,7 @@ impl IdentityStore {
     /// When the directory or lock file cannot be made or locked.
     pub fn lock_exclusive(&self) -> Result<StoreLock, StoreError> {
         ensure_private_dir(&self.root, 0o700)?;
-        self.lock(FlockArg::LockExclusive)
+        self.lock(true)
     }
 
     /// Takes the lock shared, for reading a consistent identity. Returns
@@ -150,24 +142,12 @@ impl IdentityStore {
         if !self.root.is_dir() {
             return Ok(None);
         }
-        self.lock(FlockArg::LockShared).map(Some)
+        self.lock(false).map(Some)
     }
 
-    fn lock(&self, arg: FlockArg) -> Result<StoreLock, StoreError> {
+    fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
         let path = self.root.join(LOCK);
-        let err = |error| StoreError::Lock {
-            path: path.clone(),
-            error,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(err)?;
-        let lock = Flock::lock(file, arg).map_err(|(_, e)| err(io::Error::from(e)))?;
+        let lock = crate::fs::lock_file(&path, exclusive)?;
         Ok(StoreLock { _lock: lock })
     }
 

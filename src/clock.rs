@@ -1,0 +1,54 @@
+//! Wall-clock and randomness helpers shared by the timers: Unix milliseconds
+//! and uniform jitter samples for backoff and renewal.
+
+use std::time::SystemTime;
+
+/// Milliseconds since the Unix epoch (0 for a time before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// [`unix_ms`] of now.
+pub fn now_unix_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+/// A uniform sample in `[-1, 1]` for jitter (0 if the system RNG fails).
+pub fn jitter() -> f64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 4];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
+}
+
+/// Formats 16 bytes as a UUID string (8-4-4-4-12 lowercase hex).
+pub fn uuid_string(b: &[u8; 16]) -> String {
+    let h = crate::hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn jitter_is_in_range_and_uuid_formats() {
+        for _ in 0..1000 {
+            let j = super::jitter();
+            assert!((-1.0..=1.0).contains(&j));
+        }
+        assert_eq!(
+            super::uuid_string(&[0xab; 16]),
+            "abababab-abab-abab-abab-abababababab"
+        );
+        assert!(super::now_unix_ms() > 1_700_000_000_000);
+    }
+}
