@@ -23,6 +23,12 @@ pub struct HostFacts {
     pub arch: String,
     /// HMAC-SHA256 of the machine id, hex; empty when there is no machine id.
     pub machine_id_hash: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Total memory, bytes.
+    pub memory_bytes: u64,
+    /// Boot time, Unix seconds.
+    pub boot_time_unix: i64,
 }
 
 /// The fields of os-release the agent uses.
@@ -76,6 +82,14 @@ pub fn machine_id_hash(machine_id: &str) -> Option<String> {
 
 /// Reads the facts from the running host.
 pub fn collect() -> HostFacts {
+    use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind};
+    // Facts are best effort: a host where sysinfo cannot read them reports zeros.
+    let sys = sysinfo::System::new_with_specifics(
+        RefreshKind::nothing()
+            .with_cpu(CpuRefreshKind::nothing())
+            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+    )
+    .ok();
     let read = |p: &str| std::fs::read_to_string(Path::new(p)).ok();
     let os = read("/etc/os-release")
         .or_else(|| read("/usr/lib/os-release"))
@@ -93,6 +107,14 @@ pub fn collect() -> HostFacts {
         machine_id_hash: read("/etc/machine-id")
             .and_then(|m| machine_id_hash(&m))
             .unwrap_or_default(),
+        cpus: sys
+            .as_ref()
+            .map_or(0, |s| u32::try_from(s.cpus().len()).unwrap_or(u32::MAX)),
+        memory_bytes: sys.as_ref().map_or(0, sysinfo::System::total_memory),
+        boot_time_unix: sysinfo::System::boot_time()
+            .ok()
+            .and_then(|t| i64::try_from(t).ok())
+            .unwrap_or(0),
     }
 }
 
@@ -106,6 +128,9 @@ impl From<&HostFacts> for proto::HostFacts {
             kernel_release: h.kernel_release.clone(),
             arch: h.arch.clone(),
             machine_id_hash: h.machine_id_hash.clone(),
+            cpus: h.cpus,
+            memory_bytes: h.memory_bytes,
+            boot_time_unix: h.boot_time_unix,
         }
     }
 }
@@ -134,5 +159,17 @@ mod tests {
         assert_eq!(machine_id_hash(&id.to_ascii_uppercase()), Some(h));
         assert_eq!(machine_id_hash(""), None);
         assert_eq!(machine_id_hash("uninitialized"), None);
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    #[test]
+    fn collects_real_facts() {
+        let h = super::collect();
+        assert!(h.cpus >= 1, "{h:?}");
+        assert!(h.memory_bytes > 1 << 20, "{h:?}");
+        assert!(h.boot_time_unix > 1_000_000_000, "{h:?}");
+        assert!(!h.kernel_release.is_empty());
     }
 }

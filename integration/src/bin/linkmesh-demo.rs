@@ -1,6 +1,7 @@
 //! `linkmesh-demo`: a local end-to-end run on loopback. Starts the reference
 //! fleet server, creates a token, enrols an agent into a scratch directory
-//! (twice, to show the second is a no-op), and shows what each side knows.
+//! (twice, to show the second is a no-op), runs the agent supervising the
+//! stand-in collector runtime, and shows what each side knows.
 //! Every step prints the command a person would type.
 
 use std::{
@@ -10,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use linkmesh_integration::harness::{Fleet, TokenInfo, binary};
+use linkmesh_integration::harness::{Fleet, TokenInfo, binary, runtime_bin_dir};
 
 fn main() -> ExitCode {
     match run() {
@@ -50,7 +51,7 @@ fn run() -> anyhow::Result<()> {
         "$ linkmesh-fleet serve --state {} --listen 127.0.0.1:0 &",
         fleet_state.display()
     );
-    let fleet = Fleet::start(&fleet_state, &[])?;
+    let fleet = Fleet::start(&fleet_state, &["--report-interval", "2s"])?;
     println!("listening at {}", fleet.url);
 
     step("Create a one-time enrolment token");
@@ -104,6 +105,86 @@ fn run() -> anyhow::Result<()> {
             .args(["hosts", "--state"])
             .arg(&fleet_state),
     )?;
+
+    step("Run the agent: it supervises opampsupervisor (stand-ins here) and reports");
+    let bins = runtime_bin_dir(&dir.join("runtime-bin"))?;
+    std::fs::create_dir_all(agent_config.parent().unwrap_or(&dir))?;
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[runtime]\nsupervisor = \"{}\"\ncollector = \"{}\"\n",
+            bins.join("opampsupervisor").display(),
+            bins.join("otelcol-contrib").display()
+        ),
+    )?;
+    println!(
+        "$ linkmesh-agent run &    (config: {})",
+        agent_config.display()
+    );
+    let log_path = dir.join("agent-run.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut run = agent(&["run"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let status_file = agent_state.join("runtime-status.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s: Option<serde_json::Value> = std::fs::read(&status_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if s.as_ref().is_some_and(|s| {
+            s["supervision"]["collector_pid"].is_u64()
+                && s["reporter"]["reports"].as_u64() >= Some(2)
+        }) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = run.kill();
+            bail!(
+                "the agent did not come up; its log is in {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    show(&mut agent(&["status"]))?;
+    step("Check the host");
+    show(&mut agent(&["check"]))?;
+    step("The server's fleet-drift report, built from what the agent sent");
+    // The server writes report data to its state files within a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let out = Command::new(&fleet_bin)
+            .args(["drift", "--json", "--state"])
+            .arg(&fleet_state)
+            .output()?;
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if d["hosts"][0]["runtime_kind"] == "otelcol" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    show(
+        Command::new(&fleet_bin)
+            .args(["drift", "--state"])
+            .arg(&fleet_state),
+    )?;
+
+    step("Stop the agent (SIGTERM): SIGINT to the supervisor, which stops its collector");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = run.wait();
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    for line in text.lines().filter(|l| !l.contains("child=\"")) {
+        println!("  {line}");
+    }
+    println!(
+        "  (the supervisor's own lines, under child=opampsupervisor, are in {})",
+        log_path.display()
+    );
 
     drop(fleet);
     println!(

@@ -69,6 +69,13 @@ pub struct HostFacts {
     /// The raw machine id never leaves the host.
     #[prost(string, tag = "7")]
     pub machine_id_hash: ::prost::alloc::string::String,
+    /// From sysinfo: logical CPUs, total memory, boot time.
+    #[prost(uint32, tag = "8")]
+    pub cpus: u32,
+    #[prost(uint64, tag = "9")]
+    pub memory_bytes: u64,
+    #[prost(int64, tag = "10")]
+    pub boot_time_unix: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnrollResponse {
