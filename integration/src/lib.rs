@@ -10,3 +10,4 @@ pub mod harness;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod testhost;

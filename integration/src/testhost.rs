@@ -1,0 +1,300 @@
+//! Throw-away hosts with real systemd: an overlay of this machine's root
+//! (writes land in a scratch upper directory), fresh mount, PID, UTS, IPC
+//! and network namespaces, and `/lib/systemd/systemd` as PID 1. A host boots
+//! in seconds and leaves nothing behind: killing its PID 1 ends every process
+//! in the PID namespace, the mounts go with the mount namespace, and the
+//! scratch directory is then plain files.
+//!
+//! Files go in and out through `/proc/<pid1>/root`, the host's own view of
+//! its filesystem; commands run through `nsenter`. Every wait is bounded. No
+//! test touches this machine's own `/etc`, `/usr` or `/var`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// How long systemd may take to reach `running`.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where hosts keep their scratch directories; a crashed run's leftovers are
+/// removed by the next [`TestHost::boot`].
+pub const SCRATCH_ROOT: &str = "/tmp/linkmesh-testhosts";
+
+/// The script run inside the new namespaces: overlay, pseudo-filesystems,
+/// pivot_root, then exec systemd. Arguments: merged, upper, work, log,
+/// hostname, machine id.
+const BOOT_SCRIPT: &str = r#"
+set -eu
+M=$1 U=$2 W=$3 LOG=$4 NAME=$5 MID=$6
+exec >"$LOG" 2>&1
+mount --make-rprivate /
+mount -t overlay overlay -o "lowerdir=/,upperdir=$U,workdir=$W" "$M"
+mount -t proc proc "$M/proc"
+mount --rbind /sys "$M/sys"
+mount --rbind /dev "$M/dev"
+mount -t tmpfs -o mode=755 tmpfs "$M/run"
+mount -t tmpfs -o mode=1777 tmpfs "$M/tmp"
+printf '%s\n' "$MID" > "$M/etc/machine-id"
+printf '%s\n' "$NAME" > "$M/etc/hostname"
+hostname "$NAME"
+mkdir -p "$M/.oldroot"
+cd "$M"
+pivot_root . .oldroot
+umount -l /.oldroot
+exec env -i container=linkmesh-testhost TERM=dumb /lib/systemd/systemd --system --log-target=console
+"#;
+
+/// A booted throw-away host.
+pub struct TestHost {
+    name: String,
+    scratch: PathBuf,
+    unshare: Option<Child>,
+    pid1: u32,
+}
+
+impl TestHost {
+    /// Boots a host named `name` and waits until systemd says `running`
+    /// (or `degraded`: some unit of this machine's image failed, which is
+    /// not the test's business).
+    ///
+    /// # Errors
+    /// When namespaces, mounts or systemd fail, naming what is missing.
+    pub fn boot(name: &str) -> anyhow::Result<Self> {
+        for tool in ["unshare", "nsenter", "mount"] {
+            if which(tool).is_none() {
+                bail!("{tool} is required for throw-away hosts (util-linux)");
+            }
+        }
+        if !Path::new("/lib/systemd/systemd").is_file() {
+            bail!("/lib/systemd/systemd is required for throw-away hosts");
+        }
+        if !nix::unistd::geteuid().is_root() {
+            bail!("throw-away hosts need root (namespaces, mounts)");
+        }
+        reap_leftovers();
+        let scratch = Path::new(SCRATCH_ROOT).join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir_all(scratch.join(d))?;
+        }
+        let machine_id = random_hex(16);
+        let unshare = Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--kill-child=SIGKILL",
+                "sh",
+                "-c",
+                BOOT_SCRIPT,
+                "boot",
+            ])
+            .arg(scratch.join("merged"))
+            .arg(scratch.join("upper"))
+            .arg(scratch.join("work"))
+            .arg(scratch.join("boot.log"))
+            .arg(name)
+            .arg(&machine_id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run unshare")?;
+        let mut host = Self {
+            name: name.to_owned(),
+            scratch,
+            unshare: Some(unshare),
+            pid1: 0,
+        };
+        host.pid1 = host.find_pid1()?;
+        host.wait_running()?;
+        Ok(host)
+    }
+
+    /// PID 1 of the host's PID namespace, as this machine sees it: the child
+    /// that `unshare --fork` made (found by parentage, never by name).
+    fn find_pid1(&mut self) -> anyhow::Result<u32> {
+        let parent = self.unshare.as_ref().map_or(0, Child::id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let children =
+                std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
+                return Ok(pid);
+            }
+            if let Some(c) = self.unshare.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "the host died while booting ({status}): {}",
+                    self.boot_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("no PID 1 appeared for host {}", self.name)
+    }
+
+    fn wait_running(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(out) = self.exec("systemctl is-system-running 2>/dev/null || true") {
+                last = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if last == "running" || last == "degraded" {
+                    return Ok(());
+                }
+            }
+            if let Some(c) = self.unshare.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "host {} died while booting ({status}); boot log:\n{}",
+                    self.name,
+                    self.boot_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "host {} did not reach running within {BOOT_TIMEOUT:?} (last: {last:?}); boot log:\n{}",
+            self.name,
+            self.boot_log()
+        )
+    }
+
+    /// Runs a shell command inside the host (all its namespaces).
+    ///
+    /// # Errors
+    /// When nsenter cannot be run.
+    pub fn exec(&self, script: &str) -> anyhow::Result<Output> {
+        Ok(Command::new("nsenter")
+            .args(["-t", &self.pid1.to_string(), "-a", "/bin/sh", "-c", script])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// This host's view of `path` (absolute, inside the host), from outside.
+    pub fn path(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.pid1, path))
+    }
+
+    /// Copies a file into the host, creating parent directories, with `mode`.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn copy_in(&self, src: &Path, dest: &str, mode: u32) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let target = self.path(dest);
+        if let Some(p) = target.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::copy(src, &target)
+            .with_context(|| format!("copy {} into host as {dest}", src.display()))?;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
+    /// The journal of a unit (`journalctl -u UNIT`), or of everything.
+    pub fn journal(&self, unit: Option<&str>, extra: &str) -> String {
+        let cmd = match unit {
+            Some(u) => format!("journalctl --no-pager -u {u} {extra}"),
+            None => format!("journalctl --no-pager {extra}"),
+        };
+        self.exec(&cmd)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The host's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// PID 1 of the host as this machine sees it.
+    pub fn pid1(&self) -> u32 {
+        self.pid1
+    }
+
+    fn boot_log(&self) -> String {
+        std::fs::read_to_string(self.scratch.join("boot.log"))
+            .unwrap_or_default()
+            .chars()
+            .rev()
+            .take(4000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect()
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        // SIGKILL to PID 1 ends every process of the namespace.
+        if self.pid1 != 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid1 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut c) = self.unshare.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Removes scratch directories of hosts whose owning process is gone.
+fn reap_leftovers() {
+    let Ok(entries) = std::fs::read_dir(SCRATCH_ROOT) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let owner: Option<u32> = name.rsplit('-').next().and_then(|p| p.parse().ok());
+        if owner.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom as _;
+    let mut b = vec![0u8; bytes];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    linkmesh_agent::hex::encode(&b)
+}

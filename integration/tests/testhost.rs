@@ -1,0 +1,136 @@
+//! Throw-away hosts with real systemd, and the agent as a systemd service on
+//! one: Type=notify readiness, journald logging with structured fields.
+
+use std::time::Duration;
+
+use linkmesh_integration::testhost::TestHost;
+
+type R = anyhow::Result<()>;
+
+#[test]
+fn a_throw_away_host_boots_systemd_and_leaves_no_trace() -> R {
+    let before = std::fs::read_to_string("/etc/hostname")?;
+    let host = TestHost::boot("lm-boot")?;
+    let out = host.exec("systemctl is-system-running; hostname; cat /proc/1/comm; test -f /run/systemd/system && echo systemd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("systemd\n") && text.contains("lm-boot"),
+        "{text}"
+    );
+    // Writes go to the host's overlay, never to this machine.
+    host.exec("echo changed > /etc/linkmesh-probe")?;
+    assert!(!std::path::Path::new("/etc/linkmesh-probe").exists());
+    assert_eq!(
+        std::fs::read_to_string(host.path("/etc/linkmesh-probe"))?,
+        "changed\n"
+    );
+    let pid1 = host.pid1();
+    drop(host);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid1}")).exists(),
+        "PID 1 of the host survived"
+    );
+    assert_eq!(std::fs::read_to_string("/etc/hostname")?, before);
+    Ok(())
+}
+
+#[test]
+fn the_agent_runs_as_a_notify_service_and_logs_to_journald() -> R {
+    use linkmesh_integration::harness::binary;
+    let host = TestHost::boot("lm-agent")?;
+    for (bin, dest) in [
+        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
+        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
+        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
+        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
+    ] {
+        host.copy_in(&binary(bin)?, dest, 0o755)?;
+    }
+    // A reference server on the host's own loopback, as a transient unit.
+    let out = host.exec(
+        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
+         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s && \
+         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
+         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json",
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
+    std::fs::write(
+        host.path("/root/token"),
+        token["token"].as_str().unwrap_or_default(),
+    )?;
+    let out = host.exec(&format!(
+        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token",
+        token["ca_pin"].as_str().unwrap_or_default()
+    ))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let unit = "[Unit]\nDescription=LinkMesh agent (probe unit)\n[Service]\nType=notify\nExecStartPre=/usr/bin/linkmesh-agent config check\nExecStart=/usr/bin/linkmesh-agent run\nExecReload=/bin/kill -HUP $MAINPID\nWatchdogSec=10\nKillMode=mixed\nRestartPreventExitStatus=64\n";
+    std::fs::write(host.path("/etc/systemd/system/lm-agent.service"), unit)?;
+    let out = host.exec("systemctl daemon-reload && systemctl start lm-agent.service && systemctl show -p ActiveState,SubState,StatusText lm-agent.service")?;
+    let show = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `systemctl start` of a notify unit returns once READY=1 arrived.
+    assert!(
+        out.status.success() && show.contains("ActiveState=active"),
+        "{show}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        show.contains("StatusText=opampsupervisor running"),
+        "READY came before the runtime started: {show}"
+    );
+
+    // Reports reach the server; the agent's records go to journald with fields.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = host.exec("linkmesh-fleet drift --state /var/lib/fleet --json")?;
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if d["hosts"][0]["runtime_kind"] == "otelcol" {
+            assert_eq!(d["hosts"][0]["hostname"], "lm-agent");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report reached the server: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let journal = host.journal(Some("lm-agent.service"), "-o verbose");
+    assert!(journal.contains("MESSAGE=Agent ready"), "{journal}");
+    assert!(
+        journal.contains("SYSLOG_IDENTIFIER=linkmesh-agent"),
+        "{journal}"
+    );
+    assert!(
+        journal.contains("CHILD=opampsupervisor"),
+        "child output lacks its structured field:\n{journal}"
+    );
+    assert!(journal.contains("PRIORITY=6"), "{journal}");
+
+    // systemctl stop: clean, and the supervisor and collector are gone.
+    let out = host.exec("systemctl stop lm-agent.service; systemctl show -p ActiveState,Result lm-agent.service; pgrep -c -f '[o]pampsupervisor|[o]telcol-contrib' || true")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ActiveState=inactive") && text.contains("Result=success"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end().ends_with('0'),
+        "processes left behind: {text}"
+    );
+    let journal = host.journal(Some("lm-agent.service"), "-o verbose");
+    assert!(
+        journal.contains("MESSAGE=Stopped child") && journal.contains("SIGNAL=SIGINT"),
+        "{journal}"
+    );
+    Ok(())
+}
