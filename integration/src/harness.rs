@@ -73,6 +73,7 @@ pub struct Fleet {
     pub url: String,
     extra: Vec<String>,
     log: PathBuf,
+    netns: Option<String>,
 }
 
 impl Fleet {
@@ -109,6 +110,32 @@ impl Fleet {
             url: String::new(),
             extra: extra.iter().map(ToString::to_string).collect(),
             log: state.join("serve.log"),
+            netns: None,
+        };
+        fleet.spawn()?;
+        Ok(fleet)
+    }
+
+    /// Like [`Fleet::start`], but inside network namespace `netns`
+    /// listening on `listen` (`ip netns exec`).
+    ///
+    /// # Errors
+    /// When the server does not come up.
+    pub fn start_in_netns(
+        state: &Path,
+        netns: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::init(state)?;
+        let mut fleet = Self {
+            state: state.to_owned(),
+            child: None,
+            addr: listen.to_owned(),
+            url: String::new(),
+            extra: extra.iter().map(ToString::to_string).collect(),
+            log: state.join("serve.log"),
+            netns: Some(netns.to_owned()),
         };
         fleet.spawn()?;
         Ok(fleet)
@@ -119,7 +146,15 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = Command::new(binary("linkmesh-fleet")?)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary("linkmesh-fleet")?);
+                c
+            }
+            None => Command::new(binary("linkmesh-fleet")?),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--state")
             .arg(&self.state)

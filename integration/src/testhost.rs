@@ -298,3 +298,121 @@ fn random_hex(bytes: usize) -> String {
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     linkmesh_agent::hex::encode(&b)
 }
+
+/// A network link for throw-away hosts: a namespace where the reference
+/// server listens on 192.0.2.1 (TEST-NET-1, a documentation range), joined to
+/// each host by a veth pair. Removed on drop; traffic never leaves this
+/// machine's own namespaces.
+pub struct TestNet {
+    netns: String,
+    id: String,
+    hosts: u8,
+}
+
+/// The server's address on a [`TestNet`].
+pub const SERVER_ADDR: &str = "192.0.2.1";
+
+impl TestNet {
+    /// Creates the server namespace.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn new() -> anyhow::Result<Self> {
+        if which("ip").is_none() {
+            bail!("ip (iproute2) is required for test networks");
+        }
+        let id = random_hex(3);
+        let netns = format!("lmsrv{id}");
+        run(&["ip", "netns", "add", &netns])?;
+        let net = Self {
+            netns,
+            id,
+            hosts: 0,
+        };
+        run(&["ip", "-n", &net.netns, "link", "set", "lo", "up"])?;
+        // The server's address lives on the namespace's loopback, so the
+        // server can listen before any host is attached; each host gets a
+        // route over its own veth (ARP answers for any local address).
+        run(&[
+            "ip",
+            "-n",
+            &net.netns,
+            "addr",
+            "add",
+            &format!("{SERVER_ADDR}/32"),
+            "dev",
+            "lo",
+        ])?;
+        Ok(net)
+    }
+
+    /// The server namespace's name (for `ip netns exec`).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// Joins `host` to the network; returns its address (192.0.2.N).
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn attach(&mut self, host: &TestHost) -> anyhow::Result<String> {
+        self.hosts += 1;
+        let n = self.hosts;
+        let (srv_if, host_if) = (format!("lm{}s{n}", self.id), format!("lm{}h{n}", self.id));
+        run(&[
+            "ip", "link", "add", &srv_if, "type", "veth", "peer", "name", &host_if,
+        ])?;
+        run(&["ip", "link", "set", &srv_if, "netns", &self.netns])?;
+        run(&[
+            "ip",
+            "link",
+            "set",
+            &host_if,
+            "netns",
+            &host.pid1().to_string(),
+        ])?;
+        let addr = format!("192.0.2.{}", n + 1);
+        run(&["ip", "-n", &self.netns, "link", "set", &srv_if, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &srv_if,
+        ])?;
+        let out = host.exec(&format!(
+            "ip link set lo up && ip addr add {addr}/24 dev {host_if} && ip link set {host_if} up"
+        ))?;
+        if !out.status.success() {
+            bail!(
+                "configuring {host_if} in host {}: {}",
+                host.name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(addr)
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -134,3 +134,53 @@ fn the_agent_runs_as_a_notify_service_and_logs_to_journald() -> R {
     );
     Ok(())
 }
+
+#[test]
+fn hosts_enrol_over_a_veth_link_to_the_server_namespace() -> R {
+    use linkmesh_integration::{
+        harness::{Fleet, binary, scratch},
+        testhost::{SERVER_ADDR, TestNet},
+    };
+    let dir = scratch("veth")?;
+    let mut net = TestNet::new()?;
+    let fleet = Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &["--report-interval", "1s"],
+    )?;
+    assert_eq!(fleet.url, format!("https://{SERVER_ADDR}:8443"));
+    let mut hosts = Vec::new();
+    for name in ["lm-net-a", "lm-net-b"] {
+        let host = TestHost::boot(name)?;
+        let addr = net.attach(&host)?;
+        host.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
+        let t = fleet.token(1, "1h")?;
+        std::fs::write(host.path("/root/token"), &t.token)?;
+        let out = host.exec(&format!(
+            "linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token",
+            fleet.url, t.ca_pin
+        ))?;
+        assert!(
+            out.status.success(),
+            "{name} ({addr}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        hosts.push((host, addr));
+    }
+    let listed = fleet.hosts()?;
+    let names: Vec<&str> = listed
+        .iter()
+        .filter_map(|h| h["hostname"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{listed:?}");
+    assert!(
+        names.contains(&"lm-net-a") && names.contains(&"lm-net-b"),
+        "{names:?}"
+    );
+    // The hosts see nothing but the test network: no route elsewhere.
+    let out = hosts[0].0.exec("ip route")?;
+    let routes = String::from_utf8_lossy(&out.stdout);
+    assert!(!routes.contains("default"), "{routes}");
+    Ok(())
+}
