@@ -215,6 +215,11 @@ impl Fleet {
         &self.state
     }
 
+    /// The server process's pid (the `ip netns exec` wrapper execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

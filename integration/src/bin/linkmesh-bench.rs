@@ -25,6 +25,13 @@
 //!   TCP socket per report on an established channel (TLS records, HTTP/2
 //!   frames, HPACK-compressed headers, gRPC framing and protobuf), averaged;
 //!   `payload_*` the protobuf message alone.
+//! - `fleet_*`: `--fleet` simulated agents in this process, each enrolled
+//!   through the real Enroll RPC (its own key and certificate) and each with
+//!   its own mutual-TLS connection and report loop (a full report, then
+//!   heartbeats every `--fleet-interval`, first sends spread over the
+//!   interval), for `--fleet-secs`: enrolment rate, reports handled per
+//!   second, the server's CPU (schedstat) and RSS, report round trip under
+//!   that load, and agents per server core at that interval.
 //! - `crash_to_restart`: SIGKILL of the supervisor to the agent's status file
 //!   showing a new supervisor pid running (polled every millisecond). Each
 //!   sample is a fresh agent, so it is the first restart (backoff 100 ms ±20 %).
@@ -64,6 +71,15 @@ struct Args {
     /// Reports per report figure.
     #[arg(long, default_value_t = 1000)]
     reports: usize,
+    /// Simulated agents for the fleet load (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    fleet: usize,
+    /// Seconds the fleet reports for.
+    #[arg(long, default_value_t = 60)]
+    fleet_secs: u64,
+    /// Report interval of the simulated fleet, seconds.
+    #[arg(long, default_value_t = 30)]
+    fleet_interval: u64,
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -193,6 +209,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     ));
 
     report_figures(&args, &dir, &fleet, &runtime, &mut figures)?;
+    fleet_figures(&args, &dir, &mut figures)?;
     supervision_figures(&args, &dir, &fleet, &mut figures)?;
 
     print_table(&figures);
@@ -501,6 +518,211 @@ fn report_figures(
         "B",
         "client bytes on TCP per full report, established channel",
         vec![full_bytes],
+    ));
+    Ok(())
+}
+
+fn fleet_figures(
+    args: &Args,
+    dir: &tempfile::TempDir,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    use linkmesh_agent::{identity::Identity, proto, reporter, tls};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    if args.fleet == 0 {
+        return Ok(());
+    }
+    // Each agent holds a connection: raise the descriptor limit for this
+    // process and the server it starts.
+    let want = (args.fleet as u64) * 2 + 1024;
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        want.min(hard),
+        hard,
+    )?;
+    let interval = format!("{}s", args.fleet_interval.max(1));
+    let fleet = Fleet::start(
+        &dir.path().join("fleet-load"),
+        &["--report-interval", &interval],
+    )?;
+    let server_pid = fleet.pid();
+    let per_token = 100usize;
+    let tokens: Vec<_> = (0..args.fleet.div_ceil(per_token))
+        .map(|_| fleet.token(u32::try_from(per_token).unwrap_or(100), "2h"))
+        .collect::<Result<_, _>>()?;
+    let pin: CaPin = tokens[0].ca_pin.parse()?;
+    let server: linkmesh_agent::endpoint::ServerUrl = fleet.url.parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let facts = host::collect();
+
+    // Enrolment, 16 at a time over one server-authenticated channel.
+    let start = Instant::now();
+    let identities: Vec<Identity> = rt.block_on(async {
+        use futures_util::StreamExt as _;
+        let tls_cfg = std::sync::Arc::new(tls::enrol_client_config(&Trust::Pins(vec![pin]))?);
+        let channel =
+            linkmesh_agent::transport::connect_once(&server, tls_cfg, Duration::from_secs(30))
+                .await?;
+        let results: Vec<anyhow::Result<Identity>> = futures_util::stream::iter(0..args.fleet)
+            .map(|i| {
+                let mut client = proto::Client::new(channel.clone());
+                let token = tokens[i / per_token].token.clone();
+                let (server, facts) = (server.clone(), facts.clone());
+                async move {
+                    let key = rcgen::KeyPair::generate()?;
+                    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+                    let mut host: proto::HostFacts = (&facts).into();
+                    host.hostname = format!("sim-{i:05}");
+                    let r = client
+                        .enroll(proto::EnrollRequest {
+                            token,
+                            csr_der: csr.der().to_vec(),
+                            host: Some(host),
+                            agent_version: linkmesh_agent::version::AGENT_VERSION.into(),
+                        })
+                        .await?
+                        .into_inner();
+                    let host_id = linkmesh_agent::identity::HostId::new(&r.host_id)?;
+                    let certs = r
+                        .certificate_chain_der
+                        .into_iter()
+                        .map(CertificateDer::from)
+                        .collect();
+                    Ok(Identity::new(
+                        host_id,
+                        server,
+                        String::new(),
+                        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                        certs,
+                        CertificateDer::from(r.ca_certificate_der),
+                    )?)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let enrol_secs = start.elapsed().as_secs_f64();
+    figures.push(figure(
+        "fleet_enrol_rate",
+        "1/s",
+        "agents enrolled per second (Enroll RPC, 16 in flight, server persists each)",
+        vec![args.fleet as f64 / enrol_secs],
+    ));
+
+    // Report loops.
+    let rtts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let interval = Duration::from_secs(args.fleet_interval.max(1));
+    let window = Duration::from_secs(args.fleet_secs.max(1));
+    let cpu0 = cpu_ns(server_pid)?;
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::with_capacity(identities.len());
+        for (i, id) in identities.into_iter().enumerate() {
+            let (rtts, failures) = (rtts.clone(), failures.clone());
+            let facts = facts.clone();
+            let offset = interval.mul_f64(i as f64 / args.fleet as f64);
+            tasks.push(tokio::spawn(async move {
+                let Ok(cfg) = tls::mtls_client_config(&id) else {
+                    return;
+                };
+                let dialer = linkmesh_agent::transport::Dialer::new(
+                    id.server.clone(),
+                    std::sync::Arc::new(cfg),
+                    None,
+                    Duration::from_secs(30),
+                );
+                let Ok(channel) = dialer.channel() else {
+                    return;
+                };
+                let mut client = proto::Client::new(channel);
+                let full =
+                    reporter::full_report(&id, "deb", &facts, reporter::runtime_status(None), None);
+                let mut request = full.clone();
+                tokio::time::sleep(offset).await;
+                let mut seq = 0;
+                while t0.elapsed() < window {
+                    seq += 1;
+                    request.sequence = seq;
+                    let start = Instant::now();
+                    match client.report(request.clone()).await {
+                        Ok(_) => {
+                            if let Ok(mut r) = rtts.lock() {
+                                r.push(start.elapsed().as_secs_f64() * 1e3);
+                            }
+                        }
+                        Err(_) => {
+                            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    request = reporter::heartbeat(full.state_digest);
+                    let left = window.saturating_sub(t0.elapsed());
+                    tokio::time::sleep(interval.min(left)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_ns(server_pid)? - cpu0) as f64 / 1e9;
+    let status = std::fs::read_to_string(format!("/proc/{server_pid}/status"))?;
+    let rtts = std::mem::take(&mut *rtts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let handled = rtts.len() as f64;
+    let failed = failures.load(std::sync::atomic::Ordering::Relaxed);
+    let cpu_frac = cpu / elapsed;
+    figures.push(figure(
+        "fleet_reports_per_sec",
+        "1/s",
+        "successful reports per second over the window",
+        vec![handled / elapsed],
+    ));
+    figures.push(figure(
+        "fleet_failed_reports",
+        "count",
+        "reports that failed during the window",
+        vec![failed as f64],
+    ));
+    figures.push(figure(
+        "fleet_server_cpu",
+        "%core",
+        "server CPU (schedstat, all threads) / wall time over the window",
+        vec![cpu_frac * 100.0],
+    ));
+    figures.push(figure(
+        "fleet_server_rss",
+        "MiB",
+        "server VmRSS at the end of the window",
+        vec![kib(&status, "VmRSS:") / 1024.0],
+    ));
+    figures.push(figure(
+        "fleet_server_peak_rss",
+        "MiB",
+        "server VmHWM (peak RSS, enrolment included)",
+        vec![kib(&status, "VmHWM:") / 1024.0],
+    ));
+    figures.push(figure(
+        "fleet_agents_per_core",
+        "agents",
+        "simulated agents / server cores used, at --fleet-interval",
+        vec![if cpu_frac > 0.0 {
+            args.fleet as f64 / cpu_frac
+        } else {
+            f64::INFINITY
+        }],
+    ));
+    figures.push(figure(
+        "fleet_report_rtt",
+        "ms",
+        "report round trip under the fleet load (client and server share 2 cores)",
+        rtts,
     ));
     Ok(())
 }
