@@ -309,7 +309,7 @@ fn supervision_figures(
     std::thread::sleep(Duration::from_secs(2));
     let pid = run.pid();
     let (mut rss, mut anon, mut pss) = (Vec::new(), Vec::new(), Vec::new());
-    let cpu0 = cpu_ns(pid)?;
+    let cpu0 = thread_cpu_ns(pid)?;
     let t0 = Instant::now();
     for _ in 0..args.idle_secs.max(1) {
         std::thread::sleep(Duration::from_secs(1));
@@ -320,7 +320,7 @@ fn supervision_figures(
             std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         pss.push(kib(&rollup, "Pss:") / 1024.0);
     }
-    let cpu = (cpu_ns(pid)? - cpu0) as f64 / 1e9;
+    let cpu = cpu_between(&cpu0, &thread_cpu_ns(pid)?);
     let wall = t0.elapsed().as_secs_f64();
     figures.push(figure(
         "idle_rss",
@@ -620,7 +620,7 @@ fn fleet_figures(
     let failures = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let interval = Duration::from_secs(args.fleet_interval.max(1));
     let window = Duration::from_secs(args.fleet_secs.max(1));
-    let cpu0 = cpu_ns(server_pid)?;
+    let cpu0 = thread_cpu_ns(server_pid)?;
     let t0 = Instant::now();
     rt.block_on(async {
         let mut tasks = Vec::with_capacity(identities.len());
@@ -672,7 +672,7 @@ fn fleet_figures(
         }
     });
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = (cpu_ns(server_pid)? - cpu0) as f64 / 1e9;
+    let cpu = cpu_between(&cpu0, &thread_cpu_ns(server_pid)?);
     let status = std::fs::read_to_string(format!("/proc/{server_pid}/status"))?;
     let rtts = std::mem::take(&mut *rtts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let handled = rtts.len() as f64;
@@ -734,21 +734,36 @@ fn kib(text: &str, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// CPU time of every thread of `pid`, in nanoseconds (schedstat's first
-/// field: time spent on the CPU), far finer than /proc/PID/stat's ticks.
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// CPU time of each thread of `pid` (tid -> ns, schedstat's first field,
+/// far finer than /proc/PID/stat's 10 ms ticks).
+fn thread_cpu_ns(pid: u32) -> anyhow::Result<std::collections::HashMap<u32, u64>> {
+    let mut out = std::collections::HashMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            total += text
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+        let task = task?;
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat"))
+            && let Some(ns) = text.split_whitespace().next().and_then(|v| v.parse().ok())
+        {
+            out.insert(tid, ns);
         }
     }
-    Ok(total)
+    Ok(out)
+}
+
+/// CPU used by `pid` between two [`thread_cpu_ns`] samples, in seconds: a
+/// thread born in between counts from zero; one that exited in between is
+/// dropped (threads that exit are idle pool threads here).
+fn cpu_between(
+    before: &std::collections::HashMap<u32, u64>,
+    after: &std::collections::HashMap<u32, u64>,
+) -> f64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum::<u64>() as f64
+        / 1e9
 }
 
 fn print_table(figures: &[Figure]) {
