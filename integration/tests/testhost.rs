@@ -184,3 +184,112 @@ fn hosts_enrol_over_a_veth_link_to_the_server_namespace() -> R {
     assert!(!routes.contains("default"), "{routes}");
     Ok(())
 }
+
+#[test]
+fn alloy_is_detected_watched_and_an_upgrade_without_restart_shows() -> R {
+    use linkmesh_integration::harness::binary;
+    let host = TestHost::boot("lm-alloy")?;
+    host.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
+    host.copy_in(&binary("standin-alloy")?, "/usr/bin/alloy", 0o755)?;
+    // As the Alloy package lays it out (runtimes.md §3.2), on a non-default port.
+    std::fs::write(
+        host.path("/etc/default/alloy"),
+        "CONFIG_FILE=\"/etc/alloy/config.alloy\"\nCUSTOM_ARGS=\"--server.http.listen-addr=127.0.0.1:12399\"\nRESTART_ON_UPGRADE=true\n",
+    )?;
+    std::fs::create_dir_all(host.path("/etc/alloy"))?;
+    std::fs::write(
+        host.path("/etc/alloy/config.alloy"),
+        "// managed remotely\nremotecfg {\n  url = \"https://fleet.example/api\"\n  id  = constants.hostname\n}\n",
+    )?;
+    let out = host.exec(
+        "systemd-run --unit alloy --quiet --setenv=LINKMESH_STANDIN_ALLOY_VERSION=v1.17.0 \
+         /usr/bin/alloy run --server.http.listen-addr=127.0.0.1:12399 /etc/alloy/config.alloy && \
+         for i in $(seq 50); do curl -fs http://127.0.0.1:12399/-/ready >/dev/null 2>&1 && break; sleep 0.1; done; \
+         linkmesh-agent detect --json",
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(d["kind"], "alloy", "{d}");
+    let a = &d["alloy"];
+    // The binary on disk is v1.18.1 (the stand-in's default); the running one started as v1.17.0.
+    assert_eq!(a["executable"]["version"], "v1.18.1", "{a}");
+    assert_eq!(a["running_version"], "v1.17.0", "{a}");
+    assert_eq!(a["restart_pending"], true, "{a}");
+    assert_eq!(a["remotecfg"]["url"], "https://fleet.example/api");
+    assert_eq!(a["remotecfg"]["id"], "constants.hostname");
+    assert_eq!(a["executable"]["unit"]["active"], "active", "{a}");
+    let human = host.exec("linkmesh-agent detect")?;
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("restart pending"), "{text}");
+    // After a restart the running version matches.
+    let out = host.exec(
+        "systemctl stop alloy && systemd-run --unit alloy2 --quiet /usr/bin/alloy run --server.http.listen-addr=127.0.0.1:12399 /etc/alloy/config.alloy && \
+         for i in $(seq 50); do curl -fs http://127.0.0.1:12399/-/ready >/dev/null 2>&1 && break; sleep 0.1; done; linkmesh-agent detect --json",
+    )?;
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(d["alloy"]["running_version"], "v1.18.1", "{d}");
+    assert_eq!(d["alloy"]["restart_pending"], false);
+
+    // `run` watches Alloy (never runs it) and reports it to the server.
+    host.copy_in(
+        &binary("linkmesh-fleet")?,
+        "/usr/local/bin/linkmesh-fleet",
+        0o755,
+    )?;
+    let out = host.exec(
+        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
+         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s --pin-alloy v1.18.1 && \
+         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
+         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json",
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
+    std::fs::write(
+        host.path("/root/token"),
+        token["token"].as_str().unwrap_or_default(),
+    )?;
+    let out = host.exec(&format!(
+        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token && \
+         systemd-run --unit lm-agent --quiet linkmesh-agent run --alloy-poll 1s",
+        token["ca_pin"].as_str().unwrap_or_default()
+    ))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = host.exec("linkmesh-fleet drift --state /var/lib/fleet --json")?;
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let h = &d["hosts"][0];
+        if h["runtime_kind"] == "alloy" {
+            assert_eq!(h["runtime_version"], "v1.18.1", "{d}");
+            assert_eq!(h["runtime_at_pin"], true, "{d}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Alloy report reached the server: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = host.exec("linkmesh-agent status --json")?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(st["runtime"]["kind"], "alloy", "{st}");
+    assert_eq!(
+        st["runtime"]["supervision"],
+        serde_json::Value::Null,
+        "the agent must not run Alloy"
+    );
+    Ok(())
+}
