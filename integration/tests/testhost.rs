@@ -293,3 +293,135 @@ fn alloy_is_detected_watched_and_an_upgrade_without_restart_shows() -> R {
     );
     Ok(())
 }
+
+#[test]
+fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
+    use linkmesh_integration::harness::binary;
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
+    // The exposure score of the shipped file (systemd-analyze scores it offline).
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&unit)
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("linkmesh-agent.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no exposure score in:\n{text}"))?;
+    assert!(score <= 3.0, "exposure {score}");
+
+    let host = TestHost::boot("lm-unit")?;
+    for (bin, dest) in [
+        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
+        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
+        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
+        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
+    ] {
+        host.copy_in(&binary(bin)?, dest, 0o755)?;
+    }
+    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
+    // Not enrolled: the unit is skipped by its condition, not failed.
+    let out = host.exec("systemctl daemon-reload && systemctl start linkmesh-agent; systemctl show -p ActiveState,ConditionResult,Result linkmesh-agent")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ConditionResult=no")
+            && text.contains("ActiveState=inactive")
+            && text.contains("Result=success"),
+        "{text}"
+    );
+
+    let out = host.exec(
+        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
+         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s && \
+         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
+         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json",
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
+    std::fs::write(
+        host.path("/root/token"),
+        token["token"].as_str().unwrap_or_default(),
+    )?;
+    let out = host.exec(&format!(
+        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token && systemctl start linkmesh-agent && systemctl show -p ActiveState,StatusText,MainPID linkmesh-agent",
+        token["ca_pin"].as_str().unwrap_or_default()
+    ))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success()
+            && text.contains("ActiveState=active")
+            && text.contains("StatusText=opampsupervisor running"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let main_pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MainPID="))
+        .unwrap_or("0")
+        .to_owned();
+
+    // Under the sandbox it still supervises, writes its state and reports.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = host.exec("linkmesh-fleet drift --state /var/lib/fleet --json")?;
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if d["hosts"][0]["runtime_kind"] == "otelcol" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report under the sandbox: {d}\n{}",
+            host.journal(Some("linkmesh-agent"), "")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        host.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml")
+            .exists()
+    );
+
+    // Reload: configuration checked, same process, supervisor left alone.
+    let out = host.exec("systemctl reload linkmesh-agent && sleep 0.5 && systemctl show -p ActiveState,MainPID linkmesh-agent")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ActiveState=active") && text.contains(&format!("MainPID={main_pid}")),
+        "{text}"
+    );
+    assert!(
+        host.journal(Some("linkmesh-agent"), "")
+            .contains("Supervisor configuration unchanged")
+    );
+
+    // Bad configuration: exit 64 from the pre-start check, no restart loop.
+    std::fs::write(
+        host.path("/etc/linkmesh/agent.toml"),
+        "[report]\ninterval = \"never\"\n",
+    )?;
+    let out = host.exec("systemctl restart linkmesh-agent; sleep 3; systemctl show -p ActiveState,NRestarts,ExecMainStatus linkmesh-agent")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ActiveState=failed") && text.contains("NRestarts=0"),
+        "{text}"
+    );
+    assert!(
+        host.journal(Some("linkmesh-agent"), "")
+            .contains("report.interval"),
+        "the journal names the bad key"
+    );
+    let out = host.exec("pgrep -c -f '[o]pampsupervisor|[o]telcol-contrib' || true")?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "processes left after the failed restart"
+    );
+    Ok(())
+}
