@@ -126,7 +126,8 @@ pub fn tls_config(ca: &Ca, names: &[String]) -> anyhow::Result<ServerConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(ExpiredOkVerifier { inner }))
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // h2 for gRPC; http/1.1 for curl fetching the installer and artifacts.
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
@@ -201,6 +202,75 @@ impl ClientCertVerifier for ExpiredOkVerifier {
     }
 }
 
+/// What the server offers for download next to the API: the installer, the
+/// CA (so the installer can check it against the pin), the unit file and
+/// release artifacts from a directory.
+#[derive(Clone, Debug)]
+pub struct Downloads {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// Directory of artifacts (`linkmesh-agent-VERSION-linux-ARCH` and
+    /// `.sha256` files beside them); `None` serves none.
+    pub artifacts: Option<std::path::PathBuf>,
+    /// The agent version `/agent/latest` names.
+    pub latest_agent: String,
+}
+
+/// The installer script, as built into this server.
+pub const INSTALL_SH: &str = include_str!("../../install/install.sh");
+/// The systemd unit the installer puts in place.
+pub const AGENT_UNIT: &str = include_str!("../../systemd/linkmesh-agent.service");
+
+fn download_routes(d: Downloads) -> axum::Router {
+    use axum::{extract::Path as UrlPath, http::StatusCode, routing::get};
+    let text = |body: String| {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            body,
+        )
+    };
+    let ca = d.ca_pem.clone();
+    let latest = d.latest_agent.clone();
+    let dir = d.artifacts.clone();
+    axum::Router::new()
+        .route(
+            "/install.sh",
+            get(move || async move { text(INSTALL_SH.to_owned()) }),
+        )
+        .route(
+            "/linkmesh-agent.service",
+            get(move || async move { text(AGENT_UNIT.to_owned()) }),
+        )
+        .route("/ca.pem", get(move || async move { text(ca) }))
+        .route(
+            "/agent/latest",
+            get(move || async move { text(format!("{latest}\n")) }),
+        )
+        .route(
+            "/artifacts/{name}",
+            get(move |UrlPath(name): UrlPath<String>| async move {
+                let ok = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    && !name.starts_with('.');
+                let Some(dir) = dir.filter(|_| ok) else {
+                    return Err((StatusCode::NOT_FOUND, "no such artifact\n"));
+                };
+                match tokio::fs::read(dir.join(&name)).await {
+                    Ok(bytes) => Ok((
+                        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                        bytes,
+                    )),
+                    Err(_) => Err((StatusCode::NOT_FOUND, "no such artifact\n")),
+                }
+            }),
+        )
+}
+
 /// Serves `service` on `listener` until `shutdown` completes.
 ///
 /// # Errors
@@ -209,6 +279,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     service: FleetService,
+    downloads: Downloads,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (tx, rx) = mpsc::channel::<Result<TlsConn, io::Error>>(256);
@@ -239,8 +310,12 @@ pub async fn serve(
             });
         }
     });
+    let mut routes = tonic::service::Routes::new(proto::Server::new(service));
+    let http = std::mem::take(routes.axum_router_mut()).merge(download_routes(downloads));
+    *routes.axum_router_mut() = http;
     let result = tonic::transport::Server::builder()
-        .add_service(proto::Server::new(service))
+        .accept_http1(true)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     accept_loop.abort();

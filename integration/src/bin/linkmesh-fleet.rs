@@ -70,6 +70,10 @@ enum Command {
         /// Grafana Alloy version the fleet pins.
         #[arg(long, value_name = "vX.Y.Z", default_value = "v1.18.1")]
         pin_alloy: String,
+        /// Directory of release artifacts served under /artifacts/
+        /// (linkmesh-agent-VERSION-linux-ARCH with .sha256 files).
+        #[arg(long, value_name = "DIR")]
+        artifacts: Option<PathBuf>,
     },
     /// Fleet drift: each host's agent and runtime versions against the server
     /// and the pins, with the upgrade command for hosts out of the window.
@@ -149,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_otelcol,
             pin_supervisor,
             pin_alloy,
+            artifacts,
         } => {
             let version = match server_version {
                 Some(v) => v.parse::<Version>().context("--server-version")?,
@@ -185,7 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(State::new(state), listen, advertise_url, san, config))
+                .block_on(serve(
+                    State::new(state),
+                    listen,
+                    advertise_url,
+                    san,
+                    config,
+                    artifacts,
+                ))
         }
         Command::Drift { state, json } => {
             linkmesh_integration::drift::print(&State::new(state), json)
@@ -224,6 +236,7 @@ async fn serve(
     advertise_url: Option<String>,
     san: Vec<String>,
     config: ServiceConfig,
+    artifacts: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let ca = Ca::load(&state.ca_dir())?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -260,6 +273,11 @@ async fn serve(
             .map(|p| (p.kind.clone(), p.version.clone()))
             .collect(),
     })?;
+    let downloads = server::Downloads {
+        ca_pem: linkmesh_agent::identity::store::pem(ca.cert()),
+        artifacts,
+        latest_agent: version.to_string(),
+    };
     let service = FleetService::new(state.clone(), ca, config)?;
     let flusher = service.spawn_flusher(Duration::from_secs(1));
     println!("linkmesh-fleet {version} listening on {addr} as {url}");
@@ -274,7 +292,7 @@ async fn serve(
         }
         tracing::info!("Shutting down");
     };
-    server::serve(listener, tls, service.clone(), shutdown).await?;
+    server::serve(listener, tls, service.clone(), downloads, shutdown).await?;
     flusher.abort();
     service.flush()?;
     Ok(())

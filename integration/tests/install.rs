@@ -1,0 +1,338 @@
+//! install/install.sh on throw-away hosts with real systemd, fetching from the
+//! reference server across the test network.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use linkmesh_integration::{
+    harness::{Fleet, TokenInfo, binary, scratch, snapshot},
+    testhost::{SERVER_ADDR, TestHost, TestNet},
+};
+
+type R = anyhow::Result<()>;
+
+const ARCH: &str = if cfg!(target_arch = "aarch64") {
+    "arm64"
+} else {
+    "amd64"
+};
+
+struct Bed {
+    _dir: tempfile::TempDir,
+    net: TestNet,
+    fleet: Fleet,
+    artifacts: std::path::PathBuf,
+}
+
+fn bed(name: &str) -> anyhow::Result<Bed> {
+    let dir = scratch(name)?;
+    let artifacts = dir.path().join("artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    publish(
+        &artifacts,
+        linkmesh_agent::version::AGENT_VERSION,
+        &std::fs::read(binary("linkmesh-agent")?)?,
+        None,
+    )?;
+    let net = TestNet::new()?;
+    let fleet = Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &[
+            "--report-interval",
+            "1s",
+            "--artifacts",
+            artifacts.to_str().unwrap_or_default(),
+        ],
+    )?;
+    Ok(Bed {
+        _dir: dir,
+        net,
+        fleet,
+        artifacts,
+    })
+}
+
+/// Puts an agent build in the artifacts directory with its checksum file
+/// (or a wrong one).
+fn publish(dir: &Path, version: &str, bytes: &[u8], wrong_sum: Option<&str>) -> anyhow::Result<()> {
+    let name = format!("linkmesh-agent-{version}-linux-{ARCH}");
+    std::fs::write(dir.join(&name), bytes)?;
+    let sum = wrong_sum.map_or_else(
+        || linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
+        str::to_owned,
+    );
+    std::fs::write(
+        dir.join(format!("{name}.sha256")),
+        format!("{sum}  {name}\n"),
+    )?;
+    Ok(())
+}
+
+/// Runs the one-liner inside `host`; returns (exit code, stdout+stderr).
+fn one_liner(host: &TestHost, fleet: &Fleet, args: &str) -> anyhow::Result<(i32, String)> {
+    let out = host.exec(&format!(
+        "curl -fsSk {0}/install.sh | sh -s -- --server {0} {args}",
+        fleet.url
+    ))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+/// What an install owns on the host, with modes and hashes: the binary, the
+/// unit, configuration, identity and install record. (The running agent's
+/// status file is its live state, not the installation.)
+fn host_files(host: &TestHost) -> BTreeMap<std::path::PathBuf, (u32, String)> {
+    let mut all = BTreeMap::new();
+    for p in ["/etc/linkmesh", "/var/lib/linkmesh-agent/identity"] {
+        for (k, v) in snapshot(&host.path(p)) {
+            all.insert(Path::new(p).join(k), v);
+        }
+    }
+    for f in [
+        "/usr/bin/linkmesh-agent",
+        "/etc/systemd/system/linkmesh-agent.service",
+        "/var/lib/linkmesh-agent/install-method",
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(bytes) = std::fs::read(host.path(f)) {
+            let mode = std::fs::metadata(host.path(f))
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0);
+            let hash = linkmesh_agent::hex::encode(
+                ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+            );
+            all.insert(f.into(), (mode, hash));
+        }
+    }
+    all
+}
+
+fn token_file(host: &TestHost, t: &TokenInfo) -> anyhow::Result<()> {
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    Ok(())
+}
+
+#[test]
+fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
+    let mut bed = bed("inst-main")?;
+    let host = TestHost::boot("lm-inst")?;
+    bed.net.attach(&host)?;
+    let t = bed.fleet.token(1, "1h")?;
+    token_file(&host, &t)?;
+    let start = std::time::Instant::now();
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    let fresh = start.elapsed();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("Status check results are"),
+        "ends with linkmesh-agent check:\n{text}"
+    );
+    assert!(!text.contains(&t.token), "the token was shown:\n{text}");
+    let out = host.exec("systemctl is-active linkmesh-agent; cat /var/lib/linkmesh-agent/install-method; cat /etc/linkmesh/agent.toml")?;
+    let state = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(state.starts_with("active\nscript\n"), "{state}");
+    assert!(
+        state.contains(&format!("server = \"{}\"", bed.fleet.url)),
+        "{state}"
+    );
+    let hosts = bed.fleet.hosts()?;
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0]["hostname"], "lm-inst");
+    // The token is on disk only where the operator put it.
+    let out = host.exec(&format!(
+        "grep -rl {} /etc /var/lib /usr/bin /tmp 2>/dev/null || true",
+        t.token.rsplit('_').next().unwrap_or("x")
+    ))?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "",
+        "token found on disk"
+    );
+
+    // A re-run (same inputs, the token already spent): nothing changes.
+    let before = host_files(&host);
+    let pid = host
+        .exec("systemctl show -p MainPID --value linkmesh-agent")?
+        .stdout;
+    let start = std::time::Instant::now();
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    let rerun = start.elapsed();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("already enrolled"), "{text}");
+    assert_eq!(host_files(&host), before, "a re-run changed files");
+    assert_eq!(
+        host.exec("systemctl show -p MainPID --value linkmesh-agent")?
+            .stdout,
+        pid,
+        "the service was restarted needlessly"
+    );
+    assert_eq!(bed.fleet.hosts()?.len(), 1);
+    eprintln!("fresh install {fresh:?}, re-run {rerun:?}");
+
+    // Checksum mismatch: refused, the installation untouched.
+    publish(
+        &bed.artifacts,
+        "0.0.1",
+        b"not the agent",
+        Some(&"0".repeat(64)),
+    )?;
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --version 0.0.1", t.ca_pin),
+    )?;
+    assert_eq!(code, 7, "{text}");
+    assert!(text.contains("checksum mismatch"), "{text}");
+    assert_eq!(host_files(&host), before);
+
+    // Another CA than the pin: refused before any download.
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin sha256:{}", "ab".repeat(32)),
+    )?;
+    assert_eq!(code, 6, "{text}");
+    assert_eq!(host_files(&host), before);
+
+    // Another server without --force: says what differs and which flag forces it.
+    let (code, text) = (|| -> anyhow::Result<(i32, String)> {
+        let out = host.exec(&format!(
+            "curl -fsSk {0}/install.sh | sh -s -- --server https://{SERVER_ADDR}:8443/ --ca-pin {1} && echo same",
+            bed.fleet.url, t.ca_pin
+        ))?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    })()?;
+    assert_eq!(code, 0, "a trailing slash is the same server: {text}");
+
+    // --dry-run on the installed host changes nothing and says what it would do.
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --dry-run", t.ca_pin),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("dry run: nothing was changed"), "{text}");
+    assert_eq!(host_files(&host), before);
+    Ok(())
+}
+
+#[test]
+fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
+    let mut bed = bed("inst-fail")?;
+    let host = TestHost::boot("lm-inst-fail")?;
+    bed.net.attach(&host)?;
+    let t = bed.fleet.token(1, "1h")?;
+    token_file(&host, &t)?;
+
+    let before = host_files(&host);
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token --dry-run", t.ca_pin),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    for step in [
+        "would run: install -m 0755",
+        "would write: /etc/linkmesh/agent.toml",
+        "enroll --server",
+        "would run: systemctl enable",
+    ] {
+        assert!(text.contains(step), "missing {step:?}:\n{text}");
+    }
+    assert_eq!(host_files(&host), before, "--dry-run changed the host");
+    assert!(
+        bed.fleet.token_record(&t.token_id)?.uses.is_empty(),
+        "--dry-run spent the token"
+    );
+
+    std::fs::write(
+        host.path("/root/bad"),
+        "lmt_0000000000000000_000000000000000000000000000000000000000000000000",
+    )?;
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/bad", t.ca_pin),
+    )?;
+    assert_eq!(code, 8, "{text}");
+    assert!(text.contains("token not recognised"), "{text}");
+    assert!(!host.path("/var/lib/linkmesh-agent/identity").exists());
+    assert_eq!(
+        host.exec("systemctl is-active linkmesh-agent || true")?
+            .stdout,
+        b"inactive\n"
+    );
+
+    let out = host.exec(&format!(
+        "curl -fsSk {}/install.sh | sh -s -- --server https://{SERVER_ADDR}:9 --ca-pin {} --token-file /root/token",
+        bed.fleet.url, t.ca_pin
+    ))?;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("cannot reach https://{SERVER_ADDR}:9"))
+    );
+
+    // Then the right token works on the same host.
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while bed
+        .fleet
+        .admin(&["drift", "--json"])
+        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("\"install_method\":\"script\""))
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the install method never reached the server"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_installer_is_posix_sh_and_shellcheck_clean() -> R {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install/install.sh");
+    let out = std::process::Command::new("shellcheck")
+        .args(["--shell=sh", "--severity=style"])
+        .arg(&script)
+        .output()
+        .map_err(|e| anyhow::anyhow!("shellcheck is required (scripts/test installs it): {e}"))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(&script)?;
+    assert!(text.starts_with("#!/bin/sh\n"));
+    assert_eq!(
+        text.trim_end().lines().last(),
+        Some("main \"$@\""),
+        "main must be the last line"
+    );
+    Ok(())
+}
