@@ -214,12 +214,16 @@ pub struct Downloads {
     pub artifacts: Option<std::path::PathBuf>,
     /// The agent version `/agent/latest` names.
     pub latest_agent: String,
+    /// Runtime pins served at `/runtime/pins` as `NAME VERSION` lines.
+    pub pins: Vec<(String, String)>,
 }
 
 /// The installer script, as built into this server.
 pub const INSTALL_SH: &str = include_str!("../../install/install.sh");
 /// The systemd unit the installer puts in place.
 pub const AGENT_UNIT: &str = include_str!("../../systemd/linkmesh-agent.service");
+/// The collector-runtime installer.
+pub const INSTALL_OPAMP_SH: &str = include_str!("../../install/install-opamp.sh");
 
 fn download_routes(d: Downloads) -> axum::Router {
     use axum::{extract::Path as UrlPath, http::StatusCode, routing::get};
@@ -234,12 +238,18 @@ fn download_routes(d: Downloads) -> axum::Router {
     };
     let ca = d.ca_pem.clone();
     let latest = d.latest_agent.clone();
+    let pins: String = d.pins.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
     let dir = d.artifacts.clone();
     axum::Router::new()
         .route(
             "/install.sh",
             get(move || async move { text(INSTALL_SH.to_owned()) }),
         )
+        .route(
+            "/install-opamp.sh",
+            get(move || async move { text(INSTALL_OPAMP_SH.to_owned()) }),
+        )
+        .route("/runtime/pins", get(move || async move { text(pins) }))
         .route(
             "/linkmesh-agent.service",
             get(move || async move { text(AGENT_UNIT.to_owned()) }),

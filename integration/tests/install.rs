@@ -315,24 +315,241 @@ fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
 }
 
 #[test]
-fn the_installer_is_posix_sh_and_shellcheck_clean() -> R {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install/install.sh");
-    let out = std::process::Command::new("shellcheck")
-        .args(["--shell=sh", "--severity=style"])
-        .arg(&script)
-        .output()
-        .map_err(|e| anyhow::anyhow!("shellcheck is required (scripts/test installs it): {e}"))?;
+fn the_installers_are_posix_sh_and_shellcheck_clean() -> R {
+    for name in ["install.sh", "install-opamp.sh"] {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../install")
+            .join(name);
+        let out = std::process::Command::new("shellcheck")
+            .args(["--shell=sh", "--severity=style"])
+            .arg(&script)
+            .output()
+            .map_err(|e| {
+                anyhow::anyhow!("shellcheck is required (scripts/test installs it): {e}")
+            })?;
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let text = std::fs::read_to_string(&script)?;
+        assert!(text.starts_with("#!/bin/sh\n"), "{name}");
+        assert_eq!(
+            text.trim_end().lines().last(),
+            Some("main \"$@\""),
+            "{name}: main must be the last line"
+        );
+    }
+    Ok(())
+}
+
+/// Runtime artifacts as the releases ship them, built from the stand-ins
+/// (each artifact is a wrapper that runs the stand-in at its version):
+/// v0.159.0 with one `.sha256` per artifact, v0.157.0 with the older
+/// combined checksum files.
+fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Result<()> {
+    let work = dir.join(format!("build-{version}"));
+    std::fs::create_dir_all(&work)?;
+    let col = work.join("otelcol-contrib");
+    std::fs::write(
+        &col,
+        format!(
+            "#!/bin/sh\nLINKMESH_STANDIN_OTELCOL_VERSION={version} exec /usr/local/lib/standins/otelcol-contrib \"$@\"\n"
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o755))?;
+    let archive = format!("otelcol-contrib_{version}_linux_{ARCH}.tar.gz");
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(dir.join(&archive))
+        .arg("-C")
+        .arg(&work)
+        .arg("otelcol-contrib")
+        .status()?;
+    anyhow::ensure!(st.success(), "tar failed");
+    let sup = format!("opampsupervisor_{version}_linux_{ARCH}");
+    std::fs::write(
+        dir.join(&sup),
+        "#!/bin/sh\nexec /usr/local/lib/standins/opampsupervisor \"$@\"\n",
+    )?;
+    let sum = |name: &str| -> anyhow::Result<String> {
+        Ok(linkmesh_agent::hex::encode(
+            ring::digest::digest(&ring::digest::SHA256, &std::fs::read(dir.join(name))?).as_ref(),
+        ))
+    };
+    if split_sums {
+        for name in [&archive, &sup] {
+            std::fs::write(
+                dir.join(format!("{name}.sha256")),
+                format!("{}  {name}\n", sum(name)?),
+            )?;
+        }
+    } else {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("opentelemetry-collector-releases_otelcol-contrib_checksums.txt"))?;
+        writeln!(f, "{}  {archive}", sum(&archive)?)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("checksums.txt"))?;
+        writeln!(f, "{}  {sup}", sum(&sup)?)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
+    let mut bed = bed("inst-opamp")?;
+    publish_runtime(&bed.artifacts, "0.159.0", true)?;
+    publish_runtime(&bed.artifacts, "0.157.0", false)?;
+    let host = TestHost::boot("lm-opamp")?;
+    bed.net.attach(&host)?;
+    host.copy_in(
+        &binary("standin-otelcol-contrib")?,
+        "/usr/local/lib/standins/otelcol-contrib",
+        0o755,
+    )?;
+    host.copy_in(
+        &binary("standin-opampsupervisor")?,
+        "/usr/local/lib/standins/opampsupervisor",
+        0o755,
+    )?;
+    let t = bed.fleet.token(1, "1h")?;
+    token_file(&host, &t)?;
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    // A packaged standalone collector service, enabled and running.
+    std::fs::write(
+        host.path("/etc/systemd/system/otelcol-contrib.service"),
+        "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n",
+    )?;
+    host.exec("systemctl daemon-reload && systemctl enable --now otelcol-contrib.service")?;
+
+    let opamp = |args: &str| -> anyhow::Result<(i32, String)> {
+        let out = host.exec(&format!(
+            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} {args}",
+            bed.fleet.url, t.ca_pin
+        ))?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    };
+    let (code, text) = opamp("")?;
+    assert_eq!(code, 0, "{text}");
+    let out = host.exec("cat /var/lib/linkmesh-agent/runtime/versions.toml; systemctl is-enabled otelcol-contrib.service; systemctl is-active otelcol-contrib.service; true")?;
+    let state = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        state.starts_with(
+            "otelcol-contrib = \"0.159.0\"\nopampsupervisor = \"0.159.0\"\ndisabled\ninactive"
+        ),
+        "{state}"
     );
-    let text = std::fs::read_to_string(&script)?;
-    assert!(text.starts_with("#!/bin/sh\n"));
+    let status = |host: &TestHost| -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = host.exec("linkmesh-agent status --json")?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if v["runtime"]["supervision"]["state"] == "running"
+                && v["runtime"]["supervision"]["collector_pid"].is_u64()
+            {
+                return Ok(v);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "not supervising: {v}\n{}",
+                host.journal(Some("linkmesh-agent"), "")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let s = status(&host)?;
+    let d = &s["runtime"]["detection"];
+    assert_eq!(d["supervisor"]["version"], "0.159.0");
+    assert_eq!(d["supervisor"]["version_source"], "install record");
+    assert_eq!(d["collector"]["version"], "0.159.0");
+    let instance_id = std::fs::read_to_string(
+        host.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml"),
+    )?;
+
+    // Idempotent: nothing changes, nothing restarts.
+    let files = |host: &TestHost| -> BTreeMap<String, Vec<u8>> {
+        [
+            "/usr/bin/otelcol-contrib",
+            "/usr/bin/opampsupervisor",
+            "/var/lib/linkmesh-agent/runtime/versions.toml",
+        ]
+        .iter()
+        .map(|f| {
+            (
+                (*f).to_owned(),
+                std::fs::read(host.path(f)).unwrap_or_default(),
+            )
+        })
+        .collect()
+    };
+    let before = files(&host);
+    let sup_pid = s["runtime"]["supervision"]["pid"].clone();
+    let (code, text) = opamp("")?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("up to date"), "{text}");
+    assert_eq!(files(&host), before);
     assert_eq!(
-        text.trim_end().lines().last(),
-        Some("main \"$@\""),
-        "main must be the last line"
+        status(&host)?["runtime"]["supervision"]["pid"],
+        sup_pid,
+        "restarted although nothing changed"
     );
+
+    // An older release, with the combined checksum files: installed, the agent
+    // restarted onto it, the collector's instance id kept.
+    let (code, text) = opamp("--otelcol-version 0.157.0 --supervisor-version 0.157.0")?;
+    assert_eq!(code, 0, "{text}");
+    let s = status(&host)?;
+    assert_eq!(
+        s["runtime"]["detection"]["collector"]["version"], "0.157.0",
+        "{s}"
+    );
+    assert_ne!(s["runtime"]["supervision"]["pid"], sup_pid);
+    assert_eq!(
+        std::fs::read_to_string(
+            host.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml")
+        )?,
+        instance_id
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = bed.fleet.admin(&["drift", "--json"])?;
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if d["hosts"][0]["runtime_version"] == "0.157.0" {
+            assert_eq!(d["hosts"][0]["runtime_at_pin"], false, "{d}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "drift never showed 0.157.0: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A corrupted artifact: refused, the installed runtime untouched.
+    let before = files(&host);
+    publish_runtime(&bed.artifacts, "0.150.0", true)?;
+    std::fs::write(
+        bed.artifacts
+            .join(format!("opampsupervisor_0.150.0_linux_{ARCH}")),
+        "tampered",
+    )?;
+    let (code, text) = opamp("--otelcol-version 0.150.0 --supervisor-version 0.150.0")?;
+    assert_eq!(code, 7, "{text}");
+    assert_eq!(files(&host), before);
     Ok(())
 }

@@ -279,6 +279,22 @@ async fn serve(
         ca_pem: linkmesh_agent::identity::store::pem(ca.cert()),
         artifacts,
         latest_agent: version.to_string(),
+        pins: config
+            .runtime_pins
+            .iter()
+            .flat_map(|p| {
+                let name = if p.kind == "otelcol" {
+                    "otelcol-contrib"
+                } else {
+                    p.kind.as_str()
+                };
+                let mut v = vec![(name.to_owned(), p.version.clone())];
+                if !p.supervisor_version.is_empty() {
+                    v.push(("opampsupervisor".to_owned(), p.supervisor_version.clone()));
+                }
+                v
+            })
+            .collect(),
     };
     let service = FleetService::new(state.clone(), ca, config)?;
     let flusher = service.spawn_flusher(Duration::from_secs(1));
