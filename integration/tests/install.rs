@@ -553,3 +553,63 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     assert_eq!(files(&host), before);
     Ok(())
 }
+
+#[test]
+fn an_install_killed_at_any_step_completes_on_a_rerun_with_one_identity() -> R {
+    let mut bed = bed("inst-kill")?;
+    let host = TestHost::boot("lm-inst-kill")?;
+    bed.net.attach(&host)?;
+    let out = host.exec(&format!(
+        "curl -fsSk -o /root/install.sh {}/install.sh",
+        bed.fleet.url
+    ))?;
+    anyhow::ensure!(out.status.success(), "cannot fetch install.sh");
+    let reset = "systemctl disable --now linkmesh-agent >/dev/null 2>&1; rm -rf /usr/bin/linkmesh-agent /usr/bin/.linkmesh-agent.new /etc/linkmesh /var/lib/linkmesh-agent /etc/systemd/system/linkmesh-agent.service; systemctl daemon-reload";
+    let mut killed = 0;
+    for n in 1..=120 {
+        host.exec(reset)?;
+        let t = bed.fleet.token(1, "1h")?;
+        token_file(&host, &t)?;
+        let args = format!(
+            "--server {} --ca-pin {} --token-file /root/token",
+            bed.fleet.url, t.ca_pin
+        );
+        // The installer announces each step that changes the host on stderr
+        // ("linkmesh-install: + ...") just before running it; SIGKILL its
+        // whole process group when the Nth announcement appears.
+        let out = host.exec(&format!(
+            "setsid sh -c 'echo $$ > /root/pgid; exec sh /root/install.sh {args}' 2>&1 >/dev/null | \
+             awk -v n={n} '/^linkmesh-install: [+] / {{ c++; if (c == n) {{ getline pg < \"/root/pgid\"; system(\"kill -9 -\" pg); print \"killed\"; exit 0 }} }}'; sleep 0.2"
+        ))?;
+        if !String::from_utf8_lossy(&out.stdout).contains("killed") {
+            break; // fewer than n steps: every step was covered
+        }
+        killed += 1;
+        let out = host.exec(&format!("sh /root/install.sh {args}"))?;
+        assert!(
+            out.status.success(),
+            "re-run after a kill at exec #{n} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hosts: Vec<_> = bed
+            .fleet
+            .hosts()?
+            .into_iter()
+            .filter(|h| h["token_id"] == t.token_id.as_str())
+            .collect();
+        assert_eq!(hosts.len(), 1, "exec #{n}: one host per install");
+        let out = host.exec("systemctl is-active linkmesh-agent; linkmesh-agent status --json")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.starts_with("active\n") && text.contains("\"enrolled\":true"),
+            "exec #{n}: {text}"
+        );
+        assert!(
+            text.contains(hosts[0]["host_id"].as_str().unwrap_or("?")),
+            "exec #{n}: the agent's identity is not the server's host"
+        );
+    }
+    eprintln!("install killed at {killed} distinct steps; every re-run completed");
+    assert!(killed >= 10, "only {killed} kill points");
+    Ok(())
+}
