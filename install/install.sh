@@ -236,10 +236,15 @@ enrol() {
 		current=$(printf '%s' "$status" | sed -n 's/.*"server":"\([^"]*\)".*/\1/p')
 		host_id=$(printf '%s' "$status" | sed -n 's/.*"host_id":"\([^"]*\)".*/\1/p')
 		if [ "$current" = "$SERVER" ] || [ "$current" = "$SERVER:443" ] || [ "${current%:443}" = "$SERVER" ]; then
-			say "already enrolled with $current as host $host_id; keeping the identity"
-			return 0
-		fi
-		if [ "$FORCE" -ne 1 ]; then
+			if [ "$FORCE" -ne 1 ]; then
+				say "already enrolled with $current as host $host_id; keeping the identity"
+				if [ -n "$TOKEN" ] || [ -n "$TOKEN_FILE" ] || [ -n "${LINKMESH_TOKEN:-}" ]; then
+					say "the enrolment token given was not used (the host is enrolled; --force would replace its identity); it stays valid for another host"
+				fi
+				return 0
+			fi
+			say "--force: replacing the identity of host $host_id with a new one from $SERVER"
+		elif [ "$FORCE" -ne 1 ]; then
 			die 9 "this host is enrolled with $current (host $host_id), not $SERVER: pass --force to re-enrol (the current identity stays until the new one is complete)"
 		fi
 		;;
@@ -250,7 +255,7 @@ enrol() {
 	if [ -z "$TOKEN" ]; then
 		TOKEN=${LINKMESH_TOKEN:-}
 	fi
-	[ -n "$TOKEN" ] || die 2 "this host is not enrolled: give an enrolment token (--token-file FILE, LINKMESH_TOKEN or --token)"
+	[ -n "$TOKEN" ] || die 2 "an enrolment token is needed: --token-file FILE, LINKMESH_TOKEN or --token"
 	force=""
 	[ "$FORCE" -eq 1 ] && force=--force
 	if [ "$DRY_RUN" -eq 1 ]; then

@@ -169,6 +169,10 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     let rerun = start.elapsed();
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("already enrolled"), "{text}");
+    assert!(
+        text.contains("token given was not used"),
+        "a given token must not be ignored silently:\n{text}"
+    );
     assert_eq!(host_files(&host), before, "a re-run changed files");
     assert_eq!(
         host.exec("systemctl show -p MainPID --value linkmesh-agent")?
@@ -217,6 +221,47 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     })()?;
     assert_eq!(code, 0, "a trailing slash is the same server: {text}");
 
+    dry_run_check(&host, &bed, &t)?;
+
+    // Another server: refused with what differs and the flag that forces it;
+    // with --force the identity is replaced, still one agent.
+    let other = Fleet::start_in_netns(
+        &bed._dir.path().join("fleet-2"),
+        bed.net.netns(),
+        &format!("{SERVER_ADDR}:8444"),
+        &["--artifacts", bed.artifacts.to_str().unwrap_or_default()],
+    )?;
+    let t2 = other.token(1, "1h")?;
+    std::fs::write(host.path("/root/token2"), &t2.token)?;
+    let out = host.exec(&format!(
+        "curl -fsSk {0}/install.sh | sh -s -- --server {1} --ca-pin {2} --token-file /root/token2",
+        bed.fleet.url, other.url, t2.ca_pin
+    ))?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(9), "{err}");
+    assert!(
+        err.contains(&format!("enrolled with {}", bed.fleet.url)) && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(host_files(&host), before, "a refused re-run changed files");
+    let out = host.exec(&format!(
+        "curl -fsSk {0}/install.sh | sh -s -- --server {1} --ca-pin {2} --token-file /root/token2 --force",
+        bed.fleet.url, other.url, t2.ca_pin
+    ))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(other.hosts()?.len(), 1);
+    let st = host.exec("linkmesh-agent status --json")?;
+    assert!(String::from_utf8_lossy(&st.stdout).contains(&format!("\"server\":\"{}\"", other.url)));
+    drop(other);
+    Ok(())
+}
+
+fn dry_run_check(host: &TestHost, bed: &Bed, t: &TokenInfo) -> R {
+    let before = host_files(host);
     // --dry-run on the installed host changes nothing and says what it would do.
     let (code, text) = one_liner(
         &host,
