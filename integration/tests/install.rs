@@ -264,13 +264,13 @@ fn dry_run_check(host: &TestHost, bed: &Bed, t: &TokenInfo) -> R {
     let before = host_files(host);
     // --dry-run on the installed host changes nothing and says what it would do.
     let (code, text) = one_liner(
-        &host,
+        host,
         &bed.fleet,
         &format!("--ca-pin {} --dry-run", t.ca_pin),
     )?;
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("dry run: nothing was changed"), "{text}");
-    assert_eq!(host_files(&host), before);
+    assert_eq!(host_files(host), before);
     Ok(())
 }
 
