@@ -46,33 +46,7 @@ fn the_agent_runs_as_a_notify_service_and_logs_to_journald() -> R {
     ] {
         host.copy_in(&binary(bin)?, dest, 0o755)?;
     }
-    // A reference server on the host's own loopback, as a transient unit.
-    let out = host.exec(
-        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
-         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s && \
-         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
-         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json",
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
-    std::fs::write(
-        host.path("/root/token"),
-        token["token"].as_str().unwrap_or_default(),
-    )?;
-    let out = host.exec(&format!(
-        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token",
-        token["ca_pin"].as_str().unwrap_or_default()
-    ))?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    enrol_in_host(&host, "")?;
 
     let unit = "[Unit]\nDescription=LinkMesh agent (probe unit)\n[Service]\nType=notify\nExecStartPre=/usr/bin/linkmesh-agent config check\nExecStart=/usr/bin/linkmesh-agent run\nExecReload=/bin/kill -HUP $MAINPID\nWatchdogSec=10\nKillMode=mixed\nRestartPreventExitStatus=64\n";
     std::fs::write(host.path("/etc/systemd/system/lm-agent.service"), unit)?;
@@ -240,28 +214,9 @@ fn alloy_is_detected_watched_and_an_upgrade_without_restart_shows() -> R {
         "/usr/local/bin/linkmesh-fleet",
         0o755,
     )?;
-    let out = host.exec(
-        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
-         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s --pin-alloy v1.18.1 && \
-         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
-         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json",
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
-    std::fs::write(
-        host.path("/root/token"),
-        token["token"].as_str().unwrap_or_default(),
-    )?;
-    let out = host.exec(&format!(
-        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token && \
-         systemd-run --unit lm-agent --quiet linkmesh-agent run --alloy-poll 1s",
-        token["ca_pin"].as_str().unwrap_or_default()
-    ))?;
+    enrol_in_host(&host, "--pin-alloy v1.18.1")?;
+    let out =
+        host.exec("systemd-run --unit lm-agent --quiet linkmesh-agent run --alloy-poll 1s")?;
     assert!(
         out.status.success(),
         "{}",
@@ -334,27 +289,8 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
         "{text}"
     );
 
-    let out = host.exec(
-        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
-         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s && \
-         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
-         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json",
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
-    std::fs::write(
-        host.path("/root/token"),
-        token["token"].as_str().unwrap_or_default(),
-    )?;
-    let out = host.exec(&format!(
-        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token && systemctl start linkmesh-agent && systemctl show -p ActiveState,StatusText,MainPID linkmesh-agent",
-        token["ca_pin"].as_str().unwrap_or_default()
-    ))?;
+    enrol_in_host(&host, "")?;
+    let out = host.exec("systemctl start linkmesh-agent && systemctl show -p ActiveState,StatusText,MainPID linkmesh-agent")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success()
@@ -422,6 +358,38 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
         String::from_utf8_lossy(&out.stdout).trim(),
         "0",
         "processes left after the failed restart"
+    );
+    Ok(())
+}
+
+/// Runs a reference server inside `host` (on its loopback, 1 s reports, plus
+/// `serve_args`) and enrols the agent installed at /usr/bin/linkmesh-agent.
+fn enrol_in_host(host: &TestHost, serve_args: &str) -> R {
+    let out = host.exec(&format!(
+        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
+         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s {serve_args} && \
+         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
+         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json"
+    ))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "server in host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
+    std::fs::write(
+        host.path("/root/token"),
+        token["token"].as_str().unwrap_or_default(),
+    )?;
+    let out = host.exec(&format!(
+        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token",
+        token["ca_pin"].as_str().unwrap_or_default()
+    ))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "enrol in host: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
