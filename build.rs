@@ -1,9 +1,14 @@
-//! Build information only: the git revision the agent was built from. Never protoc.
+//! Build information only: the agent's version and the git revision it was
+//! built from. Never protoc.
+//!
+//! `LINKMESH_VERSION=X.Y.Z` builds the agent as another version (packaging
+//! and the upgrade/downgrade tests build two); otherwise Cargo's version.
 
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LINKMESH_GIT_REV");
+    println!("cargo:rerun-if-env-changed=LINKMESH_VERSION");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs");
     let rev = std::env::var("LINKMESH_GIT_REV")
@@ -22,4 +27,20 @@ fn main() {
         "cargo:rustc-env=LINKMESH_GIT_REV={}",
         rev.as_deref().unwrap_or("unknown")
     );
+    let version = match std::env::var("LINKMESH_VERSION") {
+        Ok(v) if !v.is_empty() => {
+            let core = v.split(['-', '+']).next().unwrap_or("");
+            let parts: Vec<&str> = core.split('.').collect();
+            if parts.len() != 3
+                || parts
+                    .iter()
+                    .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+            {
+                panic!("LINKMESH_VERSION={v:?} is not MAJOR.MINOR.PATCH");
+            }
+            v
+        }
+        _ => std::env::var("CARGO_PKG_VERSION").unwrap_or_default(),
+    };
+    println!("cargo:rustc-env=LINKMESH_AGENT_VERSION={version}");
 }

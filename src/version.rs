@@ -10,8 +10,8 @@
 
 use std::{fmt, str::FromStr};
 
-/// This agent's version, from Cargo.
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// This agent's version: Cargo's, or `LINKMESH_VERSION` at build time.
+pub const AGENT_VERSION: &str = env!("LINKMESH_AGENT_VERSION");
 
 /// The git revision the agent was built from, or `unknown`.
 pub const GIT_REVISION: &str = env!("LINKMESH_GIT_REV");

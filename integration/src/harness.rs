@@ -639,3 +639,29 @@ pub fn enrolled_agent(
     }
     Ok(agent)
 }
+
+/// The older agent build the downgrade tests install: `$LINKMESH_OLDER_AGENT_BIN`,
+/// else `target/older/linkmesh-agent-0.0.9` (scripts/test builds it with
+/// `LINKMESH_VERSION=0.0.9`).
+///
+/// # Errors
+/// When it does not exist, with the command that builds it.
+pub fn older_agent() -> anyhow::Result<(PathBuf, &'static str)> {
+    const VERSION: &str = "0.0.9";
+    let path = std::env::var_os("LINKMESH_OLDER_AGENT_BIN").map_or_else(
+        || {
+            target_dir()
+                .parent()
+                .map(|t| t.join("older").join(format!("linkmesh-agent-{VERSION}")))
+                .unwrap_or_default()
+        },
+        PathBuf::from,
+    );
+    if !path.is_file() {
+        bail!(
+            "no older agent build at {}: scripts/test builds it (LINKMESH_VERSION={VERSION} cargo build -p linkmesh-agent --bin linkmesh-agent, then copy to target/older/linkmesh-agent-{VERSION})",
+            path.display()
+        );
+    }
+    Ok((path, VERSION))
+}

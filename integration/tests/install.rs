@@ -658,3 +658,62 @@ fn an_install_killed_at_any_step_completes_on_a_rerun_with_one_identity() -> R {
     assert!(killed >= 10, "only {killed} kill points");
     Ok(())
 }
+
+#[test]
+fn a_rerun_pinned_to_an_older_build_downgrades_and_keeps_the_identity() -> R {
+    let (older, old_version) = linkmesh_integration::harness::older_agent()?;
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    let mut bed = bed("inst-down")?;
+    publish(&bed.artifacts, old_version, &std::fs::read(&older)?, None)?;
+    let host = TestHost::boot("lm-inst-down")?;
+    bed.net.attach(&host)?;
+    let t = bed.fleet.token(1, "1h")?;
+    token_file(&host, &t)?;
+    let (code, text) = one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    let identity = snapshot(&host.path("/var/lib/linkmesh-agent/identity"));
+    let version = |host: &TestHost| -> anyhow::Result<String> {
+        let out = host.exec("linkmesh-agent version --json; systemctl is-active linkmesh-agent")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert!(version(&host)?.contains(&format!("\"version\":\"{current}\"")));
+
+    for (target, label) in [(old_version, "downgrade"), (current, "upgrade back")] {
+        let (code, text) = one_liner(
+            &host,
+            &bed.fleet,
+            &format!("--ca-pin {} --version {target}", t.ca_pin),
+        )?;
+        assert_eq!(code, 0, "{label}: {text}");
+        let v = version(&host)?;
+        assert!(
+            v.contains(&format!("\"version\":\"{target}\"")) && v.ends_with("active\n"),
+            "{label}: {v}"
+        );
+        assert_eq!(
+            snapshot(&host.path("/var/lib/linkmesh-agent/identity")),
+            identity,
+            "{label}: identity changed"
+        );
+        assert_eq!(bed.fleet.hosts()?.len(), 1, "{label}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = bed.fleet.admin(&["drift", "--json"])?;
+            let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if d["hosts"][0]["agent_version"] == target {
+                assert_eq!(d["hosts"][0]["verdict"], "in_window", "{label}: {d}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{label}: the server never saw {target}: {d}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
