@@ -207,6 +207,11 @@ fn alloy_is_detected_watched_and_an_upgrade_without_restart_shows() -> R {
     let d: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(d["alloy"]["running_version"], "v1.18.1", "{d}");
     assert_eq!(d["alloy"]["restart_pending"], false);
+    // The transient alloy.service is gone now: a state, not systemctl's error text.
+    assert_eq!(
+        d["alloy"]["executable"]["unit"]["enabled"], "not-found",
+        "{d}"
+    );
 
     // `run` watches Alloy (never runs it) and reports it to the server.
     host.copy_in(

@@ -71,9 +71,10 @@ impl Probes for HostProbes {
         }
         let query = |verb: &str| {
             // Both commands exit non-zero for disabled/inactive units and
-            // still print the state.
-            run_bounded_any_status(Path::new("systemctl"), &[verb, unit])
-                .map(|s| s.lines().next().unwrap_or("").trim().to_owned())
+            // still print the state on stdout; errors (a unit that does not
+            // exist) go to stderr and are not a state.
+            run_capture(Path::new("systemctl"), &[verb, unit])
+                .map(|(_, stdout, _)| stdout.lines().next().unwrap_or("").trim().to_owned())
                 .ok()
         };
         let enabled = query("is-enabled")?;
@@ -102,7 +103,8 @@ impl Probes for HostProbes {
 }
 
 fn run_bounded(exe: &Path, args: &[&str]) -> Result<String, String> {
-    let (ok, out) = run_capture(exe, args)?;
+    let (ok, stdout, stderr) = run_capture(exe, args)?;
+    let out = stdout + &stderr;
     if ok {
         Ok(out)
     } else {
@@ -115,13 +117,9 @@ fn run_bounded(exe: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
-fn run_bounded_any_status(exe: &Path, args: &[&str]) -> Result<String, String> {
-    run_capture(exe, args).map(|(_, out)| out)
-}
-
-/// Runs a command with a deadline; returns whether it succeeded and its
-/// stdout followed by stderr.
-fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String), String> {
+/// Runs a command with a deadline; returns whether it succeeded, its stdout
+/// and its stderr.
+fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), String> {
     let mut child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
@@ -161,11 +159,9 @@ fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String), String> {
             Err(e) => return Err(format!("waiting for {}: {e}", exe.display())),
         }
     };
-    let mut text = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    text.push_str(&String::from_utf8_lossy(
-        &err_reader.join().unwrap_or_default(),
-    ));
-    Ok((status.success(), text))
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    Ok((status.success(), stdout, stderr))
 }
 
 /// A minimal HTTP/1.1 GET (Alloy's local endpoint is plain HTTP on loopback).
@@ -185,11 +181,13 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, Str
     stream
         .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    write!(
-        stream,
+    // One write: `write!` would send each formatted piece separately.
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: text/plain\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     stream
         .take(MAX_OUTPUT)

@@ -63,9 +63,16 @@ fn main() -> ExitCode {
                     let Ok((mut sock, _)) = conn else { continue };
                     let running = running.clone();
                     tokio::spawn(async move {
-                        let mut buf = vec![0u8; 4096];
-                        let n = sock.read(&mut buf).await.unwrap_or(0);
-                        let req = String::from_utf8_lossy(&buf[..n]);
+                        // Read the whole request head, however it was segmented.
+                        let mut buf = Vec::with_capacity(1024);
+                        let mut chunk = [0u8; 1024];
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let req = String::from_utf8_lossy(&buf);
                         let path = req.split_whitespace().nth(1).unwrap_or("/");
                         let (status, body) = match path {
                             "/metrics" => ("200 OK", format!(
