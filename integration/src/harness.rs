@@ -272,6 +272,42 @@ impl Fleet {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// The fleet-drift report, as `drift --json` prints it.
+    ///
+    /// # Errors
+    /// When `drift` fails or prints something else.
+    pub fn drift(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.admin(&["drift", "--json"])?;
+        if !out.status.success() {
+            bail!("drift failed: {}", text(&out));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Polls the drift report until `pred` holds for its first host, for at
+    /// most `limit` (reports reach the state files within a second).
+    ///
+    /// # Errors
+    /// On timeout, with the last report.
+    pub fn wait_drift(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let d = self.drift()?;
+            if d["hosts"].get(0).is_some_and(&pred) {
+                return Ok(d);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("timed out after {limit:?} waiting for {what}: {d}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The server's record of a token (uses and all).
     ///
     /// # Errors

@@ -343,19 +343,10 @@ fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
         &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
     )?;
     assert_eq!(code, 0, "{text}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while bed
-        .fleet
-        .admin(&["drift", "--json"])
-        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("\"install_method\":\"script\""))
-        .unwrap_or(true)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the install method never reached the server"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    bed.fleet
+        .wait_drift(Duration::from_secs(20), "the install method", |h| {
+            h["install_method"] == "script"
+        })?;
     Ok(())
 }
 
@@ -570,20 +561,12 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
         )?,
         instance_id
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = bed.fleet.admin(&["drift", "--json"])?;
-        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if d["hosts"][0]["runtime_version"] == "0.157.0" {
-            assert_eq!(d["hosts"][0]["runtime_at_pin"], false, "{d}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "drift never showed 0.157.0: {d}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let d = bed
+        .fleet
+        .wait_drift(Duration::from_secs(20), "0.157.0 in drift", |h| {
+            h["runtime_version"] == "0.157.0"
+        })?;
+    assert_eq!(d["hosts"][0]["runtime_at_pin"], false, "{d}");
 
     // A corrupted artifact: refused, the installed runtime untouched.
     let before = files(&host);
@@ -700,20 +683,10 @@ fn a_rerun_pinned_to_an_older_build_downgrades_and_keeps_the_identity() -> R {
             "{label}: identity changed"
         );
         assert_eq!(bed.fleet.hosts()?.len(), 1, "{label}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = bed.fleet.admin(&["drift", "--json"])?;
-            let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            if d["hosts"][0]["agent_version"] == target {
-                assert_eq!(d["hosts"][0]["verdict"], "in_window", "{label}: {d}");
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{label}: the server never saw {target}: {d}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let d = bed.fleet.wait_drift(Duration::from_secs(20), target, |h| {
+            h["agent_version"] == target
+        })?;
+        assert_eq!(d["hosts"][0]["verdict"], "in_window", "{label}: {d}");
     }
     Ok(())
 }

@@ -17,28 +17,6 @@ fn reports(s: &Value) -> u64 {
     s["reporter"]["reports"].as_u64().unwrap_or(0)
 }
 
-fn drift(fleet: &Fleet) -> anyhow::Result<Value> {
-    let out = fleet.admin(&["drift", "--json"])?;
-    anyhow::ensure!(out.status.success(), "drift failed: {}", text(&out));
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// Polls `drift --json` until `pred` holds for the first host.
-fn wait_drift(fleet: &Fleet, what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let d = drift(fleet)?;
-        if d["hosts"].get(0).is_some_and(&pred) {
-            return Ok(d);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {d}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn setup(name: &str, fleet_args: &[&str]) -> anyhow::Result<(tempfile::TempDir, Fleet, AgentEnv)> {
     let dir = scratch(name)?;
     let mut args = vec!["--report-interval", "1s"];
@@ -59,9 +37,7 @@ fn reports_reach_the_drift_report_with_heartbeats_between() -> R {
     })?;
     assert_eq!(s["reporter"]["skew_verdict"], "in_window");
     assert_eq!(s["reporter"]["report_interval_secs"], 1);
-    let d = wait_drift(&fleet, "runtime reported", |h| {
-        h["runtime_version"] == "0.159.0"
-    })?;
+    let d = fleet.wait_drift(T, "runtime reported", |h| h["runtime_version"] == "0.159.0")?;
     let h = &d["hosts"][0];
     assert_eq!(h["verdict"], "in_window");
     assert_eq!(h["install_method"], "deb");
@@ -149,7 +125,7 @@ fn an_upgraded_server_flags_the_agent_behind_with_its_upgrade_command() -> R {
     let v = linkmesh_agent::version::agent_version();
     let newer = format!("{}.{}.0", v.major, v.minor + 2);
     run_agent_once(&agent)?;
-    wait_drift(&fleet, "in window", |h| h["verdict"] == "in_window")?;
+    fleet.wait_drift(T, "in window", |h| h["verdict"] == "in_window")?;
     fleet.restart(Some(&[
         "--report-interval",
         "1s",
@@ -163,7 +139,7 @@ fn an_upgraded_server_flags_the_agent_behind_with_its_upgrade_command() -> R {
         // The install method is read at start, as after a reinstall.
         std::fs::write(agent.state.join("install-method"), method)?;
         run_agent_once(&agent)?;
-        let d = wait_drift(&fleet, "behind", |h| {
+        let d = fleet.wait_drift(T, "behind", |h| {
             h["verdict"] == "behind" && h["install_method"] == method
         })?;
         assert_eq!(d["hosts"][0]["action"], command);
@@ -171,9 +147,7 @@ fn an_upgraded_server_flags_the_agent_behind_with_its_upgrade_command() -> R {
     }
     std::fs::remove_file(agent.state.join("install-method"))?;
     run_agent_once(&agent)?;
-    let d = wait_drift(&fleet, "binary install", |h| {
-        h["install_method"] == "binary"
-    })?;
+    let d = fleet.wait_drift(T, "binary install", |h| h["install_method"] == "binary")?;
     let action = d["hosts"][0]["action"]
         .as_str()
         .unwrap_or_default()
@@ -228,7 +202,7 @@ fn a_rolled_back_server_makes_the_agent_ahead_and_it_keeps_supervising() -> R {
         "{}",
         run.log_text()
     );
-    let d = wait_drift(&fleet, "ahead in drift", |h| h["verdict"] == "ahead")?;
+    let d = fleet.wait_drift(T, "ahead in drift", |h| h["verdict"] == "ahead")?;
     assert!(
         d["hosts"][0]["action"]
             .as_str()

@@ -15,6 +15,25 @@ type R = anyhow::Result<()>;
 
 const T: Duration = Duration::from_secs(15);
 
+/// A reference server and an agent enrolled with it, using the runtime
+/// binaries (stand-ins, or real ones) in the returned directory.
+fn setup(name: &str) -> anyhow::Result<(tempfile::TempDir, Fleet, std::path::PathBuf, AgentEnv)> {
+    let dir = scratch(name)?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    Ok((dir, fleet, bins, agent))
+}
+
+/// Points the agent's configuration at a fixture script as its supervisor.
+fn use_fixture_supervisor(agent: &AgentEnv, bins: &std::path::Path, name: &str) -> R {
+    let cfg = std::fs::read_to_string(&agent.config)?.replace(
+        &bins.join("opampsupervisor").display().to_string(),
+        &fixture(name).display().to_string(),
+    );
+    agent.write_config(&cfg)
+}
+
 fn running(s: &Value) -> bool {
     s["supervision"]["state"] == "running"
 }
@@ -25,10 +44,7 @@ fn pid_of(s: &Value, key: &str) -> u32 {
 
 #[test]
 fn supervises_streams_logs_and_stops_cleanly() -> R {
-    let dir = scratch("sup-basic")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, _fleet, _bins, agent) = setup("sup-basic")?;
     let mut run = agent.spawn_run(&[], &[])?;
 
     let s = run.wait_status(T, "collector running", |s| {
@@ -94,10 +110,7 @@ fn supervises_streams_logs_and_stops_cleanly() -> R {
 
 #[test]
 fn a_crashed_supervisor_is_restarted_and_counted() -> R {
-    let dir = scratch("sup-crash")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, _fleet, _bins, agent) = setup("sup-crash")?;
     let run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "running", running)?;
     let first = pid_of(&s, "pid");
@@ -110,10 +123,7 @@ fn a_crashed_supervisor_is_restarted_and_counted() -> R {
 
 #[test]
 fn a_crashed_collector_is_restarted_by_the_supervisor_and_shows() -> R {
-    let dir = scratch("col-crash")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, _fleet, _bins, agent) = setup("col-crash")?;
     let run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "collector running", |s| {
         running(s) && pid_of(s, "collector_pid") > 0
@@ -140,15 +150,8 @@ fn a_crashed_collector_is_restarted_by_the_supervisor_and_shows() -> R {
 
 #[test]
 fn a_crash_loop_backs_off_and_is_flagged() -> R {
-    let dir = scratch("sup-loop")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
-    let cfg = std::fs::read_to_string(&agent.config)?.replace(
-        &bins.join("opampsupervisor").display().to_string(),
-        &fixture("fail_fast.sh").display().to_string(),
-    );
-    agent.write_config(&cfg)?;
+    let (_dir, _fleet, bins, agent) = setup("sup-loop")?;
+    use_fixture_supervisor(&agent, &bins, "fail_fast.sh")?;
     let run = agent.spawn_run(&[], &[])?;
     let start = std::time::Instant::now();
     let s = run.wait_status(T, "crash loop", |s| {
@@ -175,15 +178,8 @@ fn a_crash_loop_backs_off_and_is_flagged() -> R {
 
 #[test]
 fn a_supervisor_ignoring_sigint_and_sigterm_is_killed_within_the_grace_period() -> R {
-    let dir = scratch("sup-stubborn")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
-    let cfg = std::fs::read_to_string(&agent.config)?.replace(
-        &bins.join("opampsupervisor").display().to_string(),
-        &fixture("ignore_signals.sh").display().to_string(),
-    );
-    agent.write_config(&cfg)?;
+    let (_dir, _fleet, bins, agent) = setup("sup-stubborn")?;
+    use_fixture_supervisor(&agent, &bins, "ignore_signals.sh")?;
     let mut run = agent.spawn_run(&["--stop-timeout", "1500ms"], &[])?;
     let s = run.wait_status(T, "running", running)?;
     let sup = pid_of(&s, "pid");
@@ -210,10 +206,7 @@ fn a_supervisor_ignoring_sigint_and_sigterm_is_killed_within_the_grace_period() 
 
 #[test]
 fn sigkill_of_the_agent_leaves_no_orphan_collector() -> R {
-    let dir = scratch("sup-orphan")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, _fleet, _bins, agent) = setup("sup-orphan")?;
     let mut run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "collector running", |s| {
         running(s) && pid_of(s, "collector_pid") > 0
@@ -279,15 +272,8 @@ fn a_missing_runtime_is_reported_and_picked_up_once_installed() -> R {
 
 #[test]
 fn hostile_output_is_logged_safely_with_bounded_memory() -> R {
-    let dir = scratch("sup-noisy")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
-    let cfg = std::fs::read_to_string(&agent.config)?.replace(
-        &bins.join("opampsupervisor").display().to_string(),
-        &fixture("noisy.sh").display().to_string(),
-    );
-    agent.write_config(&cfg)?;
+    let (_dir, _fleet, bins, agent) = setup("sup-noisy")?;
+    use_fixture_supervisor(&agent, &bins, "noisy.sh")?;
     let run = agent.spawn_run(&[], &[])?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !run.log_text().contains("after the flood") {
@@ -325,10 +311,7 @@ fn hostile_output_is_logged_safely_with_bounded_memory() -> R {
 
 #[test]
 fn sighup_restarts_the_supervisor_only_when_its_configuration_changed() -> R {
-    let dir = scratch("sup-hup")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (dir, _fleet, bins, agent) = setup("sup-hup")?;
     let run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "running", running)?;
     let first = pid_of(&s, "pid");
@@ -384,10 +367,7 @@ fn sighup_restarts_the_supervisor_only_when_its_configuration_changed() -> R {
 
 #[test]
 fn systemd_hears_ready_status_watchdog_and_stopping() -> R {
-    let dir = scratch("sup-notify")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (dir, _fleet, _bins, agent) = setup("sup-notify")?;
     let sock_path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -543,10 +523,7 @@ fn alloy_build_info_is_read_over_http_from_a_running_alloy() -> R {
 
 #[test]
 fn status_shows_the_supervised_runtime() -> R {
-    let dir = scratch("sup-status")?;
-    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, _fleet, _bins, agent) = setup("sup-status")?;
     let mut run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "collector running", |s| {
         running(s) && pid_of(s, "collector_pid") > 0

@@ -36,16 +36,8 @@ fn a_throw_away_host_boots_systemd_and_leaves_no_trace() -> R {
 
 #[test]
 fn the_agent_runs_as_a_notify_service_and_logs_to_journald() -> R {
-    use linkmesh_integration::harness::binary;
     let host = TestHost::boot("lm-agent")?;
-    for (bin, dest) in [
-        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
-        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
-        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
-        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
-    ] {
-        host.copy_in(&binary(bin)?, dest, 0o755)?;
-    }
+    install_agent_server_and_runtime(&host)?;
     enrol_in_host(&host, "")?;
 
     let unit = "[Unit]\nDescription=LinkMesh agent (probe unit)\n[Service]\nType=notify\nExecStartPre=/usr/bin/linkmesh-agent config check\nExecStart=/usr/bin/linkmesh-agent run\nExecReload=/bin/kill -HUP $MAINPID\nWatchdogSec=10\nKillMode=mixed\nRestartPreventExitStatus=64\n";
@@ -256,7 +248,6 @@ fn alloy_is_detected_watched_and_an_upgrade_without_restart_shows() -> R {
 
 #[test]
 fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
-    use linkmesh_integration::harness::binary;
     let unit =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
     // The exposure score of the shipped file (systemd-analyze scores it offline).
@@ -275,14 +266,7 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
     assert!(score <= 3.0, "exposure {score}");
 
     let host = TestHost::boot("lm-unit")?;
-    for (bin, dest) in [
-        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
-        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
-        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
-        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
-    ] {
-        host.copy_in(&binary(bin)?, dest, 0o755)?;
-    }
+    install_agent_server_and_runtime(&host)?;
     host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
     // Not enrolled: the unit is skipped by its condition, not failed.
     let out = host.exec("systemctl daemon-reload && systemctl start linkmesh-agent; systemctl show -p ActiveState,ConditionResult,Result linkmesh-agent")?;
@@ -396,5 +380,20 @@ fn enrol_in_host(host: &TestHost, serve_args: &str) -> R {
         "enrol in host: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// Copies the agent, the reference server and the stand-in runtime into
+/// `host` at the paths the packages use.
+fn install_agent_server_and_runtime(host: &TestHost) -> R {
+    use linkmesh_integration::harness::binary;
+    for (bin, dest) in [
+        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
+        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
+        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
+        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
+    ] {
+        host.copy_in(&binary(bin)?, dest, 0o755)?;
+    }
     Ok(())
 }
