@@ -10,6 +10,12 @@
 # written to disk or printed. Configuration is written only where there is
 # none; the identity is never touched by a re-run.
 #
+# Install methods: the deb or rpm package when the host has dpkg/apt or
+# rpm/dnf/yum and the server offers that package (the package's own scripts
+# then restart the agent and record the method), else the binary method
+# (/usr/bin/linkmesh-agent and a unit in /etc/systemd/system). A host whose
+# agent came from a package stays on it.
+#
 # Options:
 #   --server URL        fleet server (required)
 #   --ca-pin sha256:HEX pin of the server's CA (required unless --ca-file)
@@ -17,6 +23,7 @@
 #   --token TOKEN | --token-file FILE   enrolment token (or LINKMESH_TOKEN)
 #   --version X.Y.Z     install this version (also how a rollback is done)
 #   --force             re-enrol a host enrolled with another server
+#   --method M          auto (default), deb, rpm or binary
 #   --dry-run           print each step that would change the host; change nothing
 #
 # Exit codes:
@@ -41,6 +48,9 @@ CA_FILE=""
 TOKEN=""
 TOKEN_FILE=""
 VERSION=""
+METHOD=auto
+# The package revision linkmesh-package builds (packaging/package.toml).
+PKG_RELEASE=1
 FORCE=0
 DRY_RUN=0
 WORK=""
@@ -68,6 +78,7 @@ usage() {
 	cat >&2 <<'USAGE'
 usage: install.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE)
                   [--token-file FILE | --token TOKEN] [--version X.Y.Z] [--force] [--dry-run]
+                  [--method auto|deb|rpm|binary]
 The token may also come from LINKMESH_TOKEN. Exit codes: 2 usage, 3 unsupported
 system, 4 not root, 5 download failed, 6 CA pin mismatch, 7 checksum mismatch,
 8 enrolment refused, 9 enrolled elsewhere (--force), 10 service failed, 11 check failed.
@@ -90,6 +101,8 @@ parse_args() {
 		--token-file=*) TOKEN_FILE=${1#*=}; shift ;;
 		--version) VERSION=${2:-}; shift 2 ;;
 		--version=*) VERSION=${1#*=}; shift ;;
+		--method) METHOD=${2:-}; shift 2 ;;
+		--method=*) METHOD=${1#*=}; shift ;;
 		--force) FORCE=1; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
 		-h | --help) usage ;;
@@ -108,6 +121,10 @@ parse_args() {
 	"" | sha256:*) ;;
 	*) die 2 "--ca-pin must look like sha256:HEX" ;;
 	esac
+	case "$METHOD" in
+	auto | deb | rpm | binary) ;;
+	*) die 2 "--method must be auto, deb, rpm or binary, got '$METHOD'" ;;
+	esac
 	if [ -n "$TOKEN" ] && [ -n "$TOKEN_FILE" ]; then
 		die 2 "give the token once: --token or --token-file"
 	fi
@@ -124,10 +141,17 @@ detect_system() {
 	aarch64 | arm64) ARCH=arm64 ;;
 	*) die 3 "unsupported architecture $(uname -m); supported: x86_64, aarch64" ;;
 	esac
+	case "$ARCH" in
+	amd64) RPM_ARCH=x86_64 ;;
+	arm64) RPM_ARCH=aarch64 ;;
+	esac
 	OS_ID=unknown
+	OS_LIKE=""
 	if [ -r /etc/os-release ]; then
 		# shellcheck disable=SC1091
 		OS_ID=$(. /etc/os-release && printf '%s' "${ID:-unknown}")
+		# shellcheck disable=SC1091
+		OS_LIKE=$(. /etc/os-release && printf '%s' "${ID_LIKE:-}")
 	fi
 	for tool in curl sha256sum openssl mktemp install; do
 		command -v "$tool" >/dev/null 2>&1 || die 3 "$tool is required (OS: $OS_ID); install it and run again"
@@ -169,7 +193,53 @@ fetch() {
 		die 5 "cannot download $SERVER/$1"
 }
 
-# Step 4: the binary, verified.
+# Which package, if any, owns the agent on this host now.
+installed_package() {
+	if command -v dpkg-query >/dev/null 2>&1 &&
+		[ "$(dpkg-query -W -f='${db:Status-Status}' linkmesh-agent 2>/dev/null || true)" = installed ]; then
+		echo deb
+	elif command -v rpm >/dev/null 2>&1 && rpm -q linkmesh-agent >/dev/null 2>&1; then
+		echo rpm
+	fi
+}
+
+# The package format this system uses, if it has the tools for one.
+system_package_format() {
+	case " $OS_ID $OS_LIKE " in
+	*" debian "* | *" ubuntu "*)
+		command -v dpkg >/dev/null 2>&1 && echo deb ;;
+	*" rhel "* | *" fedora "* | *" centos "* | *" suse "* | *" amzn "*)
+		command -v rpm >/dev/null 2>&1 && echo rpm ;;
+	esac
+}
+
+# The installed package's version (upstream part), empty when none.
+package_version() {
+	case "$1" in
+	deb) v=$(dpkg-query -W -f='${Version}' linkmesh-agent 2>/dev/null || true) ;;
+	rpm) v=$(rpm -q --qf '%{VERSION}-%{RELEASE}' linkmesh-agent 2>/dev/null || true) ;;
+	esac
+	printf '%s' "$v"
+}
+
+# Fetches NAME and NAME.sha256 from the server's artifacts and verifies one
+# against the other. Returns 1 (and fetches nothing) when the server does
+# not offer NAME; dies on any other failure.
+fetch_verified() {
+	if ! curl -fsS --max-time 120 --cacert "$WORK/ca.pem" -o "$WORK/$1.sha256" \
+		"$SERVER/artifacts/$1.sha256" 2>"$WORK/curl.err"; then
+		grep -q 'error: 404' "$WORK/curl.err" && return 1
+		die 5 "cannot download $SERVER/artifacts/$1.sha256: $(cat "$WORK/curl.err")"
+	fi
+	fetch "artifacts/$1" "$WORK/$1"
+	want=$(cut -d' ' -f1 <"$WORK/$1.sha256")
+	got=$(sha256sum "$WORK/$1" | cut -d' ' -f1)
+	if [ -z "$want" ] || [ "$got" != "$want" ]; then
+		die 7 "checksum mismatch for $1 (expected $want, got $got); the previous installation is untouched"
+	fi
+}
+
+# Step 4: the version, the method and the artifact, verified.
 download_agent() {
 	if [ -z "$VERSION" ]; then
 		fetch agent/latest "$WORK/latest"
@@ -179,19 +249,85 @@ download_agent() {
 	[0-9]*.[0-9]*.[0-9]*) ;;
 	*) die 5 "the server named no usable version ($VERSION)" ;;
 	esac
-	NAME=linkmesh-agent-$VERSION-linux-$ARCH
-	fetch "artifacts/$NAME" "$WORK/$NAME"
-	fetch "artifacts/$NAME.sha256" "$WORK/$NAME.sha256"
-	want=$(cut -d' ' -f1 <"$WORK/$NAME.sha256")
-	got=$(sha256sum "$WORK/$NAME" | cut -d' ' -f1)
-	if [ -z "$want" ] || [ "$got" != "$want" ]; then
-		die 7 "checksum mismatch for $NAME (expected $want, got $got); the previous installation is untouched"
+	OWNER=$(installed_package)
+	case "$METHOD" in
+	auto)
+		if [ -n "$OWNER" ]; then
+			METHOD=$OWNER
+		else
+			METHOD=$(system_package_format)
+			METHOD=${METHOD:-binary}
+		fi
+		AUTO=1
+		;;
+	*) AUTO=0 ;;
+	esac
+	if [ -n "$OWNER" ] && [ "$METHOD" != "$OWNER" ]; then
+		die 3 "linkmesh-agent is installed from the $OWNER package; remove it first to use --method $METHOD (the identity is kept)"
 	fi
+	case "$METHOD" in
+	deb)
+		command -v dpkg >/dev/null 2>&1 || die 3 "--method deb needs dpkg (OS: $OS_ID)"
+		PKG=linkmesh-agent_$VERSION-${PKG_RELEASE}_$ARCH.deb
+		;;
+	rpm)
+		command -v rpm >/dev/null 2>&1 || die 3 "--method rpm needs rpm (OS: $OS_ID)"
+		PKG=linkmesh-agent-$VERSION-$PKG_RELEASE.$RPM_ARCH.rpm
+		;;
+	binary) PKG="" ;;
+	esac
+	if [ -n "$PKG" ]; then
+		if [ -n "$OWNER" ] && [ "$(package_version "$OWNER")" = "$VERSION-$PKG_RELEASE" ]; then
+			say "linkmesh-agent $VERSION ($OWNER package) is already installed"
+			return 0
+		fi
+		fetch_verified "$PKG" && return 0
+		if [ "$AUTO" -eq 0 ] || [ -n "$OWNER" ]; then
+			die 5 "$SERVER offers no $PKG; publish it there or pick another --version"
+		fi
+		say "$SERVER offers no $METHOD package of $VERSION; using the binary method"
+		METHOD=binary
+		PKG=""
+	fi
+	NAME=linkmesh-agent-$VERSION-linux-$ARCH
+	fetch_verified "$NAME" || die 5 "$SERVER offers no $NAME (artifacts/$NAME.sha256: 404); pick another --version"
 	fetch linkmesh-agent.service "$WORK/linkmesh-agent.service"
+}
+
+# Step 5, package method: the package manager replaces the files and its
+# scripts restart an enrolled agent and record the method.
+install_package() {
+	CHANGED=0
+	if [ -z "$PKG" ] || [ ! -f "$WORK/$PKG" ]; then
+		return 0
+	fi
+	case "$METHOD" in
+	deb)
+		if command -v apt-get >/dev/null 2>&1; then
+			# An edited /etc/linkmesh/agent.toml is kept, never prompted for.
+			run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades \
+				-o Dpkg::Options::=--force-confold -o Dpkg::Options::=--force-confdef "$WORK/$PKG" ||
+				die 3 "apt-get could not install $PKG (see above)"
+		else
+			run dpkg --force-confold --force-confdef -i "$WORK/$PKG" ||
+				die 3 "dpkg could not install $PKG (see above)"
+		fi
+		;;
+	rpm)
+		# rpm -U installs, upgrades and (with --oldpackage) downgrades; dnf
+		# and yum read the same database, so `yum update` takes over later.
+		run rpm -U --oldpackage "$WORK/$PKG" ||
+			die 3 "rpm could not install $PKG (see above)"
+		;;
+	esac
 }
 
 # Step 5: install in place (a rename, so a running agent is never half-written).
 install_agent() {
+	if [ "$METHOD" != binary ]; then
+		install_package
+		return 0
+	fi
 	if [ -x "$PREFIX_BIN/linkmesh-agent" ] &&
 		[ "$(sha256sum "$PREFIX_BIN/linkmesh-agent" | cut -d' ' -f1)" = "$got" ]; then
 		say "linkmesh-agent $VERSION is already installed"
@@ -226,6 +362,10 @@ install_agent() {
 enrol() {
 	agent=$PREFIX_BIN/linkmesh-agent
 	if [ "$DRY_RUN" -eq 1 ] && [ ! -x "$agent" ]; then
+		if [ "$METHOD" != binary ]; then
+			printf 'would run: %s enroll --server %s --ca-file <verified CA> (token from the environment)\n' "$agent" "$SERVER"
+			return 0
+		fi
 		# Nothing installed yet: ask the downloaded (verified) binary instead.
 		agent=$WORK/$NAME
 		chmod 0755 "$agent"
@@ -274,7 +414,7 @@ start_service() {
 		say "no systemd here: start the agent with '$PREFIX_BIN/linkmesh-agent run' under your service manager"
 		return 0
 	fi
-	if ! cmp -s "$WORK/linkmesh-agent.service" "$UNIT_PATH" 2>/dev/null; then
+	if [ "$METHOD" = binary ] && ! cmp -s "$WORK/linkmesh-agent.service" "$UNIT_PATH" 2>/dev/null; then
 		run install -m 0644 "$WORK/linkmesh-agent.service" "$UNIT_PATH"
 		run systemctl daemon-reload
 		CHANGED=1

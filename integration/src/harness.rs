@@ -477,6 +477,46 @@ pub fn runtime_bin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.to_owned())
 }
 
+/// The .deb and .rpm of one agent build.
+#[derive(Clone, Debug)]
+pub struct Packages {
+    /// `linkmesh-agent_VERSION-1_ARCH.deb`
+    pub deb: PathBuf,
+    /// `linkmesh-agent-VERSION-1.ARCH.rpm`
+    pub rpm: PathBuf,
+}
+
+/// Builds the .deb and .rpm of `agent` into `out` with `linkmesh-package`
+/// (gzip level 1: these hold the 46 MB debug binary), with `.sha256` files.
+///
+/// # Errors
+/// When the packager is missing or fails.
+pub fn build_packages(agent: &Path, out: &Path) -> anyhow::Result<Packages> {
+    let res = Command::new(binary("linkmesh-package")?)
+        .arg("--binary")
+        .arg(agent)
+        .arg("--out")
+        .arg(out)
+        .args(["--level", "1"])
+        .output()?;
+    if !res.status.success() {
+        bail!("linkmesh-package failed: {}", text(&res));
+    }
+    let listed = String::from_utf8_lossy(&res.stdout).into_owned();
+    let find = |ext: &str| {
+        listed
+            .lines()
+            .filter_map(|l| l.split('\t').next())
+            .find(|p| p.ends_with(ext))
+            .map(PathBuf::from)
+            .with_context(|| format!("no {ext} in linkmesh-package output: {listed}"))
+    };
+    Ok(Packages {
+        deb: find(".deb")?,
+        rpm: find(".rpm")?,
+    })
+}
+
 /// A fixture script from `integration/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,571 @@
+//! The .deb and .rpm on throw-away hosts with real systemd: install, enrol,
+//! upgrade, downgrade, remove and reinstall keep the identity; purge
+//! removes it; an edited configuration survives; the service restarts on
+//! upgrade and never starts on a host that is not enrolled.
+
+use std::time::Duration;
+
+use linkmesh_integration::harness::{
+    Fleet, Packages, TokenInfo, binary, build_packages, older_agent, scratch, snapshot,
+};
+use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
+
+type R = anyhow::Result<()>;
+
+const IDENTITY: &str = "/var/lib/linkmesh-agent/identity";
+
+struct Bed {
+    dir: tempfile::TempDir,
+    net: TestNet,
+    fleet: Fleet,
+    old: Packages,
+    new: Packages,
+    old_version: &'static str,
+    artifacts: std::path::PathBuf,
+}
+
+/// Packages of the older build (0.0.9) and of this one, a reference server
+/// on the test network offering them, and nothing else.
+fn bed(name: &str) -> anyhow::Result<Bed> {
+    let dir = scratch(name)?;
+    let (older, old_version) = older_agent()?;
+    let artifacts = dir.path().join("artifacts");
+    let old = build_packages(&older, &artifacts)?;
+    let new = build_packages(&binary("linkmesh-agent")?, &artifacts)?;
+    let net = TestNet::new()?;
+    let fleet = Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &[
+            "--report-interval",
+            "1s",
+            "--artifacts",
+            artifacts.to_str().unwrap_or_default(),
+        ],
+    )?;
+    Ok(Bed {
+        dir,
+        net,
+        fleet,
+        old,
+        new,
+        old_version,
+        artifacts,
+    })
+}
+
+/// A fresh host on the bed's network with the stand-in collector runtime
+/// where the real packages put it.
+fn host(bed: &mut Bed, name: &str) -> anyhow::Result<TestHost> {
+    let host = TestHost::boot(name)?;
+    bed.net.attach(&host)?;
+    host.copy_in(
+        &binary("standin-opampsupervisor")?,
+        "/usr/bin/opampsupervisor",
+        0o755,
+    )?;
+    host.copy_in(
+        &binary("standin-otelcol-contrib")?,
+        "/usr/bin/otelcol-contrib",
+        0o755,
+    )?;
+    Ok(host)
+}
+
+/// Runs `script` in the host; fails with its output unless it exits 0.
+fn sh(host: &TestHost, script: &str) -> anyhow::Result<String> {
+    let out = host.exec(script)?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "`{script}` failed:\n{text}");
+    Ok(text)
+}
+
+fn copy_packages(host: &TestHost, p: &Packages, prefix: &str) -> R {
+    host.copy_in(&p.deb, &format!("/root/{prefix}.deb"), 0o644)?;
+    host.copy_in(&p.rpm, &format!("/root/{prefix}.rpm"), 0o644)?;
+    Ok(())
+}
+
+fn enrol(host: &TestHost, fleet: &Fleet, t: &TokenInfo) -> R {
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    sh(
+        host,
+        &format!(
+            "linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token && rm /root/token",
+            fleet.url, t.ca_pin
+        ),
+    )?;
+    Ok(())
+}
+
+/// `systemctl show` properties of the unit.
+fn unit(host: &TestHost) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let out = sh(
+        host,
+        "systemctl show linkmesh-agent.service -p ActiveState -p UnitFileState -p MainPID \
+         -p ActiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic -p NRestarts",
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
+/// What the running agent says its version is, once the server has it.
+fn wait_reported(fleet: &Fleet, version: &str, method: &str) -> R {
+    let d = fleet.wait_drift(Duration::from_secs(30), version, |h| {
+        h["agent_version"] == version && h["install_method"] == method
+    })?;
+    assert_eq!(fleet.hosts()?.len(), 1, "{d}");
+    Ok(())
+}
+
+/// Waits until the unit is active with a main pid other than `old_pid`.
+fn wait_restarted(
+    host: &TestHost,
+    old_pid: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = unit(host)?;
+        if u["ActiveState"] == "active" && u["MainPID"] != old_pid && u["MainPID"] != "0" {
+            return Ok(u);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not come back: {u:?}\n{}",
+            host.journal(Some("linkmesh-agent"), "-n 30")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How long the agent was down across its last restart, from systemd's own
+/// timestamps: leaving `active` (stop begins) to `active` again (READY).
+fn downtime(u: &std::collections::BTreeMap<String, String>) -> Duration {
+    let n = |k: &str| u.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_micros(
+        n("ActiveEnterTimestampMonotonic").saturating_sub(n("ActiveExitTimestampMonotonic")),
+    )
+}
+
+/// The supervisor's pid inside the host (the collector runtime follows it).
+fn supervisor_pid(host: &TestHost) -> String {
+    host.exec("pgrep -x opampsupervisor || true")
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// An rpm standing for the base system of an RPM-based host. On RHEL the
+/// rpm database lists bash (which provides /bin/sh) and glibc; a throw-away
+/// host is Debian underneath, so its fresh rpm database is told what the
+/// host really has: /bin/sh and this machine's glibc version.
+fn base_system_rpm(path: &std::path::Path) -> R {
+    let out = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let glibc = text
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("getconf GNU_LIBC_VERSION: {text:?}"))?;
+    rpm::PackageBuilder::new(
+        "testhost-base",
+        "1.0",
+        "MIT",
+        "noarch",
+        "What this throw-away host's base system provides",
+    )
+    .provides(rpm::Dependency::any("/bin/sh"))
+    .provides(rpm::Dependency::eq("glibc", glibc))
+    .build()?
+    .write_file(path)?;
+    Ok(())
+}
+
+#[test]
+fn deb_upgrade_downgrade_remove_reinstall_purge_keep_the_identity() -> R {
+    let mut bed = bed("pkg-deb")?;
+    let host = host(&mut bed, "lm-deb")?;
+    copy_packages(&host, &bed.old, "old")?;
+    copy_packages(&host, &bed.new, "new")?;
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    let apt = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades";
+
+    // Fresh install on a host that is not enrolled: files, method, enabled,
+    // and not started.
+    let out = sh(&host, &format!("{apt} /root/old.deb"))?;
+    assert!(out.contains("this host is not enrolled"), "{out}");
+    let u = unit(&host)?;
+    assert_eq!(u["ActiveState"], "inactive", "{u:?}");
+    assert_eq!(u["UnitFileState"], "enabled", "{u:?}");
+    assert_eq!(
+        std::fs::read_to_string(host.path("/var/lib/linkmesh-agent/install-method"))?,
+        "deb\n"
+    );
+    let out = sh(
+        &host,
+        "stat -c '%a %U' /var/lib/linkmesh-agent; dpkg-query -W linkmesh-agent",
+    )?;
+    assert!(
+        out.starts_with("700 root\n") && out.contains(&format!("{}-1", bed.old_version)),
+        "{out}"
+    );
+
+    // Enrol, start, report.
+    let t = bed.fleet.token(1, "1h")?;
+    enrol(&host, &bed.fleet, &t)?;
+    sh(&host, "systemctl start linkmesh-agent")?;
+    wait_reported(&bed.fleet, bed.old_version, "deb")?;
+    let identity = snapshot(&host.path(IDENTITY));
+    assert!(!identity.is_empty());
+
+    // The operator edits the conffile.
+    sh(
+        &host,
+        "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
+    )?;
+    let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
+
+    let steps: [(&str, String, &str); 2] = [
+        ("upgrade", format!("{apt} /root/new.deb"), current),
+        (
+            "downgrade",
+            "dpkg -i /root/old.deb".to_owned(),
+            bed.old_version,
+        ),
+    ];
+    for (label, cmd, version) in steps {
+        let before = unit(&host)?;
+        let sup_before = supervisor_pid(&host);
+        sh(&host, &cmd)?;
+        let after = wait_restarted(&host, &before["MainPID"])?;
+        eprintln!(
+            "deb {label}: agent down {:?} (systemd: stop began to READY); supervisor pid {sup_before} -> {}",
+            downtime(&after),
+            supervisor_pid(&host)
+        );
+        let v = sh(&host, "linkmesh-agent version --json")?;
+        assert!(
+            v.contains(&format!("\"version\":\"{version}\"")),
+            "{label}: {v}"
+        );
+        assert_eq!(
+            snapshot(&host.path(IDENTITY)),
+            identity,
+            "{label}: identity changed"
+        );
+        assert_eq!(
+            std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
+            edited,
+            "{label}: the edited conffile was replaced"
+        );
+        wait_reported(&bed.fleet, version, "deb")?;
+    }
+
+    // Remove: stopped, binary gone, identity and conffile kept.
+    sh(&host, "apt-get remove -y -q linkmesh-agent")?;
+    let u = unit(&host)?;
+    assert_ne!(u["ActiveState"], "active", "{u:?}");
+    assert!(!host.path("/usr/bin/linkmesh-agent").exists());
+    assert_eq!(
+        snapshot(&host.path(IDENTITY)),
+        identity,
+        "remove: identity changed"
+    );
+    assert_eq!(
+        std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
+        edited
+    );
+
+    // Reinstall: back, same identity, the same single host on the server.
+    sh(&host, &format!("{apt} /root/new.deb"))?;
+    wait_restarted(&host, "0")?;
+    assert_eq!(
+        snapshot(&host.path(IDENTITY)),
+        identity,
+        "reinstall: identity changed"
+    );
+    wait_reported(&bed.fleet, current, "deb")?;
+
+    // The service's records are in the journal with structured fields.
+    let journal = host.journal(Some("linkmesh-agent"), "-o verbose");
+    for field in [
+        "SYSLOG_IDENTIFIER=linkmesh-agent",
+        "TARGET=",
+        "PRIORITY=",
+        "CHILD=opampsupervisor",
+    ] {
+        assert!(journal.contains(field), "journal lacks {field}:\n{journal}");
+    }
+
+    // Purge: the identity, state and configuration are gone.
+    let out = sh(&host, "apt-get purge -y -q linkmesh-agent")?;
+    assert!(out.contains("purged /var/lib/linkmesh-agent"), "{out}");
+    for gone in [
+        "/var/lib/linkmesh-agent",
+        "/etc/linkmesh",
+        "/usr/lib/systemd/system/linkmesh-agent.service",
+    ] {
+        assert!(!host.path(gone).exists(), "{gone} survived purge");
+    }
+    let u = unit(&host)?;
+    assert_ne!(u["ActiveState"], "active", "{u:?}");
+    Ok(())
+}
+
+#[test]
+fn rpm_upgrade_downgrade_erase_reinstall_keep_the_identity() -> R {
+    let mut bed = bed("pkg-rpm")?;
+    let host = host(&mut bed, "lm-rpm")?;
+    copy_packages(&host, &bed.old, "old")?;
+    copy_packages(&host, &bed.new, "new")?;
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    // A host with an rpm database that lists its base system (rpm on
+    // Debian warns it is not the system's package manager).
+    let base = bed.dir.path().join("testhost-base.rpm");
+    base_system_rpm(&base)?;
+    host.copy_in(&base, "/root/base.rpm", 0o644)?;
+    sh(&host, "rpm --initdb && rpm -i /root/base.rpm")?;
+
+    let out = sh(&host, "rpm -i /root/old.rpm")?;
+    assert!(out.contains("this host is not enrolled"), "{out}");
+    let u = unit(&host)?;
+    assert_eq!(u["ActiveState"], "inactive", "{u:?}");
+    assert_eq!(
+        std::fs::read_to_string(host.path("/var/lib/linkmesh-agent/install-method"))?,
+        "rpm\n"
+    );
+    // dnf (what `yum update` runs on current RHEL-family hosts) reads the
+    // same database.
+    let out = sh(
+        &host,
+        "dnf -q --disablerepo='*' list --installed linkmesh-agent 2>&1",
+    )?;
+    assert!(out.contains(&format!("{}-1", bed.old_version)), "{out}");
+
+    let t = bed.fleet.token(1, "1h")?;
+    enrol(&host, &bed.fleet, &t)?;
+    sh(&host, "systemctl start linkmesh-agent")?;
+    wait_reported(&bed.fleet, bed.old_version, "rpm")?;
+    let identity = snapshot(&host.path(IDENTITY));
+    sh(
+        &host,
+        "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
+    )?;
+    let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
+
+    let steps: [(&str, &str, &str); 2] = [
+        ("upgrade", "rpm -U /root/new.rpm", current),
+        (
+            "downgrade",
+            "rpm -U --oldpackage /root/old.rpm",
+            bed.old_version,
+        ),
+    ];
+    for (label, cmd, version) in steps {
+        let before = unit(&host)?;
+        sh(&host, cmd)?;
+        let after = wait_restarted(&host, &before["MainPID"])?;
+        eprintln!("rpm {label}: agent down {:?}", downtime(&after));
+        let v = sh(
+            &host,
+            "linkmesh-agent version --json; rpm -q linkmesh-agent",
+        )?;
+        assert!(
+            v.contains(&format!("\"version\":\"{version}\"")),
+            "{label}: {v}"
+        );
+        assert_eq!(
+            v.matches("linkmesh-agent-").count(),
+            1,
+            "{label}: one package: {v}"
+        );
+        assert_eq!(
+            snapshot(&host.path(IDENTITY)),
+            identity,
+            "{label}: identity changed"
+        );
+        assert_eq!(
+            std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
+            edited,
+            "{label}: the edited %config(noreplace) file was replaced"
+        );
+        wait_reported(&bed.fleet, version, "rpm")?;
+    }
+
+    // Erase: stopped, disabled, files gone; rpm has no purge, so the
+    // identity stays and the edited configuration is saved as .rpmsave.
+    sh(&host, "rpm -e linkmesh-agent")?;
+    let u = unit(&host)?;
+    assert_ne!(u["ActiveState"], "active", "{u:?}");
+    assert!(!host.path("/usr/bin/linkmesh-agent").exists());
+    assert_eq!(
+        snapshot(&host.path(IDENTITY)),
+        identity,
+        "erase: identity changed"
+    );
+    assert_eq!(
+        std::fs::read(host.path("/etc/linkmesh/agent.toml.rpmsave"))?,
+        edited
+    );
+
+    sh(&host, "rpm -i /root/new.rpm")?;
+    wait_restarted(&host, "0")?;
+    assert_eq!(
+        snapshot(&host.path(IDENTITY)),
+        identity,
+        "reinstall: identity changed"
+    );
+    wait_reported(&bed.fleet, current, "rpm")?;
+    Ok(())
+}
+
+#[test]
+fn the_one_liner_installs_the_deb_when_the_server_offers_it_and_moves_a_binary_install_onto_it() -> R
+{
+    let mut bed = bed("pkg-oneliner")?;
+    // A binary-method install first: the server offers only the binary.
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    let arch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let offered: Vec<_> = std::fs::read_dir(&bed.artifacts)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    let hidden = bed.artifacts.join("hidden");
+    std::fs::create_dir_all(&hidden)?;
+    for p in &offered {
+        if let Some(name) = p.file_name() {
+            std::fs::rename(p, hidden.join(name))?;
+        }
+    }
+    let bin = std::fs::read(binary("linkmesh-agent")?)?;
+    let name = format!("linkmesh-agent-{current}-linux-{arch}");
+    std::fs::write(bed.artifacts.join(&name), &bin)?;
+    let sum =
+        linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bin).as_ref());
+    std::fs::write(
+        bed.artifacts.join(format!("{name}.sha256")),
+        format!("{sum}  {name}\n"),
+    )?;
+
+    let host = host(&mut bed, "lm-pkg-1l")?;
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let one_liner = |extra: &str| -> anyhow::Result<(i32, String)> {
+        let out = host.exec(&format!(
+            "curl -fsSk {0}/install.sh | sh -s -- --server {0} --ca-pin {1} {extra}",
+            bed.fleet.url, t.ca_pin
+        ))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.code().unwrap_or(-1), text))
+    };
+    let (code, text) = one_liner("--token-file /root/token")?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("offers no deb package"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(host.path("/var/lib/linkmesh-agent/install-method"))?,
+        "script\n"
+    );
+    let identity = snapshot(&host.path(IDENTITY));
+    let pid = unit(&host)?["MainPID"].clone();
+
+    // Now the server offers the packages: a re-run moves the host onto the
+    // deb (the script's unit in /etc is removed), keeping the identity.
+    for p in std::fs::read_dir(&hidden)?.filter_map(Result::ok) {
+        std::fs::rename(p.path(), bed.artifacts.join(p.file_name()))?;
+    }
+    let (code, text) = one_liner("--dry-run")?;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("would run: env DEBIAN_FRONTEND=noninteractive apt-get install"),
+        "{text}"
+    );
+    let (code, text) = one_liner("")?;
+    assert_eq!(code, 0, "{text}");
+    wait_restarted(&host, &pid)?;
+    let out = sh(
+        &host,
+        "dpkg-query -W linkmesh-agent; cat /var/lib/linkmesh-agent/install-method; \
+         test -e /etc/systemd/system/linkmesh-agent.service && echo shadowed || echo packaged-unit",
+    )?;
+    assert!(
+        out.contains(&format!("{current}-1"))
+            && out.contains("deb\n")
+            && out.contains("packaged-unit"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&host.path(IDENTITY)), identity);
+    wait_reported(&bed.fleet, current, "deb")?;
+
+    // Idempotent on the package too: same pid, nothing reinstalled.
+    let pid = unit(&host)?["MainPID"].clone();
+    let (code, text) = one_liner("")?;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("(deb package) is already installed"),
+        "{text}"
+    );
+    assert_eq!(unit(&host)?["MainPID"], pid);
+
+    // Rollback is a version pin; the package method follows it.
+    let (code, text) = one_liner(&format!("--version {}", bed.old_version))?;
+    assert_eq!(code, 0, "{text}");
+    wait_reported(&bed.fleet, bed.old_version, "deb")?;
+    assert_eq!(snapshot(&host.path(IDENTITY)), identity);
+    // And a binary install over the package is refused, naming the way out.
+    let (code, text) = one_liner("--method binary")?;
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("installed from the deb package"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn the_maintainer_scripts_in_both_packages_are_shellcheck_clean() -> R {
+    let dir = scratch("pkg-scripts")?;
+    let p = build_packages(&binary("linkmesh-agent")?, dir.path())?;
+    let control = dir.path().join("control");
+    let out = std::process::Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&p.deb)
+        .arg(&control)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "dpkg-deb -e: {out:?}");
+    let mut scripts = Vec::new();
+    for name in ["postinst", "prerm", "postrm"] {
+        scripts.push((
+            format!("deb {name}"),
+            std::fs::read_to_string(control.join(name))?,
+        ));
+    }
+    for (name, tag) in [("post", "POSTIN"), ("preun", "PREUN"), ("postun", "POSTUN")] {
+        let out = std::process::Command::new("rpm")
+            .args(["-qp", "--qf", &format!("%{{{tag}}}")])
+            .arg(&p.rpm)
+            .output()?;
+        scripts.push((format!("rpm %{name}"), String::from_utf8(out.stdout)?));
+    }
+    for (name, text) in scripts {
+        assert!(text.starts_with("#!/bin/sh\n"), "{name}: {text}");
+        let path = dir.path().join("script.sh");
+        std::fs::write(&path, &text)?;
+        let out = std::process::Command::new("shellcheck")
+            .args(["--shell=sh", "--severity=style"])
+            .arg(&path)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,76 @@
+# Shared by every linkmesh-agent maintainer script, deb and rpm alike;
+# linkmesh-package puts it after the shebang and `set -e` of each script.
+# Each format's own script only maps its arguments onto these functions.
+#
+# The contract: the identity and state in /var/lib/linkmesh-agent survive
+# upgrade, downgrade, remove and reinstall, and go only on purge (deb). An
+# enrolled host runs the newly installed agent when the package manager is
+# done; a host that is not enrolled is never started.
+
+LM_UNIT=linkmesh-agent.service
+LM_STATE=/var/lib/linkmesh-agent
+LM_IDENTITY=$LM_STATE/identity/identity.toml
+# Where install.sh's binary method puts its copy of the unit. Under /etc it
+# would shadow the packaged unit in /usr/lib.
+LM_SCRIPT_UNIT=/etc/systemd/system/linkmesh-agent.service
+
+lm_say() { printf 'linkmesh-agent: %s\n' "$*" >&2; }
+
+lm_have_systemd() {
+	[ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
+}
+
+# After the package's files are in place: fresh install, upgrade, downgrade,
+# reinstall. $1 is the install method to record (deb or rpm).
+lm_configure() {
+	install -d -m 0700 "$LM_STATE"
+	# What the agent reports as its install method, so the server can say
+	# how to upgrade this host. Written whole, then renamed.
+	printf '%s\n' "$1" >"$LM_STATE/.install-method.new"
+	mv -f "$LM_STATE/.install-method.new" "$LM_STATE/install-method"
+
+	if [ -f "$LM_SCRIPT_UNIT" ] && grep -q '^ExecStart=/usr/bin/linkmesh-agent run' "$LM_SCRIPT_UNIT"; then
+		lm_say "removing $LM_SCRIPT_UNIT left by install.sh; the packaged unit replaces it"
+		rm -f "$LM_SCRIPT_UNIT"
+	fi
+
+	lm_have_systemd || {
+		lm_say "systemd is not running: start 'linkmesh-agent run' under your service manager"
+		return 0
+	}
+	systemctl daemon-reload || true
+	# The package keeps the unit enabled; to keep the agent off for good, use
+	# `systemctl mask linkmesh-agent`, which survives upgrades.
+	systemctl enable --quiet "$LM_UNIT" 2>/dev/null || lm_say "could not enable $LM_UNIT"
+	if [ -f "$LM_IDENTITY" ]; then
+		# restart also starts a stopped unit: after an upgrade the new binary
+		# runs; after a reinstall the agent is back.
+		systemctl restart "$LM_UNIT" ||
+			lm_say "$LM_UNIT did not start: see journalctl -u linkmesh-agent"
+	else
+		lm_say "this host is not enrolled; enrol it, then start the agent:"
+		lm_say "  LINKMESH_TOKEN=... linkmesh-agent enroll --server https://SERVER --ca-pin sha256:HEX"
+		lm_say "  systemctl start $LM_UNIT"
+	fi
+}
+
+# Before the package's files go away for good (not on upgrade).
+lm_stop() {
+	lm_have_systemd || return 0
+	systemctl stop "$LM_UNIT" 2>/dev/null || true
+	systemctl disable --quiet "$LM_UNIT" 2>/dev/null || true
+}
+
+# After the files are gone.
+lm_removed() {
+	lm_have_systemd || return 0
+	systemctl daemon-reload || true
+}
+
+# deb purge only: the identity, the supervisor's storage, the records.
+lm_purge() {
+	rm -rf "$LM_STATE"
+	rm -rf /etc/linkmesh/agent.d
+	rmdir /etc/linkmesh 2>/dev/null || true
+	lm_say "purged $LM_STATE (identity and state) and /etc/linkmesh; the fleet server still lists this host until it is removed there"
+}
