@@ -35,6 +35,18 @@
 //! - `crash_to_restart`: SIGKILL of the supervisor to the agent's status file
 //!   showing a new supervisor pid running (polled every millisecond). Each
 //!   sample is a fresh agent, so it is the first restart (backoff 100 ms ±20 %).
+//! - `deb_size` / `rpm_size`: the packages `linkmesh-package` builds of the
+//!   release binary (gzip level 9), as shipped.
+//! - `upgrade_downtime`: on a throw-away host with real systemd, the .deb
+//!   installed and the host enrolled, then `dpkg -i` of the package again
+//!   (`--upgrades` times): dpkg runs the upgrade path (prerm upgrade, unpack,
+//!   postinst configure, which restarts the agent). Measured from systemd's
+//!   own timestamps: leaving `active` (stop begins) to `active` again (the
+//!   new agent's READY). Needs root; skipped with a note otherwise.
+//!
+//! The whole set is measured `--repeat` times. The table shows, per figure,
+//! the median of the runs' medians and the spread of those medians (min–max
+//! over runs), and the median of the runs' p99; the JSON keeps every run.
 
 use std::{
     path::PathBuf,
@@ -80,6 +92,12 @@ struct Args {
     /// Report interval of the simulated fleet, seconds.
     #[arg(long, default_value_t = 30)]
     fleet_interval: u64,
+    /// Package upgrades timed on a throw-away host (0 skips them).
+    #[arg(long, default_value_t = 10)]
+    upgrades: usize,
+    /// Whole runs of every measurement; the table shows the spread over them.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -131,16 +149,90 @@ fn main() -> ExitCode {
     }
 }
 
+/// One figure over all runs.
+#[derive(Debug, serde::Serialize)]
+struct Summary {
+    name: &'static str,
+    unit: &'static str,
+    how: &'static str,
+    runs: usize,
+    samples_per_run: usize,
+    /// Median of the runs' medians.
+    median: f64,
+    /// Lowest and highest of the runs' medians.
+    run_median_min: f64,
+    run_median_max: f64,
+    /// Median of the runs' p99.
+    p99: f64,
+}
+
+fn summarize(runs: &[Vec<Figure>]) -> Vec<Summary> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|f| {
+            let same: Vec<&Figure> = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|g| g.name == f.name))
+                .collect();
+            let medians = figure("", "", "", same.iter().map(|g| g.median).collect());
+            let p99s = figure("", "", "", same.iter().map(|g| g.p99).collect());
+            Summary {
+                name: f.name,
+                unit: f.unit,
+                how: f.how,
+                runs: same.len(),
+                samples_per_run: f.samples,
+                median: medians.median,
+                run_median_min: medians.min,
+                run_median_max: medians.max,
+                p99: p99s.median,
+            }
+        })
+        .collect()
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.runs == 0 {
-        bail!("--runs must be at least 1");
+    if args.runs == 0 || args.repeat == 0 {
+        bail!("--runs and --repeat must be at least 1");
     }
     let agent_bin = binary("linkmesh-agent")?;
+    let mut runs = Vec::with_capacity(args.repeat);
+    for r in 1..=args.repeat {
+        eprintln!("run {r} of {}", args.repeat);
+        runs.push(one_run(&args, &agent_bin)?);
+    }
+    let summary = summarize(&runs);
+    print_table(&summary);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let doc = serde_json::json!({
+        "agent_version": linkmesh_agent::version::AGENT_VERSION,
+        "git_revision": linkmesh_agent::version::GIT_REVISION,
+        "agent_binary": agent_bin.display().to_string(),
+        "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+        "summary": summary,
+        "runs": runs,
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)?;
+    println!("\nresults written to {}", out.display());
+    Ok(())
+}
+
+/// Every measurement once.
+fn one_run(args: &Args, agent_bin: &std::path::Path) -> anyhow::Result<Vec<Figure>> {
     let dir = scratch("bench")?;
     let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
     let mut figures = Vec::new();
 
-    let size = std::fs::metadata(&agent_bin)?.len() as f64;
+    let size = std::fs::metadata(agent_bin)?.len() as f64;
     figures.push(figure(
         "binary_size",
         "MiB",
@@ -208,26 +300,143 @@ fn run(args: Args) -> anyhow::Result<()> {
         lib_ms,
     ));
 
-    report_figures(&args, &dir, &fleet, &runtime, &mut figures)?;
-    fleet_figures(&args, &dir, &mut figures)?;
-    supervision_figures(&args, &dir, &fleet, &mut figures)?;
+    let packages = package_figures(&dir, agent_bin, &mut figures)?;
+    report_figures(args, &dir, &fleet, &runtime, &mut figures)?;
+    fleet_figures(args, &dir, &mut figures)?;
+    supervision_figures(args, &dir, &fleet, &mut figures)?;
+    upgrade_figures(args, &dir, &packages, &mut figures)?;
+    Ok(figures)
+}
 
-    print_table(&figures);
-    let out = args
-        .out
-        .unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
+/// Builds the release packages; their sizes.
+fn package_figures(
+    dir: &tempfile::TempDir,
+    agent_bin: &std::path::Path,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<linkmesh_integration::harness::Packages> {
+    let out = dir.path().join("packages");
+    let res = std::process::Command::new(binary("linkmesh-package")?)
+        .arg("--binary")
+        .arg(agent_bin)
+        .arg("--out")
+        .arg(&out)
+        .output()?;
+    if !res.status.success() {
+        bail!("linkmesh-package: {}", String::from_utf8_lossy(&res.stderr));
     }
-    let doc = serde_json::json!({
-        "agent_version": linkmesh_agent::version::AGENT_VERSION,
-        "git_revision": linkmesh_agent::version::GIT_REVISION,
-        "agent_binary": agent_bin.display().to_string(),
-        "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
-        "figures": figures,
-    });
-    std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)?;
-    println!("\nresults written to {}", out.display());
+    let listed = String::from_utf8_lossy(&res.stdout).into_owned();
+    let find = |ext: &str| -> anyhow::Result<PathBuf> {
+        listed
+            .lines()
+            .filter_map(|l| l.split('\t').next())
+            .find(|p| p.ends_with(ext))
+            .map(PathBuf::from)
+            .with_context(|| format!("no {ext} in {listed}"))
+    };
+    let packages = linkmesh_integration::harness::Packages {
+        deb: find(".deb")?,
+        rpm: find(".rpm")?,
+    };
+    for (name, path) in [("deb_size", &packages.deb), ("rpm_size", &packages.rpm)] {
+        figures.push(figure(
+            name,
+            "MiB",
+            "size of the package linkmesh-package builds of the release binary (gzip -9)",
+            vec![std::fs::metadata(path)?.len() as f64 / 1_048_576.0],
+        ));
+    }
+    Ok(packages)
+}
+
+/// Package upgrades on a throw-away host: how long the agent is down.
+fn upgrade_figures(
+    args: &Args,
+    dir: &tempfile::TempDir,
+    packages: &linkmesh_integration::harness::Packages,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
+    if args.upgrades == 0 {
+        return Ok(());
+    }
+    let host = match TestHost::boot("lm-bench") {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("note: upgrade_downtime skipped: no throw-away host ({e:#})");
+            return Ok(());
+        }
+    };
+    let mut net = TestNet::new()?;
+    net.attach(&host)?;
+    let fleet = Fleet::start_in_netns(
+        &dir.path().join("fleet-upgrade"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &[],
+    )?;
+    host.copy_in(&packages.deb, "/root/agent.deb", 0o644)?;
+    for (from, to) in [
+        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
+        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
+    ] {
+        host.copy_in(&binary(from)?, to, 0o755)?;
+    }
+    let t = fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let sh = |script: &str| -> anyhow::Result<String> {
+        let out = host.exec(script)?;
+        if !out.status.success() {
+            bail!("`{script}`: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    sh(&format!(
+        "dpkg -i /root/agent.deb >/dev/null 2>&1 && linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token && systemctl start linkmesh-agent",
+        fleet.url, t.ca_pin
+    ))?;
+    let show = || -> anyhow::Result<(String, u64, u64)> {
+        let text = sh("systemctl show linkmesh-agent -p MainPID -p ActiveState \
+             -p ActiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic")?;
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let pid = if get("ActiveState") == "active" {
+            get("MainPID")
+        } else {
+            String::new()
+        };
+        Ok((
+            pid,
+            get("ActiveExitTimestampMonotonic").parse().unwrap_or(0),
+            get("ActiveEnterTimestampMonotonic").parse().unwrap_or(0),
+        ))
+    };
+    let mut down_ms = Vec::with_capacity(args.upgrades);
+    for _ in 0..args.upgrades {
+        let (before, _, _) = show()?;
+        sh("dpkg -i /root/agent.deb >/dev/null 2>&1")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (exit, enter) = loop {
+            let (pid, exit, enter) = show()?;
+            if !pid.is_empty() && pid != before && pid != "0" {
+                break (exit, enter);
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not come back after dpkg -i");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        down_ms.push(enter.saturating_sub(exit) as f64 / 1e3);
+    }
+    figures.push(figure(
+        "upgrade_downtime",
+        "ms",
+        "dpkg -i of the .deb on an enrolled throw-away host: systemd's stop-begins to READY",
+        down_ms,
+    ));
     Ok(())
 }
 
@@ -766,10 +975,10 @@ fn cpu_between(
         / 1e9
 }
 
-fn print_table(figures: &[Figure]) {
+fn print_table(figures: &[Summary]) {
     println!(
-        "{:<20} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
-        "figure", "unit", "median", "p90", "p99", "min", "max", "samples"
+        "{:<22} {:>6} {:>10} {:>23} {:>10} {:>12}",
+        "figure", "unit", "median", "spread of run medians", "p99", "samples"
     );
     let num = |x: f64| {
         if x.abs() < 1.0 && x != 0.0 {
@@ -780,15 +989,13 @@ fn print_table(figures: &[Figure]) {
     };
     for f in figures {
         println!(
-            "{:<20} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
+            "{:<22} {:>6} {:>10} {:>23} {:>10} {:>12}",
             f.name,
             f.unit,
             num(f.median),
-            num(f.p90),
+            format!("{} – {}", num(f.run_median_min), num(f.run_median_max)),
             num(f.p99),
-            num(f.min),
-            num(f.max),
-            f.samples
+            format!("{} × {}", f.samples_per_run, f.runs)
         );
     }
     println!();
