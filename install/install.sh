@@ -74,6 +74,14 @@ run() {
 	"$@"
 }
 
+# Puts a fully written temp file in place: fsync it, rename it, fsync the
+# directory (coreutils sync FILE), so a crash leaves the old file or the new.
+durable_rename() {
+	sync "$1" 2>/dev/null || true
+	run mv -f "$1" "$2"
+	sync "$(dirname "$2")" 2>/dev/null || true
+}
+
 usage() {
 	cat >&2 <<'USAGE'
 usage: install.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE)
@@ -344,7 +352,7 @@ install_agent() {
 		else
 			printf '# Written by install.sh; edit freely, it is never overwritten.\nserver = "%s"\n' "$SERVER" \
 				>"$CONFIG_DIR/.agent.toml.new"
-			run mv -f "$CONFIG_DIR/.agent.toml.new" "$CONFIG_DIR/agent.toml"
+			durable_rename "$CONFIG_DIR/.agent.toml.new" "$CONFIG_DIR/agent.toml"
 		fi
 	fi
 	run install -d -m 0700 "$STATE_DIR"
@@ -353,7 +361,7 @@ install_agent() {
 			printf 'would write: %s\n' "$STATE_DIR/install-method"
 		else
 			printf 'script\n' >"$STATE_DIR/.install-method.new"
-			run mv -f "$STATE_DIR/.install-method.new" "$STATE_DIR/install-method"
+			durable_rename "$STATE_DIR/.install-method.new" "$STATE_DIR/install-method"
 		fi
 	fi
 }

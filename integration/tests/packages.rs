@@ -569,3 +569,80 @@ fn the_maintainer_scripts_in_both_packages_are_shellcheck_clean() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn the_one_liner_installs_the_rpm_with_method_rpm() -> R {
+    let mut bed = bed("pkg-oneliner-rpm")?;
+    let host = host(&mut bed, "lm-pkg-1l-rpm")?;
+    let base = bed.dir.path().join("testhost-base.rpm");
+    base_system_rpm(&base)?;
+    host.copy_in(&base, "/root/base.rpm", 0o644)?;
+    sh(&host, "rpm --initdb && rpm -i /root/base.rpm")?;
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let out = host.exec(&format!(
+        "curl -fsSk {0}/install.sh | sh -s -- --server {0} --ca-pin {1} --token-file /root/token --method rpm",
+        bed.fleet.url, t.ca_pin
+    ))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("+ rpm -U --oldpackage"), "{text}");
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    let out = sh(
+        &host,
+        "rpm -q linkmesh-agent; cat /var/lib/linkmesh-agent/install-method; systemctl is-active linkmesh-agent",
+    )?;
+    assert!(
+        out.contains(&format!("linkmesh-agent-{current}-1")) && out.contains("rpm\nactive\n"),
+        "{out}"
+    );
+    wait_reported(&bed.fleet, current, "rpm")?;
+    let d = bed.fleet.drift()?;
+    assert_eq!(d["hosts"][0]["verdict"], "in_window", "{d}");
+    assert!(
+        d["hosts"][0]["action"].is_null(),
+        "in window, nothing to do: {d}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_declared_glibc_floor_covers_every_symbol_the_agent_uses() -> R {
+    // packaging/package.toml declares libc6 (>= 2.34) / glibc >= 2.34.
+    let declared = (2u32, 34u32);
+    let out = std::process::Command::new("objdump")
+        .arg("-T")
+        .arg(binary("linkmesh-agent")?)
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!("objdump is required (scripts/test installs binutils): {e}")
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let newest = text
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let v: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+            Some((it.next()??, it.next().flatten().unwrap_or(0)))
+        })
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("no GLIBC_ symbols in objdump -T output"))?;
+    assert!(
+        newest <= declared,
+        "the agent needs glibc {}.{}, the packages declare {}.{}: raise the floor in packaging/package.toml",
+        newest.0,
+        newest.1,
+        declared.0,
+        declared.1
+    );
+    let spec = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/package.toml"),
+    )?;
+    assert!(spec.contains("\"libc6 (>= 2.34)\"") && spec.contains("\"glibc >= 2.34\""));
+    Ok(())
+}

@@ -25,9 +25,11 @@ lm_have_systemd() {
 lm_configure() {
 	install -d -m 0700 "$LM_STATE"
 	# What the agent reports as its install method, so the server can say
-	# how to upgrade this host. Written whole, then renamed.
+	# how to upgrade this host. Written whole, synced, renamed, dir synced.
 	printf '%s\n' "$1" >"$LM_STATE/.install-method.new"
+	sync "$LM_STATE/.install-method.new" 2>/dev/null || true
 	mv -f "$LM_STATE/.install-method.new" "$LM_STATE/install-method"
+	sync "$LM_STATE" 2>/dev/null || true
 
 	if [ -f "$LM_SCRIPT_UNIT" ] && grep -q '^ExecStart=/usr/bin/linkmesh-agent run' "$LM_SCRIPT_UNIT"; then
 		lm_say "removing $LM_SCRIPT_UNIT left by install.sh; the packaged unit replaces it"
