@@ -134,13 +134,17 @@ pub async fn run(
         host: crate::host::collect(),
         runtime: report_tx.subscribe(),
     });
-    let publisher = tokio::spawn(publish(
-        report_rx,
-        reporter_rx,
-        settings.state_dir.join(STATUS_FILE),
-    ));
+    let status_path = settings.state_dir.join(STATUS_FILE);
+    let reporter_view = reporter_rx.clone();
+    let publisher = tokio::spawn(publish(report_rx, reporter_rx, status_path.clone()));
     let mut managed = Managed::start(&settings, &identity, options, report_tx.clone()).await?;
     let summary = managed.summary();
+    // The status file describes this agent, not the one before it, by the
+    // time systemd (and `systemctl restart`) hears READY. The runtime is
+    // single-threaded, so this cannot interleave with the publisher.
+    if let Some(r) = report_tx.borrow().clone() {
+        write_status(&status_path, &r, &reporter_view.borrow());
+    }
     notifier.ready(&summary);
     tracing::info!(startup_ms = started.elapsed().as_millis() as u64, status = %summary, "Agent ready");
 
