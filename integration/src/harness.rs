@@ -189,6 +189,27 @@ impl Fleet {
         Ok(())
     }
 
+    /// The server throw-away hosts install from: in the test network's
+    /// server namespace on `SERVER_ADDR:8443`, asking for a report every
+    /// second, offering the files in `artifacts` (install.sh and the unit
+    /// are always served).
+    ///
+    /// # Errors
+    /// When it does not start.
+    pub fn start_for_hosts(state: &Path, netns: &str, artifacts: &Path) -> anyhow::Result<Self> {
+        Self::start_in_netns(
+            state,
+            netns,
+            &format!("{}:8443", crate::testhost::SERVER_ADDR),
+            &[
+                "--report-interval",
+                "1s",
+                "--artifacts",
+                artifacts.to_str().unwrap_or_default(),
+            ],
+        )
+    }
+
     /// Stops the server (SIGKILL) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -486,18 +507,20 @@ pub struct Packages {
     pub rpm: PathBuf,
 }
 
-/// Builds the .deb and .rpm of `agent` into `out` with `linkmesh-package`
-/// (gzip level 1: these hold the 46 MB debug binary), with `.sha256` files.
+/// Builds the .deb and .rpm of `agent` into `out` with `linkmesh-package`,
+/// with `.sha256` files; `level` is the gzip level (tests use 1: their
+/// packages hold the 46 MB debug binary).
 ///
 /// # Errors
 /// When the packager is missing or fails.
-pub fn build_packages(agent: &Path, out: &Path) -> anyhow::Result<Packages> {
+pub fn build_packages(agent: &Path, out: &Path, level: u32) -> anyhow::Result<Packages> {
     let res = Command::new(binary("linkmesh-package")?)
         .arg("--binary")
         .arg(agent)
         .arg("--out")
         .arg(out)
-        .args(["--level", "1"])
+        .arg("--level")
+        .arg(level.to_string())
         .output()?;
     if !res.status.success() {
         bail!("linkmesh-package failed: {}", text(&res));

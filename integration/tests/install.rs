@@ -34,17 +34,7 @@ fn bed(name: &str) -> anyhow::Result<Bed> {
         None,
     )?;
     let net = TestNet::new()?;
-    let fleet = Fleet::start_in_netns(
-        &dir.path().join("fleet"),
-        net.netns(),
-        &format!("{SERVER_ADDR}:8443"),
-        &[
-            "--report-interval",
-            "1s",
-            "--artifacts",
-            artifacts.to_str().unwrap_or_default(),
-        ],
-    )?;
+    let fleet = Fleet::start_for_hosts(&dir.path().join("fleet"), net.netns(), &artifacts)?;
     Ok(Bed {
         _dir: dir,
         net,

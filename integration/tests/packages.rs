@@ -8,7 +8,7 @@ use std::time::Duration;
 use linkmesh_integration::harness::{
     Fleet, Packages, TokenInfo, binary, build_packages, older_agent, scratch, snapshot,
 };
-use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
+use linkmesh_integration::testhost::{TestHost, TestNet};
 
 type R = anyhow::Result<()>;
 
@@ -30,20 +30,10 @@ fn bed(name: &str) -> anyhow::Result<Bed> {
     let dir = scratch(name)?;
     let (older, old_version) = older_agent()?;
     let artifacts = dir.path().join("artifacts");
-    let old = build_packages(&older, &artifacts)?;
-    let new = build_packages(&binary("linkmesh-agent")?, &artifacts)?;
+    let old = build_packages(&older, &artifacts, 1)?;
+    let new = build_packages(&binary("linkmesh-agent")?, &artifacts, 1)?;
     let net = TestNet::new()?;
-    let fleet = Fleet::start_in_netns(
-        &dir.path().join("fleet"),
-        net.netns(),
-        &format!("{SERVER_ADDR}:8443"),
-        &[
-            "--report-interval",
-            "1s",
-            "--artifacts",
-            artifacts.to_str().unwrap_or_default(),
-        ],
-    )?;
+    let fleet = Fleet::start_for_hosts(&dir.path().join("fleet"), net.netns(), &artifacts)?;
     Ok(Bed {
         dir,
         net,
@@ -186,6 +176,132 @@ fn base_system_rpm(path: &std::path::Path) -> R {
     Ok(())
 }
 
+/// An enrolled host with an edited configuration, and what every package
+/// operation must keep: the identity byte for byte, the edit, one host on
+/// the server.
+struct Enrolled<'a> {
+    host: &'a TestHost,
+    fleet: &'a Fleet,
+    method: &'static str,
+    identity: std::collections::BTreeMap<std::path::PathBuf, (u32, String)>,
+    edited: Vec<u8>,
+}
+
+impl<'a> Enrolled<'a> {
+    /// After a fresh install of the package with `install` (a host that is
+    /// not enrolled): checks the agent was not started, then enrols it,
+    /// starts it, waits for its report and edits the configuration.
+    fn after_fresh_install(
+        host: &'a TestHost,
+        fleet: &'a Fleet,
+        method: &'static str,
+        install: &str,
+        version: &str,
+    ) -> anyhow::Result<Self> {
+        let out = sh(host, install)?;
+        assert!(out.contains("this host is not enrolled"), "{out}");
+        let u = unit(host)?;
+        assert_eq!(
+            u["ActiveState"], "inactive",
+            "not enrolled, not started: {u:?}"
+        );
+        assert_eq!(u["UnitFileState"], "enabled", "{u:?}");
+        let out = sh(
+            host,
+            "stat -c '%a %U' /var/lib/linkmesh-agent; cat /var/lib/linkmesh-agent/install-method",
+        )?;
+        assert_eq!(out, format!("700 root\n{method}\n"));
+
+        let t = fleet.token(1, "1h")?;
+        enrol(host, fleet, &t)?;
+        sh(host, "systemctl start linkmesh-agent")?;
+        wait_reported(fleet, version, method)?;
+        let identity = snapshot(&host.path(IDENTITY));
+        assert!(!identity.is_empty());
+        // The operator edits the configuration file.
+        sh(
+            host,
+            "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
+        )?;
+        let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
+        Ok(Self {
+            host,
+            fleet,
+            method,
+            identity,
+            edited,
+        })
+    }
+
+    fn identity_kept(&self, label: &str) {
+        assert_eq!(
+            snapshot(&self.host.path(IDENTITY)),
+            self.identity,
+            "{label}: identity changed"
+        );
+    }
+
+    /// `cmd` replaces the running agent (upgrade, downgrade): it restarts on
+    /// `version` with the same identity and the edited configuration.
+    fn replaced(&self, label: &str, cmd: &str, version: &str) -> R {
+        let before = unit(self.host)?;
+        let supervisor = supervisor_pid(self.host);
+        sh(self.host, cmd)?;
+        let after = wait_restarted(self.host, &before["MainPID"])?;
+        eprintln!(
+            "{} {label}: agent down {:?} (systemd: stop began to READY); supervisor pid {supervisor} -> {}",
+            self.method,
+            downtime(&after),
+            supervisor_pid(self.host)
+        );
+        self.running(label, version)?;
+        assert_eq!(
+            std::fs::read(self.host.path("/etc/linkmesh/agent.toml"))?,
+            self.edited,
+            "{label}: the edited configuration was replaced"
+        );
+        Ok(())
+    }
+
+    /// The agent runs `version`, with the same identity, and says so.
+    fn running(&self, label: &str, version: &str) -> R {
+        wait_restarted(self.host, "0")?;
+        let v = sh(self.host, "linkmesh-agent version --json")?;
+        assert!(
+            v.contains(&format!("\"version\":\"{version}\"")),
+            "{label}: {v}"
+        );
+        self.identity_kept(label);
+        wait_reported(self.fleet, version, self.method)
+    }
+
+    /// `cmd` removes the package: stopped, binary gone, identity kept, the
+    /// edited configuration kept at `config` (rpm moves it aside).
+    fn removed(&self, label: &str, cmd: &str, config: &str) -> R {
+        sh(self.host, cmd)?;
+        let u = unit(self.host)?;
+        assert_ne!(u["ActiveState"], "active", "{label}: {u:?}");
+        assert!(!self.host.path("/usr/bin/linkmesh-agent").exists());
+        self.identity_kept(label);
+        assert_eq!(
+            std::fs::read(self.host.path(config))?,
+            self.edited,
+            "{label}"
+        );
+        Ok(())
+    }
+}
+
+/// A host with an rpm database that lists its base system (rpm on Debian
+/// warns that it is not the system's package manager).
+fn rpm_database(bed: &Bed, host: &TestHost) -> R {
+    let base = bed.dir.path().join("testhost-base.rpm");
+    base_system_rpm(&base)?;
+    host.copy_in(&base, "/root/base.rpm", 0o644)?;
+    sh(host, "rpm --initdb && rpm -i /root/base.rpm")?;
+    Ok(())
+}
+
 #[test]
 fn deb_upgrade_downgrade_remove_reinstall_purge_keep_the_identity() -> R {
     let mut bed = bed("pkg-deb")?;
@@ -195,101 +311,22 @@ fn deb_upgrade_downgrade_remove_reinstall_purge_keep_the_identity() -> R {
     let current = linkmesh_agent::version::AGENT_VERSION;
     let apt = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades";
 
-    // Fresh install on a host that is not enrolled: files, method, enabled,
-    // and not started.
-    let out = sh(&host, &format!("{apt} /root/old.deb"))?;
-    assert!(out.contains("this host is not enrolled"), "{out}");
-    let u = unit(&host)?;
-    assert_eq!(u["ActiveState"], "inactive", "{u:?}");
-    assert_eq!(u["UnitFileState"], "enabled", "{u:?}");
-    assert_eq!(
-        std::fs::read_to_string(host.path("/var/lib/linkmesh-agent/install-method"))?,
-        "deb\n"
-    );
-    let out = sh(
+    let e = Enrolled::after_fresh_install(
         &host,
-        "stat -c '%a %U' /var/lib/linkmesh-agent; dpkg-query -W linkmesh-agent",
+        &bed.fleet,
+        "deb",
+        &format!("{apt} /root/old.deb"),
+        bed.old_version,
     )?;
-    assert!(
-        out.starts_with("700 root\n") && out.contains(&format!("{}-1", bed.old_version)),
-        "{out}"
-    );
-
-    // Enrol, start, report.
-    let t = bed.fleet.token(1, "1h")?;
-    enrol(&host, &bed.fleet, &t)?;
-    sh(&host, "systemctl start linkmesh-agent")?;
-    wait_reported(&bed.fleet, bed.old_version, "deb")?;
-    let identity = snapshot(&host.path(IDENTITY));
-    assert!(!identity.is_empty());
-
-    // The operator edits the conffile.
-    sh(
-        &host,
-        "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
+    e.replaced("upgrade", &format!("{apt} /root/new.deb"), current)?;
+    e.replaced("downgrade", "dpkg -i /root/old.deb", bed.old_version)?;
+    e.removed(
+        "remove",
+        "apt-get remove -y -q linkmesh-agent",
+        "/etc/linkmesh/agent.toml",
     )?;
-    let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
-
-    let steps: [(&str, String, &str); 2] = [
-        ("upgrade", format!("{apt} /root/new.deb"), current),
-        (
-            "downgrade",
-            "dpkg -i /root/old.deb".to_owned(),
-            bed.old_version,
-        ),
-    ];
-    for (label, cmd, version) in steps {
-        let before = unit(&host)?;
-        let sup_before = supervisor_pid(&host);
-        sh(&host, &cmd)?;
-        let after = wait_restarted(&host, &before["MainPID"])?;
-        eprintln!(
-            "deb {label}: agent down {:?} (systemd: stop began to READY); supervisor pid {sup_before} -> {}",
-            downtime(&after),
-            supervisor_pid(&host)
-        );
-        let v = sh(&host, "linkmesh-agent version --json")?;
-        assert!(
-            v.contains(&format!("\"version\":\"{version}\"")),
-            "{label}: {v}"
-        );
-        assert_eq!(
-            snapshot(&host.path(IDENTITY)),
-            identity,
-            "{label}: identity changed"
-        );
-        assert_eq!(
-            std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
-            edited,
-            "{label}: the edited conffile was replaced"
-        );
-        wait_reported(&bed.fleet, version, "deb")?;
-    }
-
-    // Remove: stopped, binary gone, identity and conffile kept.
-    sh(&host, "apt-get remove -y -q linkmesh-agent")?;
-    let u = unit(&host)?;
-    assert_ne!(u["ActiveState"], "active", "{u:?}");
-    assert!(!host.path("/usr/bin/linkmesh-agent").exists());
-    assert_eq!(
-        snapshot(&host.path(IDENTITY)),
-        identity,
-        "remove: identity changed"
-    );
-    assert_eq!(
-        std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
-        edited
-    );
-
-    // Reinstall: back, same identity, the same single host on the server.
     sh(&host, &format!("{apt} /root/new.deb"))?;
-    wait_restarted(&host, "0")?;
-    assert_eq!(
-        snapshot(&host.path(IDENTITY)),
-        identity,
-        "reinstall: identity changed"
-    );
-    wait_reported(&bed.fleet, current, "deb")?;
+    e.running("reinstall", current)?;
 
     // The service's records are in the journal with structured fields.
     let journal = host.journal(Some("linkmesh-agent"), "-o verbose");
@@ -324,21 +361,15 @@ fn rpm_upgrade_downgrade_erase_reinstall_keep_the_identity() -> R {
     copy_packages(&host, &bed.old, "old")?;
     copy_packages(&host, &bed.new, "new")?;
     let current = linkmesh_agent::version::AGENT_VERSION;
-    // A host with an rpm database that lists its base system (rpm on
-    // Debian warns it is not the system's package manager).
-    let base = bed.dir.path().join("testhost-base.rpm");
-    base_system_rpm(&base)?;
-    host.copy_in(&base, "/root/base.rpm", 0o644)?;
-    sh(&host, "rpm --initdb && rpm -i /root/base.rpm")?;
+    rpm_database(&bed, &host)?;
 
-    let out = sh(&host, "rpm -i /root/old.rpm")?;
-    assert!(out.contains("this host is not enrolled"), "{out}");
-    let u = unit(&host)?;
-    assert_eq!(u["ActiveState"], "inactive", "{u:?}");
-    assert_eq!(
-        std::fs::read_to_string(host.path("/var/lib/linkmesh-agent/install-method"))?,
-        "rpm\n"
-    );
+    let e = Enrolled::after_fresh_install(
+        &host,
+        &bed.fleet,
+        "rpm",
+        "rpm -i /root/old.rpm",
+        bed.old_version,
+    )?;
     // dnf (what `yum update` runs on current RHEL-family hosts) reads the
     // same database.
     let out = sh(
@@ -347,80 +378,27 @@ fn rpm_upgrade_downgrade_erase_reinstall_keep_the_identity() -> R {
     )?;
     assert!(out.contains(&format!("{}-1", bed.old_version)), "{out}");
 
-    let t = bed.fleet.token(1, "1h")?;
-    enrol(&host, &bed.fleet, &t)?;
-    sh(&host, "systemctl start linkmesh-agent")?;
-    wait_reported(&bed.fleet, bed.old_version, "rpm")?;
-    let identity = snapshot(&host.path(IDENTITY));
-    sh(
-        &host,
-        "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
+    e.replaced("upgrade", "rpm -U /root/new.rpm", current)?;
+    e.replaced(
+        "downgrade",
+        "rpm -U --oldpackage /root/old.rpm",
+        bed.old_version,
     )?;
-    let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
-
-    let steps: [(&str, &str, &str); 2] = [
-        ("upgrade", "rpm -U /root/new.rpm", current),
-        (
-            "downgrade",
-            "rpm -U --oldpackage /root/old.rpm",
-            bed.old_version,
-        ),
-    ];
-    for (label, cmd, version) in steps {
-        let before = unit(&host)?;
-        sh(&host, cmd)?;
-        let after = wait_restarted(&host, &before["MainPID"])?;
-        eprintln!("rpm {label}: agent down {:?}", downtime(&after));
-        let v = sh(
-            &host,
-            "linkmesh-agent version --json; rpm -q linkmesh-agent",
-        )?;
-        assert!(
-            v.contains(&format!("\"version\":\"{version}\"")),
-            "{label}: {v}"
-        );
-        assert_eq!(
-            v.matches("linkmesh-agent-").count(),
-            1,
-            "{label}: one package: {v}"
-        );
-        assert_eq!(
-            snapshot(&host.path(IDENTITY)),
-            identity,
-            "{label}: identity changed"
-        );
-        assert_eq!(
-            std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
-            edited,
-            "{label}: the edited %config(noreplace) file was replaced"
-        );
-        wait_reported(&bed.fleet, version, "rpm")?;
-    }
-
-    // Erase: stopped, disabled, files gone; rpm has no purge, so the
-    // identity stays and the edited configuration is saved as .rpmsave.
-    sh(&host, "rpm -e linkmesh-agent")?;
-    let u = unit(&host)?;
-    assert_ne!(u["ActiveState"], "active", "{u:?}");
-    assert!(!host.path("/usr/bin/linkmesh-agent").exists());
+    let out = sh(&host, "rpm -q linkmesh-agent")?;
     assert_eq!(
-        snapshot(&host.path(IDENTITY)),
-        identity,
-        "erase: identity changed"
+        out.matches("linkmesh-agent-").count(),
+        1,
+        "one package: {out}"
     );
-    assert_eq!(
-        std::fs::read(host.path("/etc/linkmesh/agent.toml.rpmsave"))?,
-        edited
-    );
-
+    // rpm has no purge: erase keeps the identity and moves the edited
+    // configuration aside as .rpmsave.
+    e.removed(
+        "erase",
+        "rpm -e linkmesh-agent",
+        "/etc/linkmesh/agent.toml.rpmsave",
+    )?;
     sh(&host, "rpm -i /root/new.rpm")?;
-    wait_restarted(&host, "0")?;
-    assert_eq!(
-        snapshot(&host.path(IDENTITY)),
-        identity,
-        "reinstall: identity changed"
-    );
-    wait_reported(&bed.fleet, current, "rpm")?;
+    e.running("reinstall", current)?;
     Ok(())
 }
 
@@ -531,7 +509,7 @@ fn the_one_liner_installs_the_deb_when_the_server_offers_it_and_moves_a_binary_i
 #[test]
 fn the_maintainer_scripts_in_both_packages_are_shellcheck_clean() -> R {
     let dir = scratch("pkg-scripts")?;
-    let p = build_packages(&binary("linkmesh-agent")?, dir.path())?;
+    let p = build_packages(&binary("linkmesh-agent")?, dir.path(), 1)?;
     let control = dir.path().join("control");
     let out = std::process::Command::new("dpkg-deb")
         .arg("--control")
@@ -574,10 +552,7 @@ fn the_maintainer_scripts_in_both_packages_are_shellcheck_clean() -> R {
 fn the_one_liner_installs_the_rpm_with_method_rpm() -> R {
     let mut bed = bed("pkg-oneliner-rpm")?;
     let host = host(&mut bed, "lm-pkg-1l-rpm")?;
-    let base = bed.dir.path().join("testhost-base.rpm");
-    base_system_rpm(&base)?;
-    host.copy_in(&base, "/root/base.rpm", 0o644)?;
-    sh(&host, "rpm --initdb && rpm -i /root/base.rpm")?;
+    rpm_database(&bed, &host)?;
     let t = bed.fleet.token(1, "1h")?;
     std::fs::write(host.path("/root/token"), &t.token)?;
     let out = host.exec(&format!(

@@ -314,29 +314,8 @@ fn package_figures(
     agent_bin: &std::path::Path,
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<linkmesh_integration::harness::Packages> {
-    let out = dir.path().join("packages");
-    let res = std::process::Command::new(binary("linkmesh-package")?)
-        .arg("--binary")
-        .arg(agent_bin)
-        .arg("--out")
-        .arg(&out)
-        .output()?;
-    if !res.status.success() {
-        bail!("linkmesh-package: {}", String::from_utf8_lossy(&res.stderr));
-    }
-    let listed = String::from_utf8_lossy(&res.stdout).into_owned();
-    let find = |ext: &str| -> anyhow::Result<PathBuf> {
-        listed
-            .lines()
-            .filter_map(|l| l.split('\t').next())
-            .find(|p| p.ends_with(ext))
-            .map(PathBuf::from)
-            .with_context(|| format!("no {ext} in {listed}"))
-    };
-    let packages = linkmesh_integration::harness::Packages {
-        deb: find(".deb")?,
-        rpm: find(".rpm")?,
-    };
+    let packages =
+        linkmesh_integration::harness::build_packages(agent_bin, &dir.path().join("packages"), 9)?;
     for (name, path) in [("deb_size", &packages.deb), ("rpm_size", &packages.rpm)] {
         figures.push(figure(
             name,
