@@ -370,18 +370,23 @@ fn rpm_upgrade_downgrade_erase_reinstall_keep_the_identity() -> R {
         "rpm -i /root/old.rpm",
         bed.old_version,
     )?;
-    // dnf (what `yum update` runs on current RHEL-family hosts) reads the
-    // same database.
+    // dnf (what `yum update` runs on current RHEL-family hosts) sees what
+    // rpm installed, and upgrades and downgrades it (local files: no repos
+    // here).
     let out = sh(
         &host,
         "dnf -q --disablerepo='*' list --installed linkmesh-agent 2>&1",
     )?;
     assert!(out.contains(&format!("{}-1", bed.old_version)), "{out}");
 
-    e.replaced("upgrade", "rpm -U /root/new.rpm", current)?;
+    e.replaced(
+        "upgrade",
+        "dnf -y -q --disablerepo='*' upgrade /root/new.rpm",
+        current,
+    )?;
     e.replaced(
         "downgrade",
-        "rpm -U --oldpackage /root/old.rpm",
+        "dnf -y -q --disablerepo='*' downgrade /root/old.rpm",
         bed.old_version,
     )?;
     let out = sh(&host, "rpm -q linkmesh-agent")?;
