@@ -31,6 +31,30 @@ const BOOT_SCRIPT: &str = r#"
 set -eu
 M=$1 U=$2 W=$3 LOG=$4 NAME=$5 MID=$6
 exec >"$LOG" 2>&1
+# Its own cgroup in every hierarchy before systemd starts. Without it the
+# systemd of every host running at once would take the same cgroup as its
+# root and share unit cgroups: one host stopping linkmesh-agent.service
+# removes the cgroup another host's start is joining (219/CGROUP).
+SCRATCH=$(dirname "$LOG")
+CG=linkmesh-testhost-$(basename "$SCRATCH")
+: >"$SCRATCH/cgroups"
+while IFS=: read -r _ ctrl path; do
+	case "$ctrl" in
+	"") base=/sys/fs/cgroup; [ -f "$base/cgroup.controllers" ] || base=/sys/fs/cgroup/unified ;;
+	name=*) base=/sys/fs/cgroup/${ctrl#name=} ;;
+	*) base=/sys/fs/cgroup/$ctrl ;;
+	esac
+	parent=$base${path%/}
+	[ -d "$parent" ] || continue
+	dir=$parent/$CG
+	mkdir -p "$dir" 2>/dev/null || continue
+	printf '%s\n' "$dir" >>"$SCRATCH/cgroups"
+	if [ "$ctrl" = cpuset ]; then
+		cat "$parent/cpuset.cpus" >"$dir/cpuset.cpus" 2>/dev/null || true
+		cat "$parent/cpuset.mems" >"$dir/cpuset.mems" 2>/dev/null || true
+	fi
+	echo 0 >"$dir/cgroup.procs" 2>/dev/null || echo "note: cannot join $dir"
+done </proc/self/cgroup
 mount --make-rprivate /
 mount -t overlay overlay -o "lowerdir=/,upperdir=$U,workdir=$W" "$M"
 mount -t proc proc "$M/proc"
@@ -233,6 +257,13 @@ impl TestHost {
         self.pid1
     }
 
+    /// The last 4,000 characters systemd (PID 1) wrote to its console:
+    /// unit failures such as "Failed at step …" land here, not in the
+    /// journal, because the host's systemd logs to the console.
+    pub fn system_log(&self) -> String {
+        self.boot_log()
+    }
+
     fn boot_log(&self) -> String {
         std::fs::read_to_string(self.scratch.join("boot.log"))
             .unwrap_or_default()
@@ -266,7 +297,30 @@ impl Drop for TestHost {
             let _ = c.kill();
             let _ = c.wait();
         }
+        remove_cgroups(&self.scratch);
         let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Removes the cgroups a host's boot script made (listed in its scratch
+/// directory), innermost first; the kernel refuses while a member is still
+/// exiting, so each removal is retried for up to a second.
+fn remove_cgroups(scratch: &Path) {
+    fn remove_tree(dir: &Path, deadline: Instant) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path(), deadline);
+                }
+            }
+        }
+        while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let list = std::fs::read_to_string(scratch.join("cgroups")).unwrap_or_default();
+    for dir in list.lines().filter(|l| l.contains("/linkmesh-testhost-")) {
+        remove_tree(Path::new(dir), Instant::now() + Duration::from_secs(1));
     }
 }
 
@@ -279,6 +333,7 @@ fn reap_leftovers() {
         let name = e.file_name().to_string_lossy().into_owned();
         let owner: Option<u32> = name.rsplit('-').next().and_then(|p| p.parse().ok());
         if owner.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            remove_cgroups(&e.path());
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -65,9 +65,22 @@ fn one_liner(host: &TestHost, fleet: &Fleet, args: &str) -> anyhow::Result<(i32,
         "curl -fsSk {0}/install.sh | sh -s -- --server {0} {args}",
         fleet.url
     ))?;
-    let text =
+    let mut text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(10) {
+        // The service failed to start: what the agent and systemd said.
+        text += &service_failure(host);
+    }
     Ok((out.status.code().unwrap_or(-1), text))
+}
+
+/// What systemd and the agent said about a failed start of the service.
+fn service_failure(host: &TestHost) -> String {
+    let out = host
+        .exec("systemctl status --no-pager -l -n 0 linkmesh-agent; systemctl show -p Result -p ExecMainCode -p ExecMainStatus -p NRestarts linkmesh-agent; journalctl --no-pager -n 60 -o short-monotonic")
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out + &host.system_log()
 }
 
 /// What an install owns on the host, with modes and hashes: the binary, the
@@ -464,11 +477,13 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
             "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} {args}",
             bed.fleet.url, t.ca_pin
         ))?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        ))
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            // What the agent said, for a failure that names the service.
+            text += &service_failure(&host);
+        }
+        Ok((out.status.code().unwrap_or(-1), text))
     };
     let (code, text) = opamp("")?;
     assert_eq!(code, 0, "{text}");

@@ -24,12 +24,44 @@ fn a_throw_away_host_boots_systemd_and_leaves_no_trace() -> R {
         std::fs::read_to_string(host.path("/etc/linkmesh-probe"))?,
         "changed\n"
     );
+    // Its own cgroups, so two hosts' systemd never share unit cgroups.
     let pid1 = host.pid1();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid1}/cgroup"))?;
+    let own: Vec<String> = cgroups
+        .lines()
+        .filter_map(|l| l.split(':').nth(2))
+        .filter(|p| p.contains("/linkmesh-testhost-lm-boot-"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        cgroups.contains("name=systemd:/linkmesh-testhost-lm-boot-"),
+        "{cgroups}"
+    );
+    let mounted: Vec<std::path::PathBuf> = ["systemd", "unified", "pids"]
+        .iter()
+        .filter_map(|h| {
+            let line = cgroups.lines().find(|l| {
+                let ctrl = l.split(':').nth(1).unwrap_or_default();
+                ctrl == *h || ctrl == format!("name={h}") || (ctrl.is_empty() && *h == "unified")
+            })?;
+            let path = line.split(':').nth(2)?;
+            Some(std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/{h}{path}"
+            )))
+        })
+        .collect();
+    assert!(
+        !own.is_empty() && mounted.iter().all(|d| d.is_dir()),
+        "{mounted:?}"
+    );
     drop(host);
     assert!(
         !std::path::Path::new(&format!("/proc/{pid1}")).exists(),
         "PID 1 of the host survived"
     );
+    for d in &mounted {
+        assert!(!d.exists(), "{} survived the host", d.display());
+    }
     assert_eq!(std::fs::read_to_string("/etc/hostname")?, before);
     Ok(())
 }
