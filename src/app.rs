@@ -116,35 +116,37 @@ pub async fn run(
     let mut signals = Signals::new().map_err(AppError::Signals)?;
     let identity = load_identity(&settings)?;
     tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
+    let this_host = ThisHost {
+        server: identity.server.clone(),
+        host_id: identity.host_id.clone(),
+    };
 
-    let (report_tx, report_rx) = watch::channel(None::<RuntimeReport>);
-    let proxy =
-        crate::transport::proxy_for(identity.server.host(), settings.proxy_url.as_deref(), |k| {
-            std::env::var(k).ok()
-        });
+    let (report_tx, mut report_rx) = watch::channel(None::<RuntimeReport>);
+    let proxy = crate::transport::proxy_for(
+        this_host.server.host(),
+        settings.proxy_url.as_deref(),
+        |k| std::env::var(k).ok(),
+    );
     if let Some(p) = &proxy {
         tracing::info!(proxy = %p.authority, source = %p.source, "Connecting to the server through an HTTP proxy");
     }
-    let (reporter, reporter_rx) = crate::reporter::spawn(crate::reporter::ReporterContext {
+    let (reporter, mut reporter_rx) = crate::reporter::spawn(crate::reporter::ReporterContext {
         store: IdentityStore::new(&settings.state_dir),
-        identity: load_identity(&settings)?,
+        identity,
         interval: settings.report_interval,
         proxy,
         install_method: install_method(&settings.state_dir),
         host: crate::host::collect(),
         runtime: report_tx.subscribe(),
     });
-    let status_path = settings.state_dir.join(STATUS_FILE);
-    let reporter_view = reporter_rx.clone();
-    let publisher = tokio::spawn(publish(report_rx, reporter_rx, status_path.clone()));
-    let mut managed = Managed::start(&settings, &identity, options, report_tx.clone()).await?;
+    let mut managed = Managed::start(&settings, &this_host, options, report_tx.clone()).await?;
     let summary = managed.summary();
     // The status file describes this agent, not the one before it, by the
-    // time systemd (and `systemctl restart`) hears READY. The runtime is
-    // single-threaded, so this cannot interleave with the publisher.
-    if let Some(r) = report_tx.borrow().clone() {
-        write_status(&status_path, &r, &reporter_view.borrow());
-    }
+    // time systemd (and `systemctl restart`) hears READY; the publisher
+    // rewrites it on every change from there.
+    let status_path = settings.state_dir.join(STATUS_FILE);
+    publish_now(&mut report_rx, &mut reporter_rx, &status_path);
+    let publisher = tokio::spawn(publish(report_rx, reporter_rx, status_path));
     notifier.ready(&summary);
     tracing::info!(startup_ms = started.elapsed().as_millis() as u64, status = %summary, "Agent ready");
 
@@ -177,7 +179,7 @@ pub async fn run(
             Ok(new) => {
                 settings = new;
                 managed = managed
-                    .reload(&settings, &identity, options, report_tx.clone())
+                    .reload(&settings, &this_host, options, report_tx.clone())
                     .await?;
                 tracing::info!(status = %managed.summary(), "Configuration reloaded");
             }
@@ -198,6 +200,13 @@ pub async fn run(
     let _ = publisher.await;
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// What supervision needs of the identity. The reporter owns the identity
+/// itself (it renews it); the server and host id never change.
+struct ThisHost {
+    server: crate::endpoint::ServerUrl,
+    host_id: crate::identity::HostId,
 }
 
 fn load_identity(settings: &Settings) -> Result<Identity, AppError> {
@@ -227,7 +236,7 @@ enum Managed {
 impl Managed {
     async fn start(
         settings: &Settings,
-        identity: &Identity,
+        this_host: &ThisHost,
         options: RunOptions,
         report: watch::Sender<Option<RuntimeReport>>,
     ) -> Result<Self, AppError> {
@@ -240,7 +249,7 @@ impl Managed {
         }
         match detection.kind {
             RuntimeKind::Otelcol => {
-                let spec = prepare_supervisor(settings, identity, &detection)?;
+                let spec = prepare_supervisor(settings, this_host, &detection)?;
                 let supervisor = Supervisor::start(
                     spec.clone(),
                     SupervisorOptions {
@@ -310,7 +319,7 @@ impl Managed {
     async fn reload(
         self,
         settings: &Settings,
-        identity: &Identity,
+        this_host: &ThisHost,
         options: RunOptions,
         report: watch::Sender<Option<RuntimeReport>>,
     ) -> Result<Self, AppError> {
@@ -325,11 +334,11 @@ impl Managed {
                 if detection.kind != RuntimeKind::Otelcol {
                     forward.abort();
                     supervisor.stop().await;
-                    return Self::start(settings, identity, options, report).await;
+                    return Self::start(settings, this_host, options, report).await;
                 }
                 let config_path = settings.state_dir.join(SUPERVISOR_CONFIG);
                 let before = std::fs::read(&config_path).unwrap_or_default();
-                let new_spec = match prepare_supervisor(settings, identity, &detection) {
+                let new_spec = match prepare_supervisor(settings, this_host, &detection) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(error = %e, "Reload failed; keeping the running supervisor");
@@ -357,7 +366,7 @@ impl Managed {
             }
             other => {
                 other.stop().await;
-                Self::start(settings, identity, options, report).await
+                Self::start(settings, this_host, options, report).await
             }
         }
     }
@@ -417,7 +426,7 @@ async fn detect(settings: &Settings) -> Detection {
 /// and returns how to run it.
 fn prepare_supervisor(
     settings: &Settings,
-    identity: &Identity,
+    this_host: &ThisHost,
     detection: &Detection,
 ) -> Result<ChildSpec, AppError> {
     let state = &settings.state_dir;
@@ -431,9 +440,9 @@ fn prepare_supervisor(
         .as_ref()
         .map_or_else(|| settings.runtime.supervisor.clone(), |s| s.path.clone());
     let inputs = SupervisorInputs {
-        server: identity.server.clone(),
-        host_id: identity.host_id.clone(),
-        hostname: crate::host::collect().hostname,
+        server: this_host.server.clone(),
+        host_id: this_host.host_id.clone(),
+        hostname: crate::host::hostname(),
         ca_file: identity_dir.join(crate::identity::store::CA_FILE),
         cert_file: identity_dir.join(crate::identity::store::CERT_FILE),
         key_file: identity_dir.join(crate::identity::store::KEY_FILE),
@@ -480,23 +489,33 @@ fn forward_supervision(
     })
 }
 
-/// Writes the runtime's and the reporter's state to the status file
-/// (atomically) whenever either changes.
+/// Writes the runtime's and the reporter's current state to the status
+/// file (atomically) and marks both as seen.
+fn publish_now(
+    runtime: &mut watch::Receiver<Option<RuntimeReport>>,
+    reporter: &mut watch::Receiver<crate::reporter::ReporterStatus>,
+    path: &Path,
+) {
+    let report = runtime.borrow_and_update().clone();
+    let rep = reporter.borrow_and_update().clone();
+    if let Some(r) = report {
+        write_status(path, &r, &rep);
+    }
+}
+
+/// Rewrites the status file whenever the runtime's or the reporter's state
+/// changes, until either side is gone.
 async fn publish(
     mut runtime: watch::Receiver<Option<RuntimeReport>>,
     mut reporter: watch::Receiver<crate::reporter::ReporterStatus>,
     path: PathBuf,
 ) {
     loop {
-        let report = runtime.borrow_and_update().clone();
-        let rep = reporter.borrow_and_update().clone();
-        if let Some(r) = report {
-            write_status(&path, &r, &rep);
-        }
         tokio::select! {
             c = runtime.changed() => if c.is_err() { return },
             c = reporter.changed() => if c.is_err() { return },
         }
+        publish_now(&mut runtime, &mut reporter, &path);
     }
 }
 

@@ -80,6 +80,14 @@ pub fn machine_id_hash(machine_id: &str) -> Option<String> {
     Some(crate::hex::encode(ring::hmac::sign(&key, APP_ID).as_ref()))
 }
 
+/// The kernel's host name now (empty when it cannot be read).
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
 /// Reads the facts from the running host.
 pub fn collect() -> HostFacts {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind};
@@ -95,10 +103,7 @@ pub fn collect() -> HostFacts {
         .or_else(|| read("/usr/lib/os-release"))
         .map(|t| parse_os_release(&t));
     HostFacts {
-        hostname: nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default(),
+        hostname: hostname(),
         os: os.unwrap_or_default(),
         kernel_release: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())

@@ -465,6 +465,30 @@ pub fn scratch(label: &str) -> anyhow::Result<tempfile::TempDir> {
         .tempdir_in(parent)?)
 }
 
+/// The collector runtime binaries: (name, env var naming a real one, stand-in).
+const RUNTIMES: [(&str, &str, &str); 3] = [
+    (
+        "opampsupervisor",
+        "LINKMESH_REAL_OPAMPSUPERVISOR",
+        "standin-opampsupervisor",
+    ),
+    (
+        "otelcol-contrib",
+        "LINKMESH_REAL_OTELCOL_CONTRIB",
+        "standin-otelcol-contrib",
+    ),
+    ("alloy", "LINKMESH_REAL_ALLOY", "standin-alloy"),
+];
+
+/// The executable to use for a runtime: the real one its env var names,
+/// else this workspace's stand-in.
+fn runtime_binary(real_var: &str, standin: &str) -> anyhow::Result<PathBuf> {
+    match std::env::var_os(real_var) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => binary(standin),
+    }
+}
+
 /// A directory holding `opampsupervisor`, `otelcol-contrib` and `alloy`:
 /// the real binaries named by `LINKMESH_REAL_OPAMPSUPERVISOR`,
 /// `LINKMESH_REAL_OTELCOL_CONTRIB` and `LINKMESH_REAL_ALLOY` when set, else
@@ -474,28 +498,85 @@ pub fn scratch(label: &str) -> anyhow::Result<tempfile::TempDir> {
 /// When a binary is missing or a link cannot be made.
 pub fn runtime_bin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    for (name, real_var, standin) in [
-        (
-            "opampsupervisor",
-            "LINKMESH_REAL_OPAMPSUPERVISOR",
-            "standin-opampsupervisor",
-        ),
-        (
-            "otelcol-contrib",
-            "LINKMESH_REAL_OTELCOL_CONTRIB",
-            "standin-otelcol-contrib",
-        ),
-        ("alloy", "LINKMESH_REAL_ALLOY", "standin-alloy"),
-    ] {
-        let target = match std::env::var_os(real_var) {
-            Some(p) => PathBuf::from(p),
-            None => binary(standin)?,
-        };
+    for (name, real_var, standin) in RUNTIMES {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&target, &link)?;
+        std::os::unix::fs::symlink(runtime_binary(real_var, standin)?, &link)?;
     }
     Ok(dir.to_owned())
+}
+
+/// Installs opampsupervisor and otelcol-contrib in a throw-away host where
+/// the real packages put them (`/usr/bin`), real or stand-in as
+/// [`runtime_bin_dir`] chooses.
+///
+/// # Errors
+/// When a binary is missing or cannot be copied in.
+pub fn install_runtime(host: &crate::testhost::TestHost) -> anyhow::Result<()> {
+    for (name, real_var, standin) in &RUNTIMES[..2] {
+        host.copy_in(
+            &runtime_binary(real_var, standin)?,
+            &format!("/usr/bin/{name}"),
+            0o755,
+        )?;
+    }
+    Ok(())
+}
+
+/// Debian's name for this machine's architecture, as artifacts are named.
+pub const DEB_ARCH: &str = if cfg!(target_arch = "aarch64") {
+    "arm64"
+} else {
+    "amd64"
+};
+
+/// Puts an agent build in an artifacts directory as the server offers it
+/// (`linkmesh-agent-VERSION-linux-ARCH`) with its `.sha256` file, or with
+/// `wrong_sum` in it.
+///
+/// # Errors
+/// When the files cannot be written.
+pub fn publish_binary(
+    dir: &Path,
+    version: &str,
+    bytes: &[u8],
+    wrong_sum: Option<&str>,
+) -> anyhow::Result<()> {
+    let name = format!("linkmesh-agent-{version}-linux-{DEB_ARCH}");
+    std::fs::write(dir.join(&name), bytes)?;
+    let sum = wrong_sum.map_or_else(
+        || linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
+        str::to_owned,
+    );
+    std::fs::write(
+        dir.join(format!("{name}.sha256")),
+        format!("{sum}  {name}\n"),
+    )?;
+    Ok(())
+}
+
+/// Runs the install one-liner inside `host` against `fleet` (fetching
+/// install.sh with `curl -k`: the pin protects everything after it);
+/// returns the exit code and stdout+stderr. When the service failed to
+/// start (exit 10), systemd's view of it is appended.
+///
+/// # Errors
+/// When the command cannot be run in the host.
+pub fn install_one_liner(
+    host: &crate::testhost::TestHost,
+    fleet: &Fleet,
+    args: &str,
+) -> anyhow::Result<(i32, String)> {
+    let out = host.exec(&format!(
+        "curl -fsSk {0}/install.sh | sh -s -- --server {0} {args}",
+        fleet.url
+    ))?;
+    let mut text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(10) {
+        text += &host.service_failure("linkmesh-agent");
+    }
+    Ok((out.status.code().unwrap_or(-1), text))
 }
 
 /// The .deb and .rpm of one agent build.

@@ -257,11 +257,39 @@ impl TestHost {
         self.pid1
     }
 
-    /// The last 4,000 characters systemd (PID 1) wrote to its console:
-    /// unit failures such as "Failed at step …" land here, not in the
-    /// journal, because the host's systemd logs to the console.
-    pub fn system_log(&self) -> String {
-        self.boot_log()
+    /// `systemctl show UNIT -p …` as a map.
+    ///
+    /// # Errors
+    /// When systemctl cannot be run or fails.
+    pub fn unit_properties(
+        &self,
+        unit: &str,
+        props: &[&str],
+    ) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let args: String = props.iter().map(|p| format!(" -p {p}")).collect();
+        let out = self.exec(&format!("systemctl show {unit}{args}"))?;
+        if !out.status.success() {
+            bail!(
+                "systemctl show {unit}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect())
+    }
+
+    /// What systemd and the unit said about a failed start, for a test's
+    /// failure message: status (with the failing step's exit code, e.g.
+    /// 219/CGROUP), result, and the last journal lines.
+    pub fn service_failure(&self, unit: &str) -> String {
+        self.exec(&format!(
+            "systemctl status --no-pager -l -n 0 {unit}; systemctl show -p Result -p ExecMainCode -p ExecMainStatus -p NRestarts {unit}; journalctl --no-pager -n 60 -o short-monotonic"
+        ))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
     }
 
     fn boot_log(&self) -> String {
@@ -300,6 +328,22 @@ impl Drop for TestHost {
         remove_cgroups(&self.scratch);
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// How long a unit was down across its last restart, from the
+/// [`TestHost::unit_properties`] `ActiveExitTimestampMonotonic` (stopping
+/// began) and `ActiveEnterTimestampMonotonic` (active again: READY for a
+/// notify unit).
+pub fn restart_downtime(props: &std::collections::BTreeMap<String, String>) -> Duration {
+    let n = |k: &str| {
+        props
+            .get(k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_micros(
+        n("ActiveEnterTimestampMonotonic").saturating_sub(n("ActiveExitTimestampMonotonic")),
+    )
 }
 
 /// Removes the cgroups a host's boot script made (listed in its scratch

@@ -4,17 +4,13 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use linkmesh_integration::{
-    harness::{Fleet, TokenInfo, binary, scratch, snapshot},
+    harness::{
+        DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary, scratch, snapshot,
+    },
     testhost::{SERVER_ADDR, TestHost, TestNet},
 };
 
 type R = anyhow::Result<()>;
-
-const ARCH: &str = if cfg!(target_arch = "aarch64") {
-    "arm64"
-} else {
-    "amd64"
-};
 
 struct Bed {
     _dir: tempfile::TempDir,
@@ -27,7 +23,7 @@ fn bed(name: &str) -> anyhow::Result<Bed> {
     let dir = scratch(name)?;
     let artifacts = dir.path().join("artifacts");
     std::fs::create_dir_all(&artifacts)?;
-    publish(
+    publish_binary(
         &artifacts,
         linkmesh_agent::version::AGENT_VERSION,
         &std::fs::read(binary("linkmesh-agent")?)?,
@@ -41,46 +37,6 @@ fn bed(name: &str) -> anyhow::Result<Bed> {
         fleet,
         artifacts,
     })
-}
-
-/// Puts an agent build in the artifacts directory with its checksum file
-/// (or a wrong one).
-fn publish(dir: &Path, version: &str, bytes: &[u8], wrong_sum: Option<&str>) -> anyhow::Result<()> {
-    let name = format!("linkmesh-agent-{version}-linux-{ARCH}");
-    std::fs::write(dir.join(&name), bytes)?;
-    let sum = wrong_sum.map_or_else(
-        || linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
-        str::to_owned,
-    );
-    std::fs::write(
-        dir.join(format!("{name}.sha256")),
-        format!("{sum}  {name}\n"),
-    )?;
-    Ok(())
-}
-
-/// Runs the one-liner inside `host`; returns (exit code, stdout+stderr).
-fn one_liner(host: &TestHost, fleet: &Fleet, args: &str) -> anyhow::Result<(i32, String)> {
-    let out = host.exec(&format!(
-        "curl -fsSk {0}/install.sh | sh -s -- --server {0} {args}",
-        fleet.url
-    ))?;
-    let mut text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(10) {
-        // The service failed to start: what the agent and systemd said.
-        text += &service_failure(host);
-    }
-    Ok((out.status.code().unwrap_or(-1), text))
-}
-
-/// What systemd and the agent said about a failed start of the service.
-fn service_failure(host: &TestHost) -> String {
-    let out = host
-        .exec("systemctl status --no-pager -l -n 0 linkmesh-agent; systemctl show -p Result -p ExecMainCode -p ExecMainStatus -p NRestarts linkmesh-agent; journalctl --no-pager -n 60 -o short-monotonic")
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    out + &host.system_log()
 }
 
 /// What an install owns on the host, with modes and hashes: the binary, the
@@ -125,7 +81,7 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     let t = bed.fleet.token(1, "1h")?;
     token_file(&host, &t)?;
     let start = std::time::Instant::now();
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
@@ -164,7 +120,7 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
         .exec("systemctl show -p MainPID --value linkmesh-agent")?
         .stdout;
     let start = std::time::Instant::now();
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
@@ -187,13 +143,13 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     eprintln!("fresh install {fresh:?}, re-run {rerun:?}");
 
     // Checksum mismatch: refused, the installation untouched.
-    publish(
+    publish_binary(
         &bed.artifacts,
         "0.0.1",
         b"not the agent",
         Some(&"0".repeat(64)),
     )?;
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --version 0.0.1", t.ca_pin),
@@ -203,7 +159,7 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     assert_eq!(host_files(&host), before);
 
     // Another CA than the pin: refused before any download.
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin sha256:{}", "ab".repeat(32)),
@@ -266,7 +222,7 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
 fn dry_run_check(host: &TestHost, bed: &Bed, t: &TokenInfo) -> R {
     let before = host_files(host);
     // --dry-run on the installed host changes nothing and says what it would do.
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         host,
         &bed.fleet,
         &format!("--ca-pin {} --dry-run", t.ca_pin),
@@ -286,7 +242,7 @@ fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
     token_file(&host, &t)?;
 
     let before = host_files(&host);
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/token --dry-run", t.ca_pin),
@@ -310,7 +266,7 @@ fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
         host.path("/root/bad"),
         "lmt_0000000000000000_000000000000000000000000000000000000000000000000",
     )?;
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/bad", t.ca_pin),
@@ -340,7 +296,7 @@ fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
     );
 
     // Then the right token works on the same host.
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
@@ -398,7 +354,7 @@ fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Resul
     )?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o755))?;
-    let archive = format!("otelcol-contrib_{version}_linux_{ARCH}.tar.gz");
+    let archive = format!("otelcol-contrib_{version}_linux_{DEB_ARCH}.tar.gz");
     let st = std::process::Command::new("tar")
         .arg("-czf")
         .arg(dir.join(&archive))
@@ -407,7 +363,7 @@ fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Resul
         .arg("otelcol-contrib")
         .status()?;
     anyhow::ensure!(st.success(), "tar failed");
-    let sup = format!("opampsupervisor_{version}_linux_{ARCH}");
+    let sup = format!("opampsupervisor_{version}_linux_{DEB_ARCH}");
     std::fs::write(
         dir.join(&sup),
         "#!/bin/sh\nexec /usr/local/lib/standins/opampsupervisor \"$@\"\n",
@@ -459,7 +415,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     )?;
     let t = bed.fleet.token(1, "1h")?;
     token_file(&host, &t)?;
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
@@ -481,7 +437,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
             + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             // What the agent said, for a failure that names the service.
-            text += &service_failure(&host);
+            text += &host.service_failure("linkmesh-agent");
         }
         Ok((out.status.code().unwrap_or(-1), text))
     };
@@ -578,7 +534,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     publish_runtime(&bed.artifacts, "0.150.0", true)?;
     std::fs::write(
         bed.artifacts
-            .join(format!("opampsupervisor_0.150.0_linux_{ARCH}")),
+            .join(format!("opampsupervisor_0.150.0_linux_{DEB_ARCH}")),
         "tampered",
     )?;
     let (code, text) = opamp("--otelcol-version 0.150.0 --supervisor-version 0.150.0")?;
@@ -652,12 +608,12 @@ fn a_rerun_pinned_to_an_older_build_downgrades_and_keeps_the_identity() -> R {
     let (older, old_version) = linkmesh_integration::harness::older_agent()?;
     let current = linkmesh_agent::version::AGENT_VERSION;
     let mut bed = bed("inst-down")?;
-    publish(&bed.artifacts, old_version, &std::fs::read(&older)?, None)?;
+    publish_binary(&bed.artifacts, old_version, &std::fs::read(&older)?, None)?;
     let host = TestHost::boot("lm-inst-down")?;
     bed.net.attach(&host)?;
     let t = bed.fleet.token(1, "1h")?;
     token_file(&host, &t)?;
-    let (code, text) = one_liner(
+    let (code, text) = install_one_liner(
         &host,
         &bed.fleet,
         &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
@@ -671,7 +627,7 @@ fn a_rerun_pinned_to_an_older_build_downgrades_and_keeps_the_identity() -> R {
     assert!(version(&host)?.contains(&format!("\"version\":\"{current}\"")));
 
     for (target, label) in [(old_version, "downgrade"), (current, "upgrade back")] {
-        let (code, text) = one_liner(
+        let (code, text) = install_one_liner(
             &host,
             &bed.fleet,
             &format!("--ca-pin {} --version {target}", t.ca_pin),

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use linkmesh_integration::harness::{
-    Fleet, Packages, TokenInfo, binary, build_packages, older_agent, scratch, snapshot,
+    Fleet, Packages, TokenInfo, binary, build_packages, install_one_liner, install_runtime,
+    older_agent, publish_binary, scratch, snapshot,
 };
-use linkmesh_integration::testhost::{TestHost, TestNet};
+use linkmesh_integration::testhost::{TestHost, TestNet, restart_downtime};
 
 type R = anyhow::Result<()>;
 
@@ -45,21 +46,12 @@ fn bed(name: &str) -> anyhow::Result<Bed> {
     })
 }
 
-/// A fresh host on the bed's network with the stand-in collector runtime
-/// where the real packages put it.
+/// A fresh host on the bed's network with the collector runtime where the
+/// real packages put it.
 fn host(bed: &mut Bed, name: &str) -> anyhow::Result<TestHost> {
     let host = TestHost::boot(name)?;
     bed.net.attach(&host)?;
-    host.copy_in(
-        &binary("standin-opampsupervisor")?,
-        "/usr/bin/opampsupervisor",
-        0o755,
-    )?;
-    host.copy_in(
-        &binary("standin-otelcol-contrib")?,
-        "/usr/bin/otelcol-contrib",
-        0o755,
-    )?;
+    install_runtime(&host)?;
     Ok(host)
 }
 
@@ -90,18 +82,19 @@ fn enrol(host: &TestHost, fleet: &Fleet, t: &TokenInfo) -> R {
     Ok(())
 }
 
-/// `systemctl show` properties of the unit.
+/// `systemctl show` properties of the agent's unit.
 fn unit(host: &TestHost) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
-    let out = sh(
-        host,
-        "systemctl show linkmesh-agent.service -p ActiveState -p UnitFileState -p MainPID \
-         -p ActiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic -p NRestarts",
-    )?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect())
+    host.unit_properties(
+        "linkmesh-agent.service",
+        &[
+            "ActiveState",
+            "UnitFileState",
+            "MainPID",
+            "ActiveExitTimestampMonotonic",
+            "ActiveEnterTimestampMonotonic",
+            "NRestarts",
+        ],
+    )
 }
 
 /// What the running agent says its version is, once the server has it.
@@ -131,15 +124,6 @@ fn wait_restarted(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// How long the agent was down across its last restart, from systemd's own
-/// timestamps: leaving `active` (stop begins) to `active` again (READY).
-fn downtime(u: &std::collections::BTreeMap<String, String>) -> Duration {
-    let n = |k: &str| u.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_micros(
-        n("ActiveEnterTimestampMonotonic").saturating_sub(n("ActiveExitTimestampMonotonic")),
-    )
 }
 
 /// The supervisor's pid inside the host (the collector runtime follows it).
@@ -251,7 +235,7 @@ impl<'a> Enrolled<'a> {
         eprintln!(
             "{} {label}: agent down {:?} (systemd: stop began to READY); supervisor pid {supervisor} -> {}",
             self.method,
-            downtime(&after),
+            restart_downtime(&after),
             supervisor_pid(self.host)
         );
         self.running(label, version)?;
@@ -413,11 +397,6 @@ fn the_one_liner_installs_the_deb_when_the_server_offers_it_and_moves_a_binary_i
     let mut bed = bed("pkg-oneliner")?;
     // A binary-method install first: the server offers only the binary.
     let current = linkmesh_agent::version::AGENT_VERSION;
-    let arch = if cfg!(target_arch = "aarch64") {
-        "arm64"
-    } else {
-        "amd64"
-    };
     let offered: Vec<_> = std::fs::read_dir(&bed.artifacts)?
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -429,27 +408,18 @@ fn the_one_liner_installs_the_deb_when_the_server_offers_it_and_moves_a_binary_i
             std::fs::rename(p, hidden.join(name))?;
         }
     }
-    let bin = std::fs::read(binary("linkmesh-agent")?)?;
-    let name = format!("linkmesh-agent-{current}-linux-{arch}");
-    std::fs::write(bed.artifacts.join(&name), &bin)?;
-    let sum =
-        linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bin).as_ref());
-    std::fs::write(
-        bed.artifacts.join(format!("{name}.sha256")),
-        format!("{sum}  {name}\n"),
+    publish_binary(
+        &bed.artifacts,
+        current,
+        &std::fs::read(binary("linkmesh-agent")?)?,
+        None,
     )?;
 
     let host = host(&mut bed, "lm-pkg-1l")?;
     let t = bed.fleet.token(1, "1h")?;
     std::fs::write(host.path("/root/token"), &t.token)?;
-    let one_liner = |extra: &str| -> anyhow::Result<(i32, String)> {
-        let out = host.exec(&format!(
-            "curl -fsSk {0}/install.sh | sh -s -- --server {0} --ca-pin {1} {extra}",
-            bed.fleet.url, t.ca_pin
-        ))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        Ok((out.status.code().unwrap_or(-1), text))
+    let one_liner = |extra: &str| {
+        install_one_liner(&host, &bed.fleet, &format!("--ca-pin {} {extra}", t.ca_pin))
     };
     let (code, text) = one_liner("--token-file /root/token")?;
     assert_eq!(code, 0, "{text}");
@@ -560,13 +530,15 @@ fn the_one_liner_installs_the_rpm_with_method_rpm() -> R {
     rpm_database(&bed, &host)?;
     let t = bed.fleet.token(1, "1h")?;
     std::fs::write(host.path("/root/token"), &t.token)?;
-    let out = host.exec(&format!(
-        "curl -fsSk {0}/install.sh | sh -s -- --server {0} --ca-pin {1} --token-file /root/token --method rpm",
-        bed.fleet.url, t.ca_pin
-    ))?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = install_one_liner(
+        &host,
+        &bed.fleet,
+        &format!(
+            "--ca-pin {} --token-file /root/token --method rpm",
+            t.ca_pin
+        ),
+    )?;
+    assert_eq!(code, 0, "{text}");
     assert!(text.contains("+ rpm -U --oldpackage"), "{text}");
     let current = linkmesh_agent::version::AGENT_VERSION;
     let out = sh(

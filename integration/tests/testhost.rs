@@ -418,14 +418,12 @@ fn enrol_in_host(host: &TestHost, serve_args: &str) -> R {
 /// Copies the agent, the reference server and the stand-in runtime into
 /// `host` at the paths the packages use.
 fn install_agent_server_and_runtime(host: &TestHost) -> R {
-    use linkmesh_integration::harness::binary;
+    use linkmesh_integration::harness::{binary, install_runtime};
     for (bin, dest) in [
         ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
         ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
-        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
-        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
     ] {
         host.copy_in(&binary(bin)?, dest, 0o755)?;
     }
-    Ok(())
+    install_runtime(host)
 }

@@ -84,13 +84,9 @@ pub fn md5sums(pkg: &Package) -> String {
         .filter(|f| !f.config)
         .map(|f| {
             let sum = Md5::digest(&f.data);
-            format!("{}  {}\n", hex(&sum), &f.dest[1..])
+            format!("{}  {}\n", crate::hex(&sum), &f.dest[1..])
         })
         .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every directory in the data archive with its mode: the listed ones, and

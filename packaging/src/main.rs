@@ -123,10 +123,7 @@ fn source_date(binary: &Path) -> anyhow::Result<u64> {
 
 /// Writes NAME and NAME.sha256 ("HEX  NAME"), each whole or not at all.
 fn write_artifact(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    let sum: String = Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sum = linkmesh_packaging::hex(&Sha256::digest(bytes));
     write_atomic(&dir.join(name), bytes)?;
     write_atomic(
         &dir.join(format!("{name}.sha256")),

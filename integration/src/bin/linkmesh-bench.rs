@@ -334,7 +334,7 @@ fn upgrade_figures(
     packages: &linkmesh_integration::harness::Packages,
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
-    use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
+    use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet, restart_downtime};
     if args.upgrades == 0 {
         return Ok(());
     }
@@ -354,12 +354,7 @@ fn upgrade_figures(
         &[],
     )?;
     host.copy_in(&packages.deb, "/root/agent.deb", 0o644)?;
-    for (from, to) in [
-        ("standin-opampsupervisor", "/usr/bin/opampsupervisor"),
-        ("standin-otelcol-contrib", "/usr/bin/otelcol-contrib"),
-    ] {
-        host.copy_in(&binary(from)?, to, 0o755)?;
-    }
+    linkmesh_integration::harness::install_runtime(&host)?;
     let t = fleet.token(1, "1h")?;
     std::fs::write(host.path("/root/token"), &t.token)?;
     let sh = |script: &str| -> anyhow::Result<String> {
@@ -373,42 +368,38 @@ fn upgrade_figures(
         "dpkg -i /root/agent.deb >/dev/null 2>&1 && linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token && systemctl start linkmesh-agent",
         fleet.url, t.ca_pin
     ))?;
-    let show = || -> anyhow::Result<(String, u64, u64)> {
-        let text = sh("systemctl show linkmesh-agent -p MainPID -p ActiveState \
-             -p ActiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic")?;
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_default()
-                .to_owned()
+    // The agent's main pid while it is active, and the unit's properties.
+    let show =
+        || -> anyhow::Result<(Option<String>, std::collections::BTreeMap<String, String>)> {
+            let props = host.unit_properties(
+                "linkmesh-agent",
+                &[
+                    "MainPID",
+                    "ActiveState",
+                    "ActiveExitTimestampMonotonic",
+                    "ActiveEnterTimestampMonotonic",
+                ],
+            )?;
+            let pid = (props["ActiveState"] == "active" && props["MainPID"] != "0")
+                .then(|| props["MainPID"].clone());
+            Ok((pid, props))
         };
-        let pid = if get("ActiveState") == "active" {
-            get("MainPID")
-        } else {
-            String::new()
-        };
-        Ok((
-            pid,
-            get("ActiveExitTimestampMonotonic").parse().unwrap_or(0),
-            get("ActiveEnterTimestampMonotonic").parse().unwrap_or(0),
-        ))
-    };
     let mut down_ms = Vec::with_capacity(args.upgrades);
     for _ in 0..args.upgrades {
-        let (before, _, _) = show()?;
+        let (before, _) = show()?;
         sh("dpkg -i /root/agent.deb >/dev/null 2>&1")?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (exit, enter) = loop {
-            let (pid, exit, enter) = show()?;
-            if !pid.is_empty() && pid != before && pid != "0" {
-                break (exit, enter);
+        let props = loop {
+            let (pid, props) = show()?;
+            if pid.is_some() && pid != before {
+                break props;
             }
             if Instant::now() > deadline {
                 bail!("the agent did not come back after dpkg -i");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        down_ms.push(enter.saturating_sub(exit) as f64 / 1e3);
+        down_ms.push(restart_downtime(&props).as_secs_f64() * 1e3);
     }
     figures.push(figure(
         "upgrade_downtime",
