@@ -300,6 +300,7 @@ download_agent() {
 	NAME=linkmesh-agent-$VERSION-linux-$ARCH
 	fetch_verified "$NAME" || die 5 "$SERVER offers no $NAME (artifacts/$NAME.sha256: 404); pick another --version"
 	fetch linkmesh-agent.service "$WORK/linkmesh-agent.service"
+	fetch collector.yaml "$WORK/collector.yaml"
 }
 
 # Step 5, package method: the package manager replaces the files and its
@@ -353,6 +354,18 @@ install_agent() {
 			printf '# Written by install.sh; edit freely, it is never overwritten.\nserver = "%s"\n' "$SERVER" \
 				>"$CONFIG_DIR/.agent.toml.new"
 			durable_rename "$CONFIG_DIR/.agent.toml.new" "$CONFIG_DIR/agent.toml"
+		fi
+	fi
+	# The local collector configuration: the shipped default only where none
+	# is; an operator's file is never touched.
+	if [ ! -f "$CONFIG_DIR/collector.yaml" ]; then
+		if [ "$DRY_RUN" -eq 1 ]; then
+			printf 'would write: %s\n' "$CONFIG_DIR/collector.yaml"
+		else
+			run install -d -m 0755 "$CONFIG_DIR"
+			cp "$WORK/collector.yaml" "$CONFIG_DIR/.collector.yaml.new"
+			chmod 0644 "$CONFIG_DIR/.collector.yaml.new"
+			durable_rename "$CONFIG_DIR/.collector.yaml.new" "$CONFIG_DIR/collector.yaml"
 		fi
 	fi
 	run install -d -m 0700 "$STATE_DIR"

@@ -37,6 +37,14 @@ pub const SUPERVISOR_STORAGE: &str = "supervisor";
 pub const INSTALL_METHOD_FILE: &str = "install-method";
 /// How often the collector checks that its supervisor is alive.
 pub const ORPHAN_DETECTION_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the supervisor waits for a starting collector's first OpAMP
+/// message (its default, 3 s, fails starts on a loaded 2-core host).
+pub const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a remote configuration may take to become healthy. The pinned
+/// supervisor reports a remote configuration `applied` only when this much
+/// time has passed with the collector healthy, so it is also the least
+/// time from `collector-config set` to `applied`: the upstream default.
+pub const CONFIG_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Options of `run` that are not configuration.
 #[derive(Clone, Copy, Debug)]
@@ -448,8 +456,14 @@ fn prepare_supervisor(
         key_file: identity_dir.join(crate::identity::store::KEY_FILE),
         storage_dir: state.join(SUPERVISOR_STORAGE),
         collector: collector.clone(),
+        collector_config: settings.runtime.collector_config.clone(),
+        bootstrap_timeout: BOOTSTRAP_TIMEOUT,
+        config_apply_timeout: CONFIG_APPLY_TIMEOUT,
         orphan_detection_interval: ORPHAN_DETECTION_INTERVAL,
-        log_level: "info",
+        // The supervisor tells of its collector starting and crashing only
+        // at debug level; the agent needs those lines, and its own log filter
+        // keeps them out of the journal unless it runs at debug itself.
+        log_level: "debug",
     };
     let yaml = render(&inputs);
     let path = state.join(SUPERVISOR_CONFIG);
@@ -462,7 +476,7 @@ fn prepare_supervisor(
         name: "opampsupervisor".to_owned(),
         program: supervisor,
         args: vec!["--config".into(), path.into_os_string()],
-        requires: vec![("otelcol-contrib".to_owned(), collector)],
+        requires: vec![("collector".to_owned(), collector)],
         launcher: Some(PathBuf::from("/proc/self/exe")),
     })
 }

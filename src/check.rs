@@ -211,8 +211,82 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
         _ => {}
     }
     checks.push(supervision_check(&settings, &detection));
+    let view = read_status(&settings.state_dir)
+        .and_then(|(v, _)| serde_json::from_value(v["reporter"]["opamp"].clone()).ok());
+    checks.push(opamp_check(detection.kind, view.as_ref()));
     checks.push(conflicts_check(&detection));
     checks
+}
+
+/// The collector as the server sees it over OpAMP (from the agent's last
+/// report): connected, and its remote configuration applied.
+pub fn opamp_check(kind: RuntimeKind, view: Option<&crate::reporter::OpampView>) -> Check {
+    const ID: &str = "opamp";
+    const TITLE: &str = "collector is connected to the server over OpAMP and its config is applied";
+    const LOGS: &str =
+        "journalctl -u linkmesh-agent | grep -i opamp (the supervisor's connection errors)";
+    if kind != RuntimeKind::Otelcol {
+        return ok(ID, TITLE, "no supervised collector on this host");
+    }
+    let Some(v) = view else {
+        return bad(
+            ID,
+            TITLE,
+            Outcome::Warn,
+            "the server has not reported this host's collector over OpAMP yet",
+            format!("wait for the next report; if it stays so: {LOGS}"),
+        );
+    };
+    if !v.connected {
+        return bad(
+            ID,
+            TITLE,
+            Outcome::Fail,
+            "the supervisor is not connected to the server's /v1/opamp",
+            LOGS,
+        );
+    }
+    let collector = format!("{} {}", v.collector_name, v.collector_version);
+    match v.remote_config_status.as_str() {
+        "failed" => bad(
+            ID,
+            TITLE,
+            Outcome::Fail,
+            format!(
+                "{collector}: the server's configuration {} failed: {}",
+                short(&v.remote_config_hash),
+                v.remote_config_error
+            ),
+            "fix it and store it again: linkmesh-fleet collector-config set (the previous configuration keeps running)",
+        ),
+        "applying" => bad(
+            ID,
+            TITLE,
+            Outcome::Warn,
+            format!(
+                "{collector}: the server's configuration {} is being applied",
+                short(&v.remote_config_hash)
+            ),
+            "check again in a few seconds",
+        ),
+        "applied" => ok(
+            ID,
+            TITLE,
+            format!(
+                "{collector}, running the server's configuration {}",
+                short(&v.remote_config_hash)
+            ),
+        ),
+        _ => ok(
+            ID,
+            TITLE,
+            format!("{collector}, connected; the server sets no configuration (local only)"),
+        ),
+    }
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 fn agent_running(state_dir: &Path) -> bool {
@@ -635,5 +709,38 @@ mod tests {
             Outcome::Ok
         );
         assert_eq!(state_dir_check(dir.path(), 4242).outcome, Outcome::Fail);
+    }
+
+    #[test]
+    fn opamp_outcomes() {
+        assert_eq!(opamp_check(RuntimeKind::Alloy, None).outcome, Outcome::Ok);
+        assert_eq!(
+            opamp_check(RuntimeKind::Otelcol, None).outcome,
+            Outcome::Warn
+        );
+        let mut v = crate::reporter::OpampView {
+            connected: true,
+            collector_name: "otelcol-contrib".into(),
+            collector_version: "0.158.0".into(),
+            remote_config_hash: "0123456789abcdef".into(),
+            remote_config_status: "applied".into(),
+            ..Default::default()
+        };
+        let c = opamp_check(RuntimeKind::Otelcol, Some(&v));
+        assert_eq!(c.outcome, Outcome::Ok);
+        assert!(
+            c.detail.contains("otelcol-contrib 0.158.0") && c.detail.contains("0123456789ab"),
+            "{c:?}"
+        );
+        v.remote_config_status = "failed".into();
+        v.remote_config_error = "unknown type: \"nosuch\"".into();
+        let c = opamp_check(RuntimeKind::Otelcol, Some(&v));
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.contains("nosuch"), "{c:?}");
+        v.connected = false;
+        assert_eq!(
+            opamp_check(RuntimeKind::Otelcol, Some(&v)).outcome,
+            Outcome::Fail
+        );
     }
 }

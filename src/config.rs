@@ -25,6 +25,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/linkmesh-agent";
 pub const DEFAULT_SUPERVISOR: &str = "/usr/bin/opampsupervisor";
 /// Default otelcol-contrib executable.
 pub const DEFAULT_COLLECTOR: &str = "/usr/bin/otelcol-contrib";
+/// Default local collector configuration, handed to the supervisor beneath
+/// the server's remote configuration.
+pub const DEFAULT_COLLECTOR_CONFIG: &str = "/etc/linkmesh/collector.yaml";
 /// Default Grafana Alloy executable.
 pub const DEFAULT_ALLOY: &str = "/usr/bin/alloy";
 /// Default report interval (the server may ask for another).
@@ -81,8 +84,10 @@ pub struct RuntimeSettings {
     pub kind: RuntimeKind,
     /// opampsupervisor executable.
     pub supervisor: PathBuf,
-    /// otelcol-contrib executable.
+    /// The collector executable (otelcol-contrib or another distribution).
     pub collector: PathBuf,
+    /// The operator's local collector configuration (`runtime.collector_config`).
+    pub collector_config: PathBuf,
     /// Alloy executable.
     pub alloy: PathBuf,
 }
@@ -267,6 +272,7 @@ const SCHEMA: &[(&str, Ty)] = &[
             ("kind", Ty::Str),
             ("supervisor", Ty::Str),
             ("collector", Ty::Str),
+            ("collector_config", Ty::Str),
             ("alloy", Ty::Str),
         ]),
     ),
@@ -358,6 +364,11 @@ fn validate(
     }
     let supervisor = abs_path("runtime.supervisor", DEFAULT_SUPERVISOR, &mut bad);
     let collector = abs_path("runtime.collector", DEFAULT_COLLECTOR, &mut bad);
+    let collector_config = abs_path(
+        "runtime.collector_config",
+        DEFAULT_COLLECTOR_CONFIG,
+        &mut bad,
+    );
     let alloy = abs_path("runtime.alloy", DEFAULT_ALLOY, &mut bad);
 
     let kind = match get("runtime.kind") {
@@ -438,6 +449,7 @@ fn validate(
             kind,
             supervisor,
             collector,
+            collector_config,
             alloy,
         },
         report_interval,
@@ -614,7 +626,7 @@ mod tests {
         assert!(
             err.problems[0]
                 .message
-                .contains("kind, supervisor, collector, alloy")
+                .contains("kind, supervisor, collector, collector_config, alloy")
         );
     }
 

@@ -71,6 +71,49 @@ pub struct ReporterStatus {
     pub renewals: u32,
     /// The HTTP CONNECT proxy used, if any (`host:port via SOURCE`).
     pub proxy: Option<String>,
+    /// This host's collector as the server sees it over OpAMP, as of the
+    /// last report.
+    pub opamp: Option<OpampView>,
+}
+
+/// The server's OpAMP view of this host's collector.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct OpampView {
+    /// Its supervisor is connected to the server.
+    pub connected: bool,
+    /// The collector's OpAMP instance uid.
+    pub instance_uid: String,
+    /// The distribution (`service.name`).
+    pub collector_name: String,
+    /// The version running (`service.version`).
+    pub collector_version: String,
+    /// Healthy, as the supervisor last said.
+    pub healthy: bool,
+    /// Why not.
+    pub last_error: String,
+    /// The configuration the server wants it to run.
+    pub remote_config_hash: String,
+    /// none, applying, applied or failed.
+    pub remote_config_status: String,
+    /// Why it failed.
+    pub remote_config_error: String,
+}
+
+impl From<&proto::OpampView> for OpampView {
+    fn from(v: &proto::OpampView) -> Self {
+        Self {
+            connected: v.connected,
+            instance_uid: v.instance_uid.clone(),
+            collector_name: v.collector_name.clone(),
+            collector_version: v.collector_version.clone(),
+            healthy: v.healthy,
+            last_error: v.last_error.clone(),
+            remote_config_hash: v.remote_config_hash.clone(),
+            remote_config_status: v.remote_config_status.clone(),
+            remote_config_error: v.remote_config_error.clone(),
+        }
+    }
 }
 
 /// What the reporter needs.
@@ -176,6 +219,15 @@ pub fn runtime_status(r: Option<&RuntimeReport>) -> proto::RuntimeStatus {
                 s.last_exit = sup.last_exit.clone().unwrap_or_default();
                 s.collector_pid = sup.collector_pid.unwrap_or(0);
                 s.collector_crashes = sup.collector_crashes;
+                s.running_version = sup.collector_version.clone().unwrap_or_default();
+                s.collector_problem =
+                    sup.collector_problem
+                        .as_ref()
+                        .map(|p| proto::CollectorProblem {
+                            reason: p.reason.clone(),
+                            at_unix_ms: i64::try_from(p.at_unix_ms).unwrap_or(i64::MAX),
+                            log_tail: p.log_tail.clone(),
+                        });
             }
         }
         RuntimeKind::Alloy => {
@@ -416,6 +468,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         .iter()
                         .map(|p| (p.kind.clone(), p.version.clone()))
                         .collect();
+                    s.opamp = resp.opamp.as_ref().map(OpampView::from);
                 });
                 interval.mul_f64(1.0 + 0.1 * crate::clock::jitter())
             }

@@ -418,6 +418,7 @@ mod tests {
             kind,
             supervisor: DEFAULT_SUPERVISOR.into(),
             collector: DEFAULT_COLLECTOR.into(),
+            collector_config: crate::config::DEFAULT_COLLECTOR_CONFIG.into(),
             alloy: DEFAULT_ALLOY.into(),
         }
     }

@@ -78,7 +78,27 @@ pub struct Status {
     pub collector_pid: Option<u32>,
     /// Collector crashes the supervisor reported (it restarts the collector itself).
     pub collector_crashes: u32,
+    /// The collector version running, from its own telemetry resource.
+    pub collector_version: Option<String>,
+    /// The collector's last crash or rejected configuration.
+    pub collector_problem: Option<CollectorProblem>,
 }
+
+/// A collector crash or a configuration it rejected, with the last lines of
+/// its output, for the server (so nobody has to log in to read them).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CollectorProblem {
+    /// What happened, in the supervisor's words.
+    pub reason: String,
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
+    /// The collector's last output lines, oldest first, each bounded and
+    /// with control characters escaped.
+    pub log_tail: Vec<String>,
+}
+
+/// How many of the collector's last lines a problem carries.
+pub const PROBLEM_TAIL_LINES: usize = 20;
 
 impl Status {
     fn new(name: &str) -> Self {
@@ -89,6 +109,8 @@ impl Status {
             last_exit: None,
             collector_pid: None,
             collector_crashes: 0,
+            collector_version: None,
+            collector_problem: None,
         }
     }
 
@@ -185,6 +207,11 @@ struct Sink {
     name: String,
     stdout: LineSplitter,
     stderr: LineSplitter,
+    /// The collector's last lines, for a problem report.
+    tail: std::collections::VecDeque<String>,
+    /// The supervisor has finished bootstrapping: before that, the
+    /// collector it runs only tells it its description and is stopped.
+    bootstrapped: bool,
 }
 
 impl Sink {
@@ -211,10 +238,14 @@ impl Sink {
         }
     }
 
-    fn emit(&self, line: &output::Line, default: Level, status: &watch::Sender<Status>) {
+    fn emit(&mut self, line: &output::Line, default: Level, status: &watch::Sender<Status>) {
         let text = String::from_utf8_lossy(&line.bytes);
         let record = parse_record(&text, default);
-        let child = self.name.as_str();
+        let child = if record.collector {
+            "collector"
+        } else {
+            self.name.as_str()
+        };
         let fields = record.fields.as_deref();
         let truncated = (line.truncated > 0).then_some(line.truncated);
         match record.level {
@@ -223,14 +254,50 @@ impl Sink {
             Level::Warn => tracing::warn!(child, fields, truncated, "{}", record.message),
             Level::Error => tracing::error!(child, fields, truncated, "{}", record.message),
         }
+        if record.collector {
+            if self.tail.len() == PROBLEM_TAIL_LINES {
+                self.tail.pop_front();
+            }
+            self.tail
+                .push_back(output::escape_for_report(&record.message));
+            if let Some((_, version)) = &record.service {
+                status.send_if_modified(|s| {
+                    let changed = s.collector_version.as_ref() != Some(version);
+                    if changed {
+                        s.collector_version = Some(version.clone());
+                    }
+                    changed
+                });
+            }
+            return;
+        }
+        let problem = |reason: String| CollectorProblem {
+            reason: output::escape_for_report(&reason),
+            at_unix_ms: crate::clock::now_unix_ms(),
+            log_tail: self.tail.iter().cloned().collect(),
+        };
         match collector_event(&record.message, record.fields.as_deref()) {
-            Some(CollectorEvent::Started(pid)) => {
+            Some(CollectorEvent::Bootstrapped) => self.bootstrapped = true,
+            Some(CollectorEvent::Started(pid)) if self.bootstrapped => {
                 status.send_modify(|s| s.collector_pid = pid.or(s.collector_pid))
             }
-            Some(CollectorEvent::Crashed(_)) => status.send_modify(|s| {
-                s.collector_crashes += 1;
-                s.collector_pid = None;
-            }),
+            Some(CollectorEvent::Started(_)) => {}
+            Some(CollectorEvent::Crashed(code)) => {
+                let reason = match code {
+                    Some(c) => format!("the collector exited unexpectedly with exit code {c}"),
+                    None => "the collector exited unexpectedly".to_owned(),
+                };
+                let p = problem(reason);
+                status.send_modify(|s| {
+                    s.collector_crashes += 1;
+                    s.collector_pid = None;
+                    s.collector_problem = Some(p);
+                });
+            }
+            Some(CollectorEvent::ConfigRejected(reason)) => {
+                let p = problem(format!("a new configuration was rejected: {reason}"));
+                status.send_modify(|s| s.collector_problem = Some(p));
+            }
             None => {}
         }
     }
@@ -341,6 +408,8 @@ async fn run_until_exit(
         name: spec.name.clone(),
         stdout: LineSplitter::default(),
         stderr: LineSplitter::default(),
+        tail: std::collections::VecDeque::with_capacity(PROBLEM_TAIL_LINES),
+        bootstrapped: false,
     };
     loop {
         tokio::select! {

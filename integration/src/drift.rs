@@ -218,6 +218,7 @@ mod tests {
                 runtime_version: runtime.into(),
                 ..Default::default()
             }),
+            opamp: None,
         }
     }
 

@@ -465,61 +465,108 @@ pub fn scratch(label: &str) -> anyhow::Result<tempfile::TempDir> {
         .tempdir_in(parent)?)
 }
 
-/// The collector runtime binaries: (name, env var naming a real one, stand-in).
-const RUNTIMES: [(&str, &str, &str); 3] = [
-    (
-        "opampsupervisor",
-        "LINKMESH_REAL_OPAMPSUPERVISOR",
-        "standin-opampsupervisor",
-    ),
-    (
-        "otelcol-contrib",
-        "LINKMESH_REAL_OTELCOL_CONTRIB",
-        "standin-otelcol-contrib",
-    ),
-    ("alloy", "LINKMESH_REAL_ALLOY", "standin-alloy"),
-];
+/// The test bed's collector distribution, as scripts/build-runtimes names it.
+pub const COLLECTOR: &str = "otelcol-linkmesh";
 
-/// The executable to use for a runtime: the real one its env var names,
-/// else this workspace's stand-in.
-fn runtime_binary(real_var: &str, standin: &str) -> anyhow::Result<PathBuf> {
-    match std::env::var_os(real_var) {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => binary(standin),
-    }
+/// The directory of the real runtimes `scripts/build-runtimes` built
+/// (opampsupervisor and [`COLLECTOR`]): `$LINKMESH_RUNTIMES` when set, else
+/// the directory `scripts/install-test-deps` recorded in
+/// `target/runtimes.path`, else the script is run now (a cached build costs
+/// nothing). There is no fallback to stand-ins: without the real runtimes
+/// the tests fail, saying how to build them.
+///
+/// # Errors
+/// When the runtimes are not built and cannot be.
+pub fn real_runtimes() -> anyhow::Result<PathBuf> {
+    static DIR: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let usable = |d: &Path| d.join("opampsupervisor").is_file() && d.join(COLLECTOR).is_file();
+        if let Some(d) = std::env::var_os("LINKMESH_RUNTIMES").map(PathBuf::from) {
+            return if usable(&d) {
+                Ok(d)
+            } else {
+                Err(format!(
+                    "LINKMESH_RUNTIMES={} holds no opampsupervisor and {COLLECTOR}",
+                    d.display()
+                ))
+            };
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        if let Ok(recorded) = std::fs::read_to_string(root.join("target/runtimes.path")) {
+            let d = PathBuf::from(recorded.trim());
+            if usable(&d) {
+                return Ok(d);
+            }
+        }
+        let out = Command::new(root.join("scripts/build-runtimes"))
+            .current_dir(&root)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run scripts/build-runtimes: {e}"))?;
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        let d = PathBuf::from(last);
+        if out.status.success() && usable(&d) {
+            Ok(d)
+        } else {
+            Err(format!(
+                "the real collector runtimes are not built and scripts/build-runtimes failed ({}): it needs Go 1.26 and the Go module proxy",
+                out.status
+            ))
+        }
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
 }
 
-/// A directory holding `opampsupervisor`, `otelcol-contrib` and `alloy`:
-/// the real binaries named by `LINKMESH_REAL_OPAMPSUPERVISOR`,
-/// `LINKMESH_REAL_OTELCOL_CONTRIB` and `LINKMESH_REAL_ALLOY` when set, else
-/// this workspace's stand-ins (symlinks, so each keeps its real name).
+/// A directory holding the runtime binaries a local test points the agent
+/// at: the real `opampsupervisor` and [`COLLECTOR`] (see [`real_runtimes`])
+/// and the Alloy stand-in (Alloy cannot be built here: runtimes.md §5), as
+/// symlinks.
 ///
 /// # Errors
 /// When a binary is missing or a link cannot be made.
 pub fn runtime_bin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    for (name, real_var, standin) in RUNTIMES {
+    let real = real_runtimes()?;
+    for (name, target) in [
+        ("opampsupervisor", real.join("opampsupervisor")),
+        (COLLECTOR, real.join(COLLECTOR)),
+        ("alloy", binary("standin-alloy")?),
+    ] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(runtime_binary(real_var, standin)?, &link)?;
+        std::os::unix::fs::symlink(target, &link)?;
     }
     Ok(dir.to_owned())
 }
 
-/// Installs opampsupervisor and otelcol-contrib in a throw-away host where
-/// the real packages put them (`/usr/bin`), real or stand-in as
-/// [`runtime_bin_dir`] chooses.
+/// A local collector configuration for tests that only need a collector
+/// running: a nop pipeline, no ports, no internal metrics listener (tests
+/// run many collectors at once).
+pub const QUIET_COLLECTOR_CONFIG: &str = "receivers:\n  nop: {}\nexporters:\n  nop: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [nop]\n      exporters: [nop]\n  telemetry:\n    metrics:\n      level: none\n";
+
+/// Installs the real opampsupervisor and collector in a throw-away host
+/// where the upstream packages put theirs: `/usr/bin/opampsupervisor`, and
+/// the collector at otelcol-contrib's path `/usr/bin/otelcol-contrib` (the
+/// agent reads whatever distribution's `NAME version X` it prints).
 ///
 /// # Errors
 /// When a binary is missing or cannot be copied in.
 pub fn install_runtime(host: &crate::testhost::TestHost) -> anyhow::Result<()> {
-    for (name, real_var, standin) in &RUNTIMES[..2] {
-        host.copy_in(
-            &runtime_binary(real_var, standin)?,
-            &format!("/usr/bin/{name}"),
-            0o755,
-        )?;
-    }
+    let real = real_runtimes()?;
+    host.copy_in(
+        &real.join("opampsupervisor"),
+        "/usr/bin/opampsupervisor",
+        0o755,
+    )?;
+    host.copy_in(&real.join(COLLECTOR), "/usr/bin/otelcol-contrib", 0o755)?;
     Ok(())
 }
 
@@ -806,10 +853,15 @@ pub fn enrolled_agent(
     extra_config: &str,
 ) -> anyhow::Result<AgentEnv> {
     let agent = AgentEnv::new(root)?;
+    let collector_config = root.join("collector.yaml");
+    if !collector_config.exists() {
+        std::fs::write(&collector_config, QUIET_COLLECTOR_CONFIG)?;
+    }
     agent.write_config(&format!(
-        "[runtime]\nsupervisor = \"{}\"\ncollector = \"{}\"\nalloy = \"{}\"\n{extra_config}",
+        "[runtime]\nsupervisor = \"{}\"\ncollector = \"{}\"\ncollector_config = \"{}\"\nalloy = \"{}\"\n{extra_config}",
         bins.join("opampsupervisor").display(),
-        bins.join("otelcol-contrib").display(),
+        bins.join(COLLECTOR).display(),
+        collector_config.display(),
         bins.join("alloy-not-installed").display(),
     ))?;
     let t = fleet.token(1, "1h")?;

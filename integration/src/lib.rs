@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod drift;
 pub mod harness;
+pub mod opamp;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -23,9 +23,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
 };
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{ca::Ca, service::FleetService};
@@ -222,6 +220,8 @@ pub struct Downloads {
 pub const INSTALL_SH: &str = include_str!("../../install/install.sh");
 /// The systemd unit the installer puts in place.
 pub const AGENT_UNIT: &str = include_str!("../../systemd/linkmesh-agent.service");
+/// The default local collector configuration the installer puts in place.
+pub const COLLECTOR_YAML: &str = include_str!("../../packaging/collector.yaml");
 /// The collector-runtime installer.
 pub const INSTALL_OPAMP_SH: &str = include_str!("../../install/install-opamp.sh");
 
@@ -254,6 +254,10 @@ fn download_routes(d: Downloads) -> axum::Router {
             "/linkmesh-agent.service",
             get(move || async move { text(AGENT_UNIT.to_owned()) }),
         )
+        .route(
+            "/collector.yaml",
+            get(move || async move { text(COLLECTOR_YAML.to_owned()) }),
+        )
         .route("/ca.pem", get(move || async move { text(ca) }))
         .route(
             "/agent/latest",
@@ -281,53 +285,94 @@ fn download_routes(d: Downloads) -> axum::Router {
         )
 }
 
-/// Serves `service` on `listener` until `shutdown` completes.
+/// How long open connections get to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the agent API, the downloads and OpAMP on `listener` until
+/// `shutdown` completes, then drains open connections (bounded).
+///
+/// Connections are served by hyper directly (HTTP/2 for gRPC, HTTP/1.1 for
+/// downloads and the OpAMP WebSocket upgrade, which tonic's own server does
+/// not allow); each request carries the connection's [`PeerInfo`].
 ///
 /// # Errors
-/// When tonic's server fails.
+/// Never once listening; the signature keeps room for bind-time failures.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     service: FleetService,
     downloads: Downloads,
+    opamp: crate::opamp::Hub,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let (tx, rx) = mpsc::channel::<Result<TlsConn, io::Error>>(256);
+) -> io::Result<()> {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    let router = tonic::service::Routes::new(proto::Server::new(service))
+        .prepare()
+        .into_axum_router()
+        .merge(download_routes(downloads))
+        .merge(opamp.routes());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let accept_loop = tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "Accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, router, mut stop) = (acceptor.clone(), router.clone(), stop_rx.clone());
+        conns.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(inner)) => TlsConn { inner, remote },
+                Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
             };
-            let _ = tcp.set_nodelay(true);
-            if tx.is_closed() {
-                break;
-            }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(inner)) => {
-                        let _ = tx.send(Ok(TlsConn { inner, remote })).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+            let peer = tls.connect_info();
+            let svc = tower::ServiceExt::map_request(
+                router,
+                move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                },
+            );
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r { tracing::debug!(%remote, error = %e, "Connection ended with an error"); }
+                    return;
                 }
-            });
-        }
-    });
-    let mut routes = tonic::service::Routes::new(proto::Server::new(service));
-    let http = std::mem::take(routes.axum_router_mut()).merge(download_routes(downloads));
-    *routes.axum_router_mut() = http;
-    let result = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
-        .await;
-    accept_loop.abort();
-    result
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            open = conns.len(),
+            "Closing connections that did not finish in time"
+        );
+        conns.abort_all();
+    }
+    Ok(())
 }

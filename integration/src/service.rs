@@ -47,6 +47,22 @@ struct Inner {
     /// Every host as last known, kept in memory so a heartbeat costs no I/O;
     /// changed hosts are written back by [`FleetService::flush`].
     live: std::sync::Mutex<Live>,
+    /// The collector configurations in force (set by the OpAMP hub).
+    configs:
+        std::sync::Mutex<Option<tokio::sync::watch::Receiver<Arc<crate::opamp::store::ConfigSet>>>>,
+}
+
+/// Most collector log lines kept per problem.
+const MAX_TAIL_LINES: usize = 50;
+/// Longest reason or log line kept, in bytes.
+const MAX_PROBLEM_TEXT: usize = 2048;
+
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_PROBLEM_TEXT);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 #[derive(Default)]
@@ -68,18 +84,29 @@ impl FleetService {
         let hosts = state
             .hosts()?
             .into_iter()
-            .map(|h| (h.host_id.clone(), h))
+            .map(|mut h| {
+                // A server that just started has no OpAMP connections.
+                if let Some(o) = h.opamp.as_mut() {
+                    o.connected = false;
+                }
+                (h.host_id.clone(), h)
+            })
             .collect();
-        let live = std::sync::Mutex::new(Live {
-            hosts,
-            dirty: Default::default(),
-        });
+        let hosts: std::collections::HashMap<String, HostRecord> = hosts;
+        // Records a crashed server left as connected are written back.
+        let dirty = hosts
+            .values()
+            .filter(|h| h.opamp.is_some())
+            .map(|h| h.host_id.clone())
+            .collect();
+        let live = std::sync::Mutex::new(Live { hosts, dirty });
         Ok(Self {
             inner: Arc::new(Inner {
                 state,
                 ca,
                 config,
                 live,
+                configs: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -107,6 +134,68 @@ impl FleetService {
             self.inner.state.put_host(&lock, h)?;
         }
         Ok(changed.len())
+    }
+
+    /// Whether `host` is enrolled here.
+    pub fn knows(&self, host: &str) -> bool {
+        self.inner
+            .live
+            .lock()
+            .is_ok_and(|live| live.hosts.contains_key(host))
+    }
+
+    /// Runs `f` on `host`'s OpAMP record (made on first use) and marks the
+    /// host for the next flush; `None` when the host is not enrolled.
+    pub fn with_opamp<T>(
+        &self,
+        host: &str,
+        f: impl FnOnce(&mut crate::state::OpampRecord) -> T,
+    ) -> Option<T> {
+        let mut live = self.inner.live.lock().ok()?;
+        let rec = live.hosts.get_mut(host)?;
+        let out = f(rec.opamp.get_or_insert_with(Default::default));
+        live.dirty.insert(host.to_owned());
+        Some(out)
+    }
+
+    /// Sets the source of the configuration each host should run, so
+    /// reports can say whether it is applied.
+    pub fn set_configs(
+        &self,
+        configs: tokio::sync::watch::Receiver<Arc<crate::opamp::store::ConfigSet>>,
+    ) {
+        if let Ok(mut c) = self.inner.configs.lock() {
+            *c = Some(configs);
+        }
+    }
+
+    fn opamp_view(&self, host: &str, o: &crate::state::OpampRecord) -> proto::OpampView {
+        let desired = self
+            .inner
+            .configs
+            .lock()
+            .ok()
+            .and_then(|c| {
+                c.as_ref()
+                    .map(|rx| rx.borrow().for_host(host).map(|d| d.hash_hex()))
+            })
+            .flatten();
+        let status = crate::opamp::session::config_status(Some(o), desired.as_deref());
+        proto::OpampView {
+            connected: o.connected,
+            instance_uid: o.instance_uid.clone(),
+            collector_name: o.collector_name.clone(),
+            collector_version: o.collector_version.clone(),
+            healthy: o.healthy.unwrap_or(false),
+            last_error: o.last_error.clone(),
+            remote_config_hash: desired.unwrap_or_default(),
+            remote_config_status: status.to_owned(),
+            remote_config_error: if status == "failed" {
+                o.reported_config_error.clone()
+            } else {
+                String::new()
+            },
+        }
     }
 
     /// Flushes every `every` until the process ends.
@@ -235,6 +324,18 @@ impl proto::Fleet for FleetService {
                     state_digest: req.state_digest,
                     full_report_at: now_s,
                     reports,
+                    collector_problem: rt.collector_problem.map(|p| {
+                        crate::state::CollectorProblemRecord {
+                            reason: bounded(&p.reason),
+                            at_unix_ms: p.at_unix_ms,
+                            log_tail: p
+                                .log_tail
+                                .iter()
+                                .take(MAX_TAIL_LINES)
+                                .map(|l| bounded(l))
+                                .collect(),
+                        }
+                    }),
                 };
                 if !report.hostname.is_empty() {
                     rec.hostname = report.hostname.clone();
@@ -244,10 +345,12 @@ impl proto::Fleet for FleetService {
                 report.clock_offset_ms = req.clock_offset_ms;
                 send_full = report.state_digest != req.state_digest || report.full_report_at == 0;
             }
-            let v = rec.agent_version.clone();
+            let v = (rec.agent_version.clone(), rec.opamp.clone());
             live.dirty.insert(host.to_string());
             v
         };
+        let (agent_version, opamp) = agent_version;
+        let opamp = opamp.map(|o| self.opamp_view(host.as_str(), &o));
         let verdict = agent_version
             .parse::<Version>()
             .map(|a| {
@@ -268,6 +371,7 @@ impl proto::Fleet for FleetService {
             server_time_unix_ms: now_unix_ms(),
             skew_verdict: verdict,
             send_full_report: send_full,
+            opamp,
         }))
     }
 
@@ -452,6 +556,7 @@ impl Inner {
             enrolled_at: previous.as_ref().map_or(now, |p| p.enrolled_at),
             last_seen: now,
             report: previous.as_ref().and_then(|p| p.report.clone()),
+            opamp: previous.as_ref().and_then(|p| p.opamp.clone()),
         };
         self.state
             .put_host(&lock, &record)

@@ -95,6 +95,45 @@ pub struct HostRecord {
     /// What the last full report said (absent until the first report).
     #[serde(default)]
     pub report: Option<ReportRecord>,
+    /// What the host's collector last said over OpAMP (absent until its
+    /// supervisor first connects).
+    #[serde(default)]
+    pub opamp: Option<OpampRecord>,
+}
+
+/// A collector as its supervisor describes it over OpAMP.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct OpampRecord {
+    /// Whether a supervisor of this host is connected now.
+    pub connected: bool,
+    /// The collector's OpAMP instance uid.
+    pub instance_uid: String,
+    /// `service.name` from the agent description (the distribution).
+    pub collector_name: String,
+    /// `service.version` from the agent description: the running version.
+    pub collector_version: String,
+    /// Health as last reported.
+    pub healthy: Option<bool>,
+    /// Why it is unhealthy (the supervisor's words, with the collector's
+    /// log tail when it crashed).
+    pub last_error: String,
+    /// When the collector started, Unix ns (0 when not running).
+    pub started_at_unix_nano: u64,
+    /// SHA-256 of the effective configuration.
+    pub effective_config_hash: String,
+    /// Hash of the remote configuration the agent last reported on.
+    pub reported_config_hash: String,
+    /// Its status: applied, applying, failed or unset.
+    pub reported_config_status: String,
+    /// Why it failed.
+    pub reported_config_error: String,
+    /// Sequence number of the last message.
+    pub sequence_num: u64,
+    /// Unix seconds of the last message.
+    pub last_message_at: i64,
+    /// Unix seconds of the last connect.
+    pub connected_at: i64,
 }
 
 /// What an agent last reported.
@@ -138,6 +177,22 @@ pub struct ReportRecord {
     pub full_report_at: i64,
     /// Reports received (full and heartbeats).
     pub reports: u64,
+    /// The collector's last crash or rejected configuration, as the agent
+    /// reported it.
+    #[serde(default)]
+    pub collector_problem: Option<CollectorProblemRecord>,
+}
+
+/// A collector problem as reported by the agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CollectorProblemRecord {
+    /// What happened.
+    pub reason: String,
+    /// When, Unix ms.
+    pub at_unix_ms: i64,
+    /// The collector's last output lines (bounded and escaped by the agent;
+    /// bounded again here).
+    pub log_tail: Vec<String>,
 }
 
 /// Where the server is reachable, written by `serve`.
@@ -280,6 +335,11 @@ impl State {
     /// When it cannot be written.
     pub fn put_serve(&self, r: &ServeRecord) -> Result<(), StateError> {
         write_json(&self.dir.join("server.json"), r)
+    }
+
+    /// The directory of collector configurations (`fleet.yaml`, `hosts/ID.yaml`).
+    pub fn collector_config_dir(&self) -> PathBuf {
+        self.dir.join("collector-config")
     }
 
     /// Where `serve` last said it listens.

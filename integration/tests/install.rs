@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use linkmesh_integration::{
     harness::{
-        DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary, scratch, snapshot,
+        COLLECTOR, DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary,
+        real_runtimes, scratch, snapshot,
     },
     testhost::{SERVER_ADDR, TestHost, TestNet},
 };
@@ -338,10 +339,13 @@ fn the_installers_are_posix_sh_and_shellcheck_clean() -> R {
     Ok(())
 }
 
-/// Runtime artifacts as the releases ship them, built from the stand-ins
-/// (each artifact is a wrapper that runs the stand-in at its version):
-/// v0.159.0 with one `.sha256` per artifact, v0.157.0 with the older
-/// combined checksum files.
+/// Runtime artifacts as the releases ship them: v0.158.0 with one `.sha256`
+/// per artifact, v0.157.0 with the older combined checksum files. Only one
+/// real build of each runtime exists here (scripts/build-runtimes, 0.158.0),
+/// so each release's artifact is a small wrapper naming its release that
+/// execs the real binary: install-opamp.sh sees distinct files per release,
+/// and what runs is the real supervisor and collector (whose `--version`
+/// says 0.158.0 whatever the release's name).
 fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Result<()> {
     let work = dir.join(format!("build-{version}"));
     std::fs::create_dir_all(&work)?;
@@ -349,7 +353,7 @@ fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Resul
     std::fs::write(
         &col,
         format!(
-            "#!/bin/sh\nLINKMESH_STANDIN_OTELCOL_VERSION={version} exec /usr/local/lib/standins/otelcol-contrib \"$@\"\n"
+            "#!/bin/sh\n# otelcol-contrib release {version}\nexec /usr/local/lib/real/{COLLECTOR} \"$@\"\n"
         ),
     )?;
     use std::os::unix::fs::PermissionsExt as _;
@@ -366,7 +370,9 @@ fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Resul
     let sup = format!("opampsupervisor_{version}_linux_{DEB_ARCH}");
     std::fs::write(
         dir.join(&sup),
-        "#!/bin/sh\nexec /usr/local/lib/standins/opampsupervisor \"$@\"\n",
+        format!(
+            "#!/bin/sh\n# opampsupervisor release {version}\nexec /usr/local/lib/real/opampsupervisor \"$@\"\n"
+        ),
     )?;
     let sum = |name: &str| -> anyhow::Result<String> {
         Ok(linkmesh_agent::hex::encode(
@@ -399,18 +405,19 @@ fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Resul
 #[test]
 fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     let mut bed = bed("inst-opamp")?;
-    publish_runtime(&bed.artifacts, "0.159.0", true)?;
+    publish_runtime(&bed.artifacts, "0.158.0", true)?;
     publish_runtime(&bed.artifacts, "0.157.0", false)?;
     let host = TestHost::boot("lm-opamp")?;
     bed.net.attach(&host)?;
+    let real = real_runtimes()?;
     host.copy_in(
-        &binary("standin-otelcol-contrib")?,
-        "/usr/local/lib/standins/otelcol-contrib",
+        &real.join(COLLECTOR),
+        &format!("/usr/local/lib/real/{COLLECTOR}"),
         0o755,
     )?;
     host.copy_in(
-        &binary("standin-opampsupervisor")?,
-        "/usr/local/lib/standins/opampsupervisor",
+        &real.join("opampsupervisor"),
+        "/usr/local/lib/real/opampsupervisor",
         0o755,
     )?;
     let t = bed.fleet.token(1, "1h")?;
@@ -447,7 +454,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     let state = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         state.starts_with(
-            "otelcol-contrib = \"0.159.0\"\nopampsupervisor = \"0.159.0\"\ndisabled\ninactive"
+            "otelcol-contrib = \"0.158.0\"\nopampsupervisor = \"0.158.0\"\ndisabled\ninactive"
         ),
         "{state}"
     );
@@ -471,9 +478,11 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     };
     let s = status(&host)?;
     let d = &s["runtime"]["detection"];
-    assert_eq!(d["supervisor"]["version"], "0.159.0");
+    assert_eq!(d["supervisor"]["version"], "0.158.0");
     assert_eq!(d["supervisor"]["version_source"], "install record");
-    assert_eq!(d["collector"]["version"], "0.159.0");
+    // The collector's version is its own word (`--version`), not the release's name.
+    assert_eq!(d["collector"]["version"], "0.158.0");
+    assert_eq!(d["collector"]["version_source"], "--version");
     let instance_id = std::fs::read_to_string(
         host.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml"),
     )?;
@@ -512,7 +521,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     assert_eq!(code, 0, "{text}");
     let s = status(&host)?;
     assert_eq!(
-        s["runtime"]["detection"]["collector"]["version"], "0.157.0",
+        s["runtime"]["detection"]["supervisor"]["version"], "0.157.0",
         "{s}"
     );
     assert_ne!(s["runtime"]["supervision"]["pid"], sup_pid);
@@ -524,10 +533,10 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     );
     let d = bed
         .fleet
-        .wait_drift(Duration::from_secs(20), "0.157.0 in drift", |h| {
-            h["runtime_version"] == "0.157.0"
+        .wait_drift(Duration::from_secs(20), "the collector in drift", |h| {
+            h["runtime_version"] == "0.158.0"
         })?;
-    assert_eq!(d["hosts"][0]["runtime_at_pin"], false, "{d}");
+    assert_eq!(d["hosts"][0]["runtime_at_pin"], true, "{d}");
 
     // A corrupted artifact: refused, the installed runtime untouched.
     let before = files(&host);

@@ -37,7 +37,7 @@ fn reports_reach_the_drift_report_with_heartbeats_between() -> R {
     })?;
     assert_eq!(s["reporter"]["skew_verdict"], "in_window");
     assert_eq!(s["reporter"]["report_interval_secs"], 1);
-    let d = fleet.wait_drift(T, "runtime reported", |h| h["runtime_version"] == "0.159.0")?;
+    let d = fleet.wait_drift(T, "runtime reported", |h| h["runtime_version"] == "0.158.0")?;
     let h = &d["hosts"][0];
     assert_eq!(h["verdict"], "in_window");
     assert_eq!(h["install_method"], "deb");
@@ -637,12 +637,26 @@ fn reports_go_through_an_http_connect_proxy() -> R {
 fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
     let (_dir, mut fleet, agent) = setup("rep-check", &[])?;
     let run = agent.spawn_run(&[], &[])?;
-    run.wait_status(T, "running and reporting", |s| {
-        reports(s) >= 1 && s["supervision"]["state"] == "running"
+    run.wait_status(T, "running, reporting, and seen over OpAMP", |s| {
+        reports(s) >= 1
+            && s["supervision"]["state"] == "running"
+            && s["reporter"]["opamp"]["connected"] == true
     })?;
     let out = agent.cmd()?.args(["check", "--json"]).output()?;
     let doc: Value = serde_json::from_slice(&out.stdout)?;
     assert!(out.status.success(), "{}", text(&out));
+    let opamp = doc["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == "opamp"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(opamp["outcome"], "ok", "{opamp}");
+    assert!(
+        opamp["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("otelcol-linkmesh 0.158.0")),
+        "{opamp}"
+    );
     assert_eq!(doc["ok"], true, "{doc}");
     let ids: Vec<&str> = doc["checks"]
         .as_array()
@@ -662,6 +676,7 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
             "version",
             "runtime_version",
             "supervisor",
+            "opamp",
             "conflicts"
         ]
     );

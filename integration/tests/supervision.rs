@@ -1,22 +1,26 @@
-//! `linkmesh-agent run` supervising opampsupervisor and its collector: the
-//! stand-ins (or real binaries, see `harness::runtime_bin_dir`) run as real
-//! processes; faults are real signals.
+//! `linkmesh-agent run` supervising the real opampsupervisor and collector
+//! (built by scripts/build-runtimes, see `harness::real_runtimes`); faults
+//! are real signals. Fixture scripts stand in for the supervisor only where
+//! a real one cannot be made to show the fault (dying at once, ignoring
+//! SIGINT and SIGTERM, writing hostile output); each test says so.
 
 use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
 use linkmesh_integration::harness::{
-    AgentEnv, Fleet, alive, enrolled_agent, fixture, peak_rss_kib, runtime_bin_dir, scratch, text,
-    wait_gone,
+    AgentEnv, COLLECTOR, Fleet, alive, enrolled_agent, fixture, peak_rss_kib, real_runtimes,
+    runtime_bin_dir, scratch, text, wait_gone,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
 type R = anyhow::Result<()>;
 
-const T: Duration = Duration::from_secs(15);
+/// Bound on waits: the real supervisor bootstraps its collector before it
+/// runs it, and tests run side by side on two cores.
+const T: Duration = Duration::from_secs(40);
 
-/// A reference server and an agent enrolled with it, using the runtime
-/// binaries (stand-ins, or real ones) in the returned directory.
+/// A reference server and an agent enrolled with it, using the real runtime
+/// binaries in the returned directory.
 fn setup(name: &str) -> anyhow::Result<(tempfile::TempDir, Fleet, std::path::PathBuf, AgentEnv)> {
     let dir = scratch(name)?;
     let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
@@ -53,7 +57,11 @@ fn supervises_streams_logs_and_stops_cleanly() -> R {
     let (sup, col) = (pid_of(&s, "pid"), pid_of(&s, "collector_pid"));
     assert!(alive(sup) && alive(col));
     assert_eq!(s["kind"], "otelcol");
-    assert_eq!(s["detection"]["collector"]["version"], "0.159.0");
+    assert_eq!(s["detection"]["collector"]["version"], "0.158.0");
+    // The running version comes from the collector's own telemetry resource.
+    run.wait_status(T, "running version seen", |s| {
+        s["supervision"]["collector_version"] == "0.158.0"
+    })?;
     // The supervisor runs in its own process group.
     let stat = std::fs::read_to_string(format!("/proc/{sup}/stat"))?;
     let pgid: u32 = stat
@@ -62,12 +70,22 @@ fn supervises_streams_logs_and_stops_cleanly() -> R {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     assert_eq!(pgid, sup);
-    // Its JSON log lines arrive in the agent's log with the child's name and level.
+    // The supervisor's JSON lines arrive in the agent's log with its name
+    // and level; the collector's own lines, which the supervisor passes
+    // through at "error" (stderr) or "info" (stdout), with theirs.
+    let deadline = std::time::Instant::now() + T;
+    while !run.log_text().contains("Everything is ready") {
+        assert!(std::time::Instant::now() < deadline, "{}", run.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = run.log_text();
     assert!(
-        log.contains("INFO Agent process started child=\"opampsupervisor\""),
+        log.lines().any(|l| l.contains(" INFO ")
+            && l.contains("Everything is ready. Begin running and processing data.")
+            && l.contains("child=\"collector\"")),
         "{log}"
     );
+    assert!(log.contains("child=\"opampsupervisor\""), "{log}");
     // The collector's instance id persists in the supervisor's storage, 0600.
     let state = agent.state.join("supervisor/persistent_state.yaml");
     let first_id = std::fs::read_to_string(&state)?;
@@ -95,11 +113,11 @@ fn supervises_streams_logs_and_stops_cleanly() -> R {
         Some(Value::from("stopped"))
     );
     let log = run.log_text();
-    assert!(
-        log.contains("Supervisor shutting down"),
-        "SIGINT was not the first signal:\n{log}"
-    );
+    // SIGINT was the first signal, and the supervisor stopped on it: the
+    // collector shut down cleanly (its own words, passed through).
     assert!(log.contains("signal=\"SIGINT\""), "{log}");
+    assert!(log.contains("exit=exit code 0"), "{log}");
+    assert!(log.contains("Shutdown complete."), "{log}");
 
     // A second run keeps the same collector instance id.
     let run = agent.spawn_run(&[], &[])?;
@@ -140,14 +158,19 @@ fn a_crashed_collector_is_restarted_by_the_supervisor_and_shows() -> R {
     })?;
     assert!(alive(pid_of(&s, "collector_pid")));
     assert_eq!(s["supervision"]["restarts"], 0);
-    assert!(
-        run.log_text().contains("exited unexpectedly"),
-        "{}",
-        run.log_text()
+    // The crash and the collector's last lines are kept for the server.
+    let p = &s["supervision"]["collector_problem"];
+    assert_eq!(
+        p["reason"], "the collector exited unexpectedly with exit code -1",
+        "{s}"
     );
+    let tail = p["log_tail"].as_array().cloned().unwrap_or_default();
+    assert!(!tail.is_empty() && tail.len() <= 20, "log tail: {tail:?}");
     Ok(())
 }
 
+/// A fixture stands in for the supervisor: the real one cannot be made to
+/// die at once on every start.
 #[test]
 fn a_crash_loop_backs_off_and_is_flagged() -> R {
     let (_dir, _fleet, bins, agent) = setup("sup-loop")?;
@@ -176,6 +199,8 @@ fn a_crash_loop_backs_off_and_is_flagged() -> R {
     Ok(())
 }
 
+/// A fixture stands in for the supervisor: the real one stops on SIGINT
+/// (and, at v0.158.0, on SIGTERM too).
 #[test]
 fn a_supervisor_ignoring_sigint_and_sigterm_is_killed_within_the_grace_period() -> R {
     let (_dir, _fleet, bins, agent) = setup("sup-stubborn")?;
@@ -270,6 +295,8 @@ fn a_missing_runtime_is_reported_and_picked_up_once_installed() -> R {
     Ok(())
 }
 
+/// A fixture stands in for the supervisor: the real one never writes
+/// 32 MiB lines or invalid UTF-8.
 #[test]
 fn hostile_output_is_logged_safely_with_bounded_memory() -> R {
     let (_dir, _fleet, bins, agent) = setup("sup-noisy")?;
@@ -334,8 +361,8 @@ fn sighup_restarts_the_supervisor_only_when_its_configuration_changed() -> R {
     let other = dir.path().join("bin2");
     runtime_bin_dir(&other)?;
     let cfg = std::fs::read_to_string(&agent.config)?.replace(
-        &bins.join("otelcol-contrib").display().to_string(),
-        &other.join("otelcol-contrib").display().to_string(),
+        &bins.join(COLLECTOR).display().to_string(),
+        &other.join(COLLECTOR).display().to_string(),
     );
     agent.write_config(&cfg)?;
     run.signal(Signal::SIGHUP);
@@ -346,7 +373,7 @@ fn sighup_restarts_the_supervisor_only_when_its_configuration_changed() -> R {
     assert!(!alive(first) || wait_gone(first, Duration::from_secs(2)));
     let after = std::fs::read_to_string(&rendered)?;
     assert!(
-        after.contains(&other.join("otelcol-contrib").display().to_string()),
+        after.contains(&other.join(COLLECTOR).display().to_string()),
         "{after}"
     );
 
@@ -428,25 +455,51 @@ fn run_refuses_an_unenrolled_host_and_bad_configuration() -> R {
     Ok(())
 }
 
+/// What the agent relies on in the real binaries, and what runtimes.md
+/// records about them, checked against the pinned builds.
 #[test]
-fn the_standin_supervisor_rejects_what_the_real_one_rejects() -> R {
-    // Fidelity check of the stand-in the other tests rely on.
-    let dir = scratch("standin")?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let sup = bins.join("opampsupervisor");
+fn the_real_runtimes_behave_as_the_agent_expects() -> R {
+    let dir = scratch("real-facts")?;
+    let real = real_runtimes()?;
+    let sup = real.join("opampsupervisor");
+    let col = real.join(COLLECTOR);
+    // No --version: Go's flag package refuses it with exit 2.
     let out = std::process::Command::new(&sup).arg("--version").output()?;
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).starts_with("flag provided but not defined: -version"),
+        err.starts_with("flag provided but not defined: -version"),
+        "{err}"
+    );
+    // --config and --feature-gates are its flags (runtimes.md had the second as unconfirmed).
+    assert!(
+        err.contains("-config string") && err.contains("-feature-gates"),
+        "{err}"
+    );
+    // The collector prints cobra's `NAME version X`, which the agent parses for any distribution.
+    let out = std::process::Command::new(&col).arg("--version").output()?;
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(v, format!("{COLLECTOR} version 0.158.0\n"));
+    assert_eq!(
+        linkmesh_agent::runtime::parse_otelcol_version(&v),
+        Some((COLLECTOR.to_owned(), "0.158.0".to_owned()))
+    );
+    // It has the featuregate subcommand the supervisor probes, with the gate it looks for.
+    let out = std::process::Command::new(&col)
+        .arg("featuregate")
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("service.AllowNoPipelines"),
         "{}",
         text(&out)
     );
+    // Unknown keys are fatal (exit 1, the key named): the agent emits only known ones.
     let cfg = dir.path().join("c.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "server:\n  endpoint: wss://x:1/v1/opamp\nagent:\n  executable: {}\n  run_as: nobody\nstorage:\n  directory: {}\n  secrets: x\n",
-            bins.join("otelcol-contrib").display(),
+            "server:\n  endpoint: wss://127.0.0.1:1/v1/opamp\nagent:\n  executable: {}\n  run_as: nobody\nstorage:\n  directory: {}\n",
+            col.display(),
             dir.path().join("s").display()
         ),
     )?;
@@ -454,32 +507,117 @@ fn the_standin_supervisor_rejects_what_the_real_one_rejects() -> R {
         .arg(format!("-config={}", cfg.display()))
         .output()?;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("'agent' has invalid keys: run_as")
-            && err.contains("'storage' has invalid keys: secrets"),
-        "{err}"
+        String::from_utf8_lossy(&out.stderr).contains("run_as"),
+        "{}",
+        text(&out)
     );
     std::fs::write(
         &cfg,
-        "server:\n  endpoint: tcp://x:1\nagent:\n  executable: /nonexistent\n",
+        format!(
+            "server:\n  endpoint: tcp://x:1\nagent:\n  executable: {}\n",
+            col.display()
+        ),
     )?;
     let out = std::process::Command::new(&sup)
         .args(["--config", cfg.to_str().unwrap_or_default()])
         .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("invalid scheme \"tcp\""),
         "{}",
         text(&out)
     );
-    let out = std::process::Command::new(bins.join("otelcol-contrib"))
-        .arg("--version")
-        .output()?;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "otelcol-contrib version 0.159.0\n"
-    );
     Ok(())
+}
+
+/// runtimes.md said SIGTERM kills the supervisor without cleanup; at
+/// v0.158.0 it traps SIGTERM like SIGINT and shuts down cleanly, collector
+/// first. SIGHUP is not trapped: it kills the supervisor, and the collector
+/// exits by its orphan check. Both seen here with the real binaries.
+#[test]
+fn the_real_supervisor_stops_cleanly_on_sigterm_and_dies_on_sighup() -> R {
+    let dir = scratch("real-signals")?;
+    let real = real_runtimes()?;
+    let local = dir.path().join("local.yaml");
+    std::fs::write(
+        &local,
+        linkmesh_integration::harness::QUIET_COLLECTOR_CONFIG,
+    )?;
+    for (signal, clean) in [(Signal::SIGTERM, true), (Signal::SIGHUP, false)] {
+        let storage = dir.path().join(format!("s-{signal}"));
+        let cfg = dir.path().join(format!("{signal}.yaml"));
+        // An unreachable server: the collector starts anyway, on the local config.
+        std::fs::write(
+            &cfg,
+            format!(
+                "server:\n  endpoint: ws://127.0.0.1:9/v1/opamp\ncapabilities:\n  reports_own_metrics: false\nagent:\n  executable: {}\n  config_files: [{}]\n  orphan_detection_interval: 1s\n  bootstrap_timeout: 30s\n  passthrough_logs: true\nstorage:\n  directory: {}\ntelemetry:\n  logs:\n    level: debug\n",
+                real.join(COLLECTOR).display(),
+                local.display(),
+                storage.display()
+            ),
+        )?;
+        let log = dir.path().join(format!("{signal}.log"));
+        let mut child = std::process::Command::new(real.join("opampsupervisor"))
+            .arg(format!("--config={}", cfg.display()))
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(
+                dir.path().join(format!("{signal}.err")),
+            )?)
+            .spawn()?;
+        let deadline = std::time::Instant::now() + T;
+        // Signals are trapped only once bootstrap is over ("Supervisor
+        // starting"): before that, SIGTERM and SIGINT kill it outright.
+        let col = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let after = text
+                .split_once("\"msg\":\"Supervisor starting\"")
+                .map_or("", |(_, a)| a);
+            let pid = after
+                .lines()
+                .filter(|l| l.contains("Agent process started"))
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|v| v["pid"].as_u64())
+                .next_back();
+            if let Some(p) = pid
+                && after.contains("Everything is ready")
+            {
+                break p as u32;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "collector never ran:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        let status = child.wait()?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if clean {
+            assert_eq!(status.code(), Some(0), "{text}");
+            assert!(text.contains("Supervisor shutting down"), "{text}");
+            assert!(
+                !alive(col),
+                "the supervisor returned before its collector stopped"
+            );
+        } else {
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(libc_sighup()),
+                "{text}"
+            );
+            assert!(!text.contains("Supervisor shutting down"), "{text}");
+            assert!(
+                wait_gone(col, Duration::from_secs(5)),
+                "collector {col} orphaned"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn libc_sighup() -> i32 {
+    Signal::SIGHUP as i32
 }
 
 #[test]

@@ -427,3 +427,144 @@ fn install_agent_server_and_runtime(host: &TestHost) -> R {
     }
     install_runtime(host)
 }
+
+/// OTLP traces, metrics and logs sent to the collector the agent supervises
+/// on a throw-away host (the shipped unit, the real supervisor and
+/// collector, the fleet server in its own namespace across the veth) land
+/// at the collector's file exporter, and nowhere in the fleet server: the
+/// server configures the collector, telemetry never passes through it.
+#[test]
+fn telemetry_flows_from_the_collector_to_its_sink_never_through_the_server() -> R {
+    use linkmesh_integration::{
+        harness::{Fleet, binary, install_runtime, scratch},
+        testhost::{SERVER_ADDR, TestNet},
+    };
+    let dir = scratch("telemetry")?;
+    let mut net = TestNet::new()?;
+    let fleet = Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &["--report-interval", "1s"],
+    )?;
+    let host = TestHost::boot("lm-telemetry")?;
+    net.attach(&host)?;
+    host.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
+    install_runtime(&host)?;
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
+    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
+    let sink = "/var/lib/linkmesh-agent/telemetry.jsonl";
+    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
+    std::fs::write(
+        host.path("/etc/linkmesh/collector.yaml"),
+        format!(
+            "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:4318\nexporters:\n  file:\n    path: {sink}\n    flush_interval: 100ms\nservice:\n  pipelines:\n    traces: {{receivers: [otlp], exporters: [file]}}\n    metrics: {{receivers: [otlp], exporters: [file]}}\n    logs: {{receivers: [otlp], exporters: [file]}}\n"
+        ),
+    )?;
+    let t = fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let out = host.exec(&format!(
+        "linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token && systemctl daemon-reload && systemctl start linkmesh-agent",
+        fleet.url, t.ca_pin
+    ))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let marker = format!("lm-marker-{}", std::process::id());
+    let bodies = [
+        (
+            "traces",
+            format!(
+                r#"{{"resourceSpans":[{{"resource":{{"attributes":[{{"key":"service.name","value":{{"stringValue":"{marker}-svc"}}}}]}},"scopeSpans":[{{"spans":[{{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"{marker}-span","kind":1,"startTimeUnixNano":"1700000000000000000","endTimeUnixNano":"1700000001000000000"}}]}}]}}]}}"#
+            ),
+        ),
+        (
+            "metrics",
+            format!(
+                r#"{{"resourceMetrics":[{{"scopeMetrics":[{{"metrics":[{{"name":"{marker}-metric","gauge":{{"dataPoints":[{{"asInt":"42","timeUnixNano":"1700000000000000000"}}]}}}}]}}]}}]}}"#
+            ),
+        ),
+        (
+            "logs",
+            format!(
+                r#"{{"resourceLogs":[{{"scopeLogs":[{{"logRecords":[{{"timeUnixNano":"1700000000000000000","body":{{"stringValue":"{marker}-log"}}}}]}}]}}]}}"#
+            ),
+        ),
+    ];
+    // The receiver listens once the supervisor has bootstrapped the collector.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (signal, body) in &bodies {
+        std::fs::write(host.path(&format!("/root/{signal}.json")), body)?;
+        loop {
+            let out = host.exec(&format!(
+                "curl -fsS -m 5 -H 'Content-Type: application/json' --data-binary @/root/{signal}.json http://127.0.0.1:4318/v1/{signal}"
+            ))?;
+            if out.status.success() {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "OTLP {signal} not accepted: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                host.journal(Some("linkmesh-agent"), "")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let want = [
+        format!("{marker}-span"),
+        format!("{marker}-metric"),
+        format!("{marker}-log"),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = std::fs::read_to_string(host.path(sink)).unwrap_or_default();
+        if want.iter().all(|w| got.contains(w.as_str())) {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "sink has {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The server saw the collector (OpAMP) but none of its telemetry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fleet.hosts()?[0]["opamp"]["connected"] != true {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "never connected over OpAMP: {:?}\n{}",
+            fleet.hosts()?,
+            fleet.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut seen = fleet.log();
+    for entry in walk(fleet.state()) {
+        seen.push_str(&String::from_utf8_lossy(
+            &std::fs::read(entry).unwrap_or_default(),
+        ));
+    }
+    assert!(
+        !seen.contains(&marker),
+        "telemetry reached the fleet server"
+    );
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

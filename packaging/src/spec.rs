@@ -413,7 +413,10 @@ mod tests {
         assert_eq!(agent.data, b"\x7fELF stand-in");
         assert_eq!(agent.mode, 0o755);
         let conf: Vec<_> = p.config_files().map(|f| f.dest.as_str()).collect();
-        assert_eq!(conf, ["/etc/linkmesh/agent.toml"]);
+        assert_eq!(
+            conf,
+            ["/etc/linkmesh/agent.toml", "/etc/linkmesh/collector.yaml"]
+        );
         assert!(p.deb_scripts.postinst.contains("lm_configure deb"));
         assert!(p.rpm_scripts.post.contains("lm_configure rpm"));
         assert!(p.deb_scripts.postrm.contains("lm_purge"));

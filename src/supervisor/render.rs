@@ -1,10 +1,17 @@
 //! Renders opampsupervisor's configuration from the host's enrolment.
 //!
-//! Only keys the pinned supervisor (v0.159.0) knows are emitted: it decodes
-//! with `ErrorUnused`, so an unknown key stops it from starting. Keys marked
-//! as development-branch-only in `shared/reference/runtimes.md` are never
-//! emitted. Every string is double-quoted and escaped, so paths and ids with
-//! YAML-significant characters stay strings.
+//! Only keys the pinned supervisor (v0.158.0, the one the test bed builds
+//! and runs) knows are emitted: it decodes with `ErrorUnused`, so an unknown
+//! key stops it from starting. Every string is double-quoted and escaped, so
+//! paths and ids with YAML-significant characters stay strings.
+//!
+//! The collector's configuration is the operator's local file
+//! (`agent.config_files`) with the server's remote configuration merged
+//! over it. A remote configuration is validated by the collector before it
+//! is applied (`validate_config`) and rolled back when the collector fails
+//! with it (`automatic_config_rollback`), so a bad one never stops
+//! collection; a crash's last log lines go to the server in the health
+//! message (`collector_crash_log_snippet_kib`).
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -12,6 +19,9 @@ use crate::{endpoint::ServerUrl, identity::HostId};
 
 /// The OpAMP path on the fleet server.
 pub const OPAMP_PATH: &str = "/v1/opamp";
+
+/// How much of the collector's last output the supervisor sends with a crash.
+pub const CRASH_LOG_SNIPPET_KIB: u32 = 4;
 
 /// What the supervisor configuration is made from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +43,14 @@ pub struct SupervisorInputs {
     pub storage_dir: PathBuf,
     /// The collector executable.
     pub collector: PathBuf,
+    /// The operator's local collector configuration.
+    pub collector_config: PathBuf,
+    /// How long the supervisor waits for a new collector's first OpAMP
+    /// message (it must be generous on a loaded host: the start fails otherwise).
+    pub bootstrap_timeout: Duration,
+    /// How long a new remote configuration may take to become healthy
+    /// before it is reported failed (and rolled back).
+    pub config_apply_timeout: Duration,
     /// How often the collector checks that the supervisor is alive.
     pub orphan_detection_interval: Duration,
     /// The supervisor's own log level.
@@ -90,6 +108,35 @@ pub fn render(i: &SupervisorInputs) -> String {
         y,
         "  orphan_detection_interval: {}",
         q(&go_duration(i.orphan_detection_interval))
+    );
+    // The collector's own Prometheus endpoint (:8888 by default) is off in
+    // every run, the supervisor's bootstrap run included, which no config
+    // file reaches: with it on, anything else on :8888 (or a bootstrap
+    // collector still releasing it) keeps the collector from ever starting.
+    let _ = writeln!(
+        y,
+        "  args: [\"--set=service.telemetry.metrics.level=none\"]"
+    );
+    let _ = writeln!(
+        y,
+        "  config_files: [{}]",
+        q(&i.collector_config.display().to_string())
+    );
+    let _ = writeln!(
+        y,
+        "  bootstrap_timeout: {}",
+        q(&go_duration(i.bootstrap_timeout))
+    );
+    let _ = writeln!(
+        y,
+        "  config_apply_timeout: {}",
+        q(&go_duration(i.config_apply_timeout))
+    );
+    let _ = writeln!(y, "  validate_config: true");
+    let _ = writeln!(y, "  automatic_config_rollback: true");
+    let _ = writeln!(
+        y,
+        "  collector_crash_log_snippet_kib: {CRASH_LOG_SNIPPET_KIB}"
     );
     let _ = writeln!(y, "  passthrough_logs: true");
     let _ = writeln!(y, "  description:");
@@ -152,6 +199,9 @@ mod tests {
             key_file: "/var/lib/linkmesh-agent/identity/key.pem".into(),
             storage_dir: "/var/lib/linkmesh-agent/supervisor".into(),
             collector: "/usr/bin/otelcol-contrib".into(),
+            collector_config: "/etc/linkmesh/collector.yaml".into(),
+            bootstrap_timeout: Duration::from_secs(30),
+            config_apply_timeout: Duration::from_secs(30),
             orphan_detection_interval: Duration::from_secs(5),
             log_level: "info",
         }

@@ -43,6 +43,14 @@
 //!   postinst configure, which restarts the agent). Measured from systemd's
 //!   own timestamps: leaving `active` (stop begins) to `active` again (the
 //!   new agent's READY). Needs root; skipped with a note otherwise.
+//! - `config_apply`: `linkmesh-fleet collector-config set` of a new fleet
+//!   configuration (a distinct pipeline each time) to the reference server
+//!   logging the real supervisor's `applied` status for its hash, on a host
+//!   whose real opampsupervisor and collector are connected; `--applies`
+//!   samples. The server's log timestamp is the end, the wall clock before
+//!   spawning the command the start. The pinned supervisor reports
+//!   `applied` only when its `config_apply_timeout` (5 s, rendered by the
+//!   agent) has passed with the collector healthy, so that is the floor.
 //!
 //! The whole set is measured `--repeat` times. The table shows, per figure,
 //! the median of the runs' medians and the spread of those medians (min–max
@@ -95,6 +103,9 @@ struct Args {
     /// Package upgrades timed on a throw-away host (0 skips them).
     #[arg(long, default_value_t = 10)]
     upgrades: usize,
+    /// Collector configurations applied through OpAMP (0 skips them).
+    #[arg(long, default_value_t = 20)]
+    applies: usize,
     /// Whole runs of every measurement; the table shows the spread over them.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -304,6 +315,9 @@ fn one_run(args: &Args, agent_bin: &std::path::Path) -> anyhow::Result<Vec<Figur
     report_figures(args, &dir, &fleet, &runtime, &mut figures)?;
     fleet_figures(args, &dir, &mut figures)?;
     supervision_figures(args, &dir, &fleet, &mut figures)?;
+    if args.applies > 0 {
+        config_apply_figures(args, &dir, &mut figures)?;
+    }
     upgrade_figures(args, &dir, &packages, &mut figures)?;
     Ok(figures)
 }
@@ -406,6 +420,93 @@ fn upgrade_figures(
         "ms",
         "dpkg -i of the .deb on an enrolled throw-away host: systemd's stop-begins to READY",
         down_ms,
+    ));
+    Ok(())
+}
+
+/// `collector-config set` to `applied`, through the real supervisor.
+fn config_apply_figures(
+    args: &Args,
+    dir: &tempfile::TempDir,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    use linkmesh_integration::harness::{enrolled_agent, runtime_bin_dir};
+    let fleet = Fleet::start(&dir.path().join("fleet-opamp"), &[])?;
+    let bins = runtime_bin_dir(&dir.path().join("bin-opamp"))?;
+    let agent = enrolled_agent(&dir.path().join("opamp-agent"), &fleet, &bins, "")?;
+    let run = agent.spawn_run(&[], &[])?;
+    let connected = Instant::now() + Duration::from_secs(60);
+    while !fleet.log().contains("OpAMP connection opened") {
+        anyhow::ensure!(
+            Instant::now() < connected,
+            "the supervisor never connected:\n{}",
+            run.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut ms = Vec::with_capacity(args.applies);
+    for i in 0..args.applies {
+        let file = dir.path().join(format!("apply-{i}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "receivers:\n  nop/bench{i}: {{}}\nexporters:\n  nop/bench{i}: {{}}\nservice:\n  pipelines:\n    logs/bench{i}:\n      receivers: [nop/bench{i}]\n      exporters: [nop/bench{i}]\n"
+            ),
+        )?;
+        let start = time::OffsetDateTime::now_utc();
+        let out = fleet.admin(&[
+            "collector-config",
+            "set",
+            "--file",
+            file.to_str().unwrap_or_default(),
+        ])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hash = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_default()
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let applied_at = loop {
+            let log = fleet.log();
+            let at = log
+                .lines()
+                .filter(|l| {
+                    l.contains("Remote configuration status")
+                        && l.contains(&hash)
+                        && l.contains("status=applied")
+                })
+                .find_map(|l| {
+                    l.split_whitespace().next().and_then(|ts| {
+                        time::OffsetDateTime::parse(
+                            ts,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                });
+            if let Some(at) = at {
+                break at;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "configuration {hash} never applied:\n{}",
+                fleet.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ms.push((applied_at - start).as_seconds_f64() * 1e3);
+    }
+    drop(run);
+    figures.push(figure(
+        "config_apply",
+        "ms",
+        "`collector-config set` to the supervisor's `applied` in the server's log (real supervisor and collector, config_apply_timeout 5 s)",
+        ms,
     ));
     Ok(())
 }

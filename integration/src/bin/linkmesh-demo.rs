@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use linkmesh_integration::harness::{Fleet, TokenInfo, binary, runtime_bin_dir};
+use linkmesh_integration::harness::{COLLECTOR, Fleet, TokenInfo, binary, runtime_bin_dir};
 
 fn main() -> ExitCode {
     match run() {
@@ -106,15 +106,26 @@ fn run() -> anyhow::Result<()> {
             .arg(&fleet_state),
     )?;
 
-    step("Run the agent: it supervises opampsupervisor (stand-ins here) and reports");
+    step("Run the agent: it supervises the real opampsupervisor and collector, and reports");
     let bins = runtime_bin_dir(&dir.join("runtime-bin"))?;
     std::fs::create_dir_all(agent_config.parent().unwrap_or(&dir))?;
+    let otlp_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let collector_config = dir.join("collector.yaml");
+    std::fs::write(
+        &collector_config,
+        format!(
+            "# The host's own collector config: OTLP/HTTP in, the collector's log out.\nreceivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:{otlp_port}\nexporters:\n  debug: {{}}\nservice:\n  pipelines:\n    logs:\n      receivers: [otlp]\n      exporters: [debug]\n"
+        ),
+    )?;
     std::fs::write(
         &agent_config,
         format!(
-            "[runtime]\nsupervisor = \"{}\"\ncollector = \"{}\"\n",
+            "[runtime]\nsupervisor = \"{}\"\ncollector = \"{}\"\ncollector_config = \"{}\"\n",
             bins.join("opampsupervisor").display(),
-            bins.join("otelcol-contrib").display()
+            bins.join(COLLECTOR).display(),
+            collector_config.display()
         ),
     )?;
     println!(
@@ -170,6 +181,35 @@ fn run() -> anyhow::Result<()> {
             .args(["drift", "--state"])
             .arg(&fleet_state),
     )?;
+
+    step("The server drives the collector's configuration over OpAMP (merged over the host's own)");
+    let remote = dir.join("fleet-collector.yaml");
+    std::fs::write(
+        &remote,
+        "receivers:\n  hostmetrics:\n    collection_interval: 10s\n    scrapers:\n      load: {}\nservice:\n  pipelines:\n    metrics:\n      receivers: [hostmetrics]\n      exporters: [debug]\n",
+    )?;
+    show(
+        Command::new(&fleet_bin)
+            .args(["collector-config", "set", "--state"])
+            .arg(&fleet_state)
+            .arg("--file")
+            .arg(&remote),
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let opamp = loop {
+        let out = Command::new(&fleet_bin)
+            .args(["hosts", "--json", "--state"])
+            .arg(&fleet_state)
+            .output()?;
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let o = h[0]["opamp"].clone();
+        if o["remote_config_status"] == "applied" || std::time::Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    println!("$ linkmesh-fleet hosts --json   (the host's \"opamp\" object)");
+    println!("{}", serde_json::to_string_pretty(&opamp)?);
 
     step("Stop the agent (SIGTERM): SIGINT to the supervisor, which stops its collector");
     let _ = nix::sys::signal::kill(

@@ -64,10 +64,10 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "30d")]
         renew_grace: String,
         /// otelcol-contrib version the fleet pins.
-        #[arg(long, value_name = "X.Y.Z", default_value = "0.159.0")]
+        #[arg(long, value_name = "X.Y.Z", default_value = "0.158.0")]
         pin_otelcol: String,
         /// opampsupervisor version the fleet pins.
-        #[arg(long, value_name = "X.Y.Z", default_value = "0.159.0")]
+        #[arg(long, value_name = "X.Y.Z", default_value = "0.158.0")]
         pin_supervisor: String,
         /// Grafana Alloy version the fleet pins.
         #[arg(long, value_name = "vX.Y.Z", default_value = "v1.18.1")]
@@ -88,12 +88,37 @@ enum Command {
     /// Enrolment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The collector configuration the server hands out over OpAMP.
+    #[command(subcommand)]
+    CollectorConfig(CollectorConfigCommand),
     /// List enrolled hosts.
     Hosts {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CollectorConfigCommand {
+    /// Store a collector configuration: the fleet default, or one host's
+    /// (which replaces the default for it). Connected supervisors get it at
+    /// once, the others when they connect. It is merged over each host's
+    /// local collector config.
+    Set {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The collector configuration (YAML).
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Only for this host [default: the whole fleet].
+        #[arg(long, value_name = "ID")]
+        host: Option<String>,
+        /// Store it even if it is not a YAML mapping (the collector will
+        /// reject it and report why; for exercising that path).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -212,6 +237,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         }) => token_create(&State::new(state), &ttl, uses, server_url, json),
         Command::Hosts { state, json } => hosts(&State::new(state), json),
+        Command::CollectorConfig(CollectorConfigCommand::Set {
+            state,
+            file,
+            host,
+            force,
+        }) => {
+            let body = std::fs::read(&file)
+                .with_context(|| format!("cannot read --file {}", file.display()))?;
+            let state = State::new(state);
+            let stored = linkmesh_integration::opamp::store::set(
+                &state,
+                host.as_deref(),
+                &file,
+                &body,
+                force,
+            )?;
+            println!(
+                "stored collector configuration {} for {} ({} bytes)",
+                stored.hash_hex(),
+                host.as_deref()
+                    .map_or_else(|| "the fleet".to_owned(), |h| format!("host {h}")),
+                body.len()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -297,6 +347,7 @@ async fn serve(
             .collect(),
     };
     let service = FleetService::new(state.clone(), ca, config)?;
+    let opamp = linkmesh_integration::opamp::Hub::start(service.clone(), state.clone())?;
     let flusher = service.spawn_flusher(Duration::from_secs(1));
     println!("linkmesh-fleet {version} listening on {addr} as {url}");
     std::io::stdout().flush()?;
@@ -310,7 +361,7 @@ async fn serve(
         }
         tracing::info!("Shutting down");
     };
-    server::serve(listener, tls, service.clone(), downloads, shutdown).await?;
+    server::serve(listener, tls, service.clone(), downloads, opamp, shutdown).await?;
     flusher.abort();
     service.flush()?;
     Ok(())
@@ -386,8 +437,34 @@ fn token_create(
     Ok(())
 }
 
+/// A host's collector as OpAMP shows it, for `hosts --json`.
+fn opamp_json(
+    h: &linkmesh_integration::state::HostRecord,
+    desired: Option<&linkmesh_integration::opamp::store::RemoteConfig>,
+) -> serde_json::Value {
+    use linkmesh_integration::opamp::session::config_status;
+    let o = h.opamp.clone().unwrap_or_default();
+    let desired_hash = desired.map(|d| d.hash_hex());
+    let status = config_status(h.opamp.as_ref(), desired_hash.as_deref());
+    serde_json::json!({
+        "connected": o.connected,
+        "instance_uid": o.instance_uid,
+        "collector_name": o.collector_name,
+        "collector_version": o.collector_version,
+        "healthy": o.healthy,
+        "last_error": o.last_error,
+        "effective_config_hash": o.effective_config_hash,
+        "remote_config_hash": desired_hash.clone().unwrap_or_else(|| o.reported_config_hash.clone()),
+        "reported_config_hash": o.reported_config_hash,
+        "remote_config_status": status,
+        "remote_config_error": if status == "failed" { o.reported_config_error.clone() } else { String::new() },
+        "last_message_at": (o.last_message_at > 0).then(|| rfc3339(o.last_message_at)),
+    })
+}
+
 fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
     let hosts = state.hosts()?;
+    let configs = linkmesh_integration::opamp::store::ConfigSet::load(state)?;
     if json {
         let rows: Vec<serde_json::Value> = hosts
             .iter()
@@ -403,6 +480,12 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
                     "cert_not_after": rfc3339(h.cert_not_after),
                     "cert_serial": h.cert_serial,
                     "token_id": h.token_id,
+                    "opamp": opamp_json(h, configs.for_host(&h.host_id)),
+                    "collector_problem": h.report.as_ref().and_then(|r| r.collector_problem.as_ref()).map(|p| serde_json::json!({
+                        "reason": p.reason,
+                        "at_unix_ms": p.at_unix_ms,
+                        "log_tail": p.log_tail,
+                    })),
                 })
             })
             .collect();

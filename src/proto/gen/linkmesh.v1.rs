@@ -167,6 +167,50 @@ pub struct RuntimeStatus {
     /// Alloy: installed and running versions differ.
     #[prost(bool, tag = "12")]
     pub restart_pending: bool,
+    /// otelcol: the collector's last crash or rejected configuration.
+    #[prost(message, optional, tag = "13")]
+    pub collector_problem: ::core::option::Option<CollectorProblem>,
+}
+/// What went wrong with the collector, so nobody has to log in to the host
+/// to read its output.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CollectorProblem {
+    /// What happened, in the supervisor's words.
+    #[prost(string, tag = "1")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub at_unix_ms: i64,
+    /// The collector's last output lines, oldest first: each at most 512
+    /// characters, control characters escaped.
+    #[prost(string, repeated, tag = "3")]
+    pub log_tail: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// The host's collector as the server sees it over OpAMP.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OpampView {
+    /// A supervisor of this host is connected to the server now.
+    #[prost(bool, tag = "1")]
+    pub connected: bool,
+    #[prost(string, tag = "2")]
+    pub instance_uid: ::prost::alloc::string::String,
+    /// service.name and service.version from the collector's description.
+    #[prost(string, tag = "3")]
+    pub collector_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub collector_version: ::prost::alloc::string::String,
+    #[prost(bool, tag = "5")]
+    pub healthy: bool,
+    #[prost(string, tag = "6")]
+    pub last_error: ::prost::alloc::string::String,
+    /// The collector configuration the server wants this host to run (hex
+    /// SHA-256), empty when it sets none.
+    #[prost(string, tag = "7")]
+    pub remote_config_hash: ::prost::alloc::string::String,
+    /// none, applying, applied or failed.
+    #[prost(string, tag = "8")]
+    pub remote_config_status: ::prost::alloc::string::String,
+    #[prost(string, tag = "9")]
+    pub remote_config_error: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReportResponse {
@@ -187,6 +231,9 @@ pub struct ReportResponse {
     /// The server wants a full report next (a heartbeat's digest did not match).
     #[prost(bool, tag = "7")]
     pub send_full_report: bool,
+    /// The host's collector over OpAMP, when its supervisor ever connected.
+    #[prost(message, optional, tag = "8")]
+    pub opamp: ::core::option::Option<OpampView>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewRequest {
