@@ -525,7 +525,30 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
                     None => format!("{} (not supervised)", r["kind"].as_str().unwrap_or("none")),
                 };
                 println!("runtime:      {line}");
+                if let Some(v) = sup["collector_version"].as_str() {
+                    println!("collector:    version {v} running");
+                }
+                if let Some(p) = sup["collector_problem"]["reason"].as_str() {
+                    println!("last problem: {p}");
+                }
                 let rep = &r["reporter"];
+                let o = &rep["opamp"];
+                if o.is_object() {
+                    println!(
+                        "opamp:        {} as seen by the server; remote config {}{}",
+                        if o["connected"] == true {
+                            "connected"
+                        } else {
+                            "not connected"
+                        },
+                        o["remote_config_status"].as_str().unwrap_or("none"),
+                        o["remote_config_error"]
+                            .as_str()
+                            .filter(|e| !e.is_empty())
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                }
                 let last = rep["last_report_unix_ms"].as_i64().map(|ms| {
                     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
                         .ok()

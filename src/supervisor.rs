@@ -97,6 +97,11 @@ pub struct CollectorProblem {
     pub log_tail: Vec<String>,
 }
 
+/// What a collector crash is followed by: opampsupervisor (v0.158.0)
+/// restarts its collector after a fixed delay of its own, which the agent
+/// cannot shorten; it is said, not hidden.
+pub const COLLECTOR_RESTART_NOTE: &str = "; opampsupervisor restarts it after its fixed 5 s delay";
+
 /// How many of the collector's last lines a problem carries.
 pub const PROBLEM_TAIL_LINES: usize = 20;
 
@@ -286,7 +291,7 @@ impl Sink {
                 let reason = match code {
                     Some(c) => format!("the collector exited unexpectedly with exit code {c}"),
                     None => "the collector exited unexpectedly".to_owned(),
-                };
+                } + COLLECTOR_RESTART_NOTE;
                 let p = problem(reason);
                 status.send_modify(|s| {
                     s.collector_crashes += 1;

@@ -386,6 +386,20 @@ impl AgentEnv {
         Ok(c)
     }
 
+    /// The identity enrolment stored, read as the agent reads it.
+    ///
+    /// # Errors
+    /// When it cannot be read or the host is not enrolled.
+    pub fn identity(&self) -> anyhow::Result<linkmesh_agent::identity::Identity> {
+        let store = linkmesh_agent::identity::IdentityStore::new(&self.state);
+        let lock = store
+            .lock_shared()?
+            .ok_or_else(|| anyhow::anyhow!("no state in {}", self.state.display()))?;
+        store
+            .load(&lock)?
+            .ok_or_else(|| anyhow::anyhow!("not enrolled"))
+    }
+
     /// `enroll` with the token in `LINKMESH_TOKEN` and `args` after it.
     ///
     /// # Errors

@@ -6,7 +6,7 @@
 
 use std::{net::TcpListener, path::Path, sync::Arc, time::Duration};
 
-use linkmesh_agent::identity::{Identity, IdentityStore};
+use linkmesh_agent::identity::Identity;
 use linkmesh_integration::harness::{
     AgentEnv, Fleet, RunningAgent, alive, enrolled_agent, runtime_bin_dir, scratch, text,
 };
@@ -303,16 +303,6 @@ fn with_the_server_away_the_collector_runs_its_local_and_last_remote_config() ->
     Ok(())
 }
 
-fn identity(agent: &AgentEnv) -> anyhow::Result<Identity> {
-    let store = IdentityStore::new(&agent.state);
-    let lock = store
-        .lock_shared()?
-        .ok_or_else(|| anyhow::anyhow!("no state"))?;
-    store
-        .load(&lock)?
-        .ok_or_else(|| anyhow::anyhow!("not enrolled"))
-}
-
 /// A TLS client for `server`'s CA, presenting `client` (or no certificate).
 fn tls(server: &Identity, client: Option<&Identity>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
@@ -361,7 +351,7 @@ fn the_opamp_endpoint_admits_only_this_fleets_hosts_speaking_for_themselves() ->
         &b.dir.path().join("bin"),
         "",
     )?;
-    let (ours, theirs) = (identity(&b.agent)?, identity(&stranger)?);
+    let (ours, theirs) = (b.agent.identity()?, stranger.identity()?);
     let addr = b.fleet.url.trim_start_matches("https://").to_owned();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

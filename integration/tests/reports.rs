@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Stdio, time::Duration};
 
-use linkmesh_agent::{identity::IdentityStore, proto, tls::mtls_client_config, transport::Dialer};
+use linkmesh_agent::{proto, tls::mtls_client_config, transport::Dialer};
 use linkmesh_integration::harness::{
     AgentEnv, Fleet, alive, enrolled_agent, runtime_bin_dir, scratch, snapshot, text,
 };
@@ -216,13 +216,7 @@ fn a_rolled_back_server_makes_the_agent_ahead_and_it_keeps_supervising() -> R {
 
 /// A mutual-TLS client with the agent's identity, for sending crafted requests.
 async fn client_for(agent: &AgentEnv) -> anyhow::Result<proto::Client<tonic::transport::Channel>> {
-    let store = IdentityStore::new(&agent.state);
-    let lock = store
-        .lock_shared()?
-        .ok_or_else(|| anyhow::anyhow!("no state"))?;
-    let identity = store
-        .load(&lock)?
-        .ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
+    let identity = agent.identity()?;
     let tls = std::sync::Arc::new(mtls_client_config(&identity)?);
     let dialer = Dialer::new(identity.server.clone(), tls, None, Duration::from_secs(5));
     Ok(proto::Client::new(dialer.channel()?))
@@ -270,16 +264,7 @@ fn identity_comes_from_the_certificate_never_the_body() -> R {
         &dir.path().join("bin"),
         "",
     )?;
-    let load = |env: &AgentEnv| -> anyhow::Result<linkmesh_agent::identity::Identity> {
-        let store = IdentityStore::new(&env.state);
-        let lock = store
-            .lock_shared()?
-            .ok_or_else(|| anyhow::anyhow!("no state"))?;
-        store
-            .load(&lock)?
-            .ok_or_else(|| anyhow::anyhow!("not enrolled"))
-    };
-    let (ours, theirs) = (load(&agent)?, load(&stranger)?);
+    let (ours, theirs) = (agent.identity()?, stranger.identity()?);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ours.ca.clone())?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(linkmesh_agent::tls::provider())
