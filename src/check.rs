@@ -293,7 +293,9 @@ fn agent_running(state_dir: &Path) -> bool {
     read_status(state_dir).is_some_and(|(_, running)| running)
 }
 
-fn read_status(state_dir: &Path) -> Option<(serde_json::Value, bool)> {
+/// The status file `run` publishes, and whether the agent that wrote it
+/// is still running.
+pub(crate) fn read_status(state_dir: &Path) -> Option<(serde_json::Value, bool)> {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join(crate::app::STATUS_FILE)).ok()?)
             .ok()?;

@@ -264,8 +264,22 @@ fn detect(settings: &Settings, json: bool) -> Result<(), Failure> {
         state_dir: settings.state_dir.clone(),
     };
     let d = crate::runtime::detect(&settings.runtime, &probes);
+    // What is running, where a running agent knows: the collector's own
+    // telemetry, and the server's OpAMP view from the last report.
+    let running = crate::check::read_status(&settings.state_dir)
+        .filter(|(_, alive)| *alive)
+        .map(|(v, _)| {
+            serde_json::json!({
+                "version": v["supervision"]["collector_version"],
+                "opamp": v["reporter"]["opamp"],
+            })
+        });
     if json {
-        println!("{}", serde_json::to_string(&d).context("encode detection")?);
+        let mut doc = serde_json::to_value(&d).context("encode detection")?;
+        if let (Some(obj), Some(r)) = (doc.as_object_mut(), running) {
+            obj.insert("collector_running".into(), r);
+        }
+        println!("{doc}");
         return Ok(());
     }
     let kind = serde_json::to_value(d.kind)
@@ -291,7 +305,19 @@ fn detect(settings: &Settings, json: bool) -> Result<(), Failure> {
         }
         None => println!("  {name:<16} not found"),
     };
-    show("otelcol-contrib", &d.collector);
+    show("collector", &d.collector);
+    if let Some(r) = &running {
+        let own = r["version"].as_str().unwrap_or("unknown");
+        let o = &r["opamp"];
+        let seen = match (
+            o["collector_name"].as_str(),
+            o["collector_version"].as_str(),
+        ) {
+            (Some(n), Some(v)) if !v.is_empty() => format!("; the server sees {n} {v} over OpAMP"),
+            _ => String::new(),
+        };
+        println!("  collector runs   version {own} (its own telemetry){seen}");
+    }
     show("opampsupervisor", &d.supervisor);
     show("alloy", &d.alloy.as_ref().map(|a| a.executable.clone()));
     if let Some(a) = &d.alloy {

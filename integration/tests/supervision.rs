@@ -719,6 +719,20 @@ fn status_shows_the_supervised_runtime() -> R {
             && human.contains("opamp:        connected as seen by the server; remote config none"),
         "{human}"
     );
+    // detect says what runs, from the collector itself and from the server's view.
+    let out = agent.cmd()?.args(["detect", "--json"]).output()?;
+    let d: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(d["collector_running"]["version"], "0.158.0", "{d}");
+    assert_eq!(
+        d["collector_running"]["opamp"]["collector_version"], "0.158.0",
+        "{d}"
+    );
+    let out = agent.cmd()?.arg("detect").output()?;
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("collector runs   version 0.158.0 (its own telemetry); the server sees otelcol-linkmesh 0.158.0 over OpAMP"),
+        "{human}"
+    );
     run.signal(Signal::SIGTERM);
     run.wait_exit(T);
     let st = agent.status()?;

@@ -13,8 +13,8 @@
 //! - `enrol_in_process`: the same enrolment through the library in one
 //!   process (no exec, no runtime start), isolating protocol and disk cost.
 //! - `run_to_ready`: from spawning `linkmesh-agent run` (enrolled host,
-//!   stand-in runtime) to `READY=1` arriving on `NOTIFY_SOCKET`.
-//! - `idle_rss_*`: the agent's memory while supervising the stand-in
+//!   real opampsupervisor and collector) to `READY=1` arriving on `NOTIFY_SOCKET`.
+//! - `idle_rss_*`: the agent's memory while supervising the real
 //!   supervisor and collector, sampled once a second over `--idle-secs`:
 //!   `VmRSS`, `RssAnon` (heap and stacks) and `Pss` (from smaps_rollup).
 //! - `idle_cpu`: the agent's CPU time (all threads, nanosecond schedstat)
@@ -569,7 +569,7 @@ fn supervision_figures(
     figures.push(figure(
         "run_to_ready",
         "ms",
-        "spawn of `linkmesh-agent run` to READY=1 on NOTIFY_SOCKET (enrolled, stand-in runtime)",
+        "spawn of `linkmesh-agent run` to READY=1 on NOTIFY_SOCKET (enrolled, real runtimes)",
         ready_ms,
     ));
     figures.push(figure(
