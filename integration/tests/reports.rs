@@ -1,7 +1,7 @@
 //! Version reports over mutual TLS, renewal, skew, drift, the server away,
 //! the clock off and a proxy in between: the real agent and server binaries.
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{os::unix::process::CommandExt as _, path::Path, process::Stdio, time::Duration};
 
 use linkmesh_agent::{proto, tls::mtls_client_config, transport::Dialer};
 use linkmesh_integration::harness::{
@@ -461,7 +461,10 @@ impl AgentCmd {
         let _ = std::fs::remove_file(agent.state.join("runtime-status.json"));
         let log = agent.root.join(format!("faketime{offset}.log"));
         let f = std::fs::File::create(&log)?;
+        // Its own process group: faketime forks the agent, and SIGTERM to
+        // faketime alone would leave the agent (and its runtime) running.
         let child = std::process::Command::new(faketime)
+            .process_group(0)
             .args(["-f", offset])
             .arg(bin)
             .arg("run")
@@ -504,18 +507,20 @@ impl AgentCmd {
 
 impl Drop for AgentCmd {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        // faketime and the agent it forked; the agent stops its supervisor.
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            let gone = nix::sys::signal::killpg(group, None).is_err();
+            if let Ok(Some(_)) = self.child.try_wait()
+                && gone
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
