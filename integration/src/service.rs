@@ -180,7 +180,7 @@ impl FleetService {
                     .map(|rx| rx.borrow().for_host(host).map(|d| d.hash_hex()))
             })
             .flatten();
-        let status = crate::opamp::session::config_status(Some(o), desired.as_deref());
+        let (status, error) = crate::opamp::session::config_standing(Some(o), desired.as_deref());
         proto::OpampView {
             connected: o.connected,
             instance_uid: o.instance_uid.clone(),
@@ -190,11 +190,7 @@ impl FleetService {
             last_error: o.last_error.clone(),
             remote_config_hash: desired.unwrap_or_default(),
             remote_config_status: status.to_owned(),
-            remote_config_error: if status == "failed" {
-                o.reported_config_error.clone()
-            } else {
-                String::new()
-            },
+            remote_config_error: error,
         }
     }
 
@@ -283,7 +279,7 @@ impl proto::Fleet for FleetService {
         }
         let c = &self.inner.config;
         let mut send_full = false;
-        let agent_version = {
+        let (agent_version, opamp) = {
             let Ok(mut live) = self.inner.live.lock() else {
                 return Err(Status::internal("host table poisoned"));
             };
@@ -349,7 +345,6 @@ impl proto::Fleet for FleetService {
             live.dirty.insert(host.to_string());
             v
         };
-        let (agent_version, opamp) = agent_version;
         let opamp = opamp.map(|o| self.opamp_view(host.as_str(), &o));
         let verdict = agent_version
             .parse::<Version>()

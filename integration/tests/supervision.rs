@@ -642,7 +642,7 @@ fn the_real_supervisor_stops_cleanly_on_sigterm_and_dies_on_sighup() -> R {
         } else {
             assert_eq!(
                 std::os::unix::process::ExitStatusExt::signal(&status),
-                Some(libc_sighup()),
+                Some(Signal::SIGHUP as i32),
                 "{text}"
             );
             assert!(!text.contains("Supervisor shutting down"), "{text}");
@@ -653,10 +653,6 @@ fn the_real_supervisor_stops_cleanly_on_sigterm_and_dies_on_sighup() -> R {
         }
     }
     Ok(())
-}
-
-fn libc_sighup() -> i32 {
-    Signal::SIGHUP as i32
 }
 
 #[test]

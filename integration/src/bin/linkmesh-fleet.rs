@@ -442,10 +442,10 @@ fn opamp_json(
     h: &linkmesh_integration::state::HostRecord,
     desired: Option<&linkmesh_integration::opamp::store::RemoteConfig>,
 ) -> serde_json::Value {
-    use linkmesh_integration::opamp::session::config_status;
+    use linkmesh_integration::opamp::session::config_standing;
     let o = h.opamp.clone().unwrap_or_default();
     let desired_hash = desired.map(|d| d.hash_hex());
-    let status = config_status(h.opamp.as_ref(), desired_hash.as_deref());
+    let (status, error) = config_standing(h.opamp.as_ref(), desired_hash.as_deref());
     serde_json::json!({
         "connected": o.connected,
         "instance_uid": o.instance_uid,
@@ -457,7 +457,7 @@ fn opamp_json(
         "remote_config_hash": desired_hash.clone().unwrap_or_else(|| o.reported_config_hash.clone()),
         "reported_config_hash": o.reported_config_hash,
         "remote_config_status": status,
-        "remote_config_error": if status == "failed" { o.reported_config_error.clone() } else { String::new() },
+        "remote_config_error": error,
         "last_message_at": (o.last_message_at > 0).then(|| rfc3339(o.last_message_at)),
     })
 }

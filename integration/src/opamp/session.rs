@@ -215,6 +215,19 @@ pub fn config_status(record: Option<&OpampRecord>, desired_hash: Option<&str>) -
     }
 }
 
+/// [`config_status`] with the collector's reason when it failed (empty otherwise).
+pub fn config_standing(
+    record: Option<&OpampRecord>,
+    desired_hash: Option<&str>,
+) -> (&'static str, String) {
+    let status = config_status(record, desired_hash);
+    let error = match record {
+        Some(r) if status == "failed" => r.reported_config_error.clone(),
+        _ => String::new(),
+    };
+    (status, error)
+}
+
 /// SHA-256 over the effective configuration's files in name order.
 fn effective_config_hash(e: &crate::opamp::wire::EffectiveConfig) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -410,6 +423,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(config_status(Some(&rec), Some("ab")), "failed");
+        assert_eq!(
+            config_standing(Some(&rec), Some("ab")),
+            ("failed", "unknown type: \"nosuch\"".to_owned())
+        );
+        assert_eq!(
+            config_standing(Some(&rec), Some("cd")),
+            ("applying", String::new())
+        );
         assert_eq!(config_status(Some(&rec), Some("cd")), "applying");
         assert_eq!(config_status(None, Some("cd")), "applying");
         assert_eq!(config_status(None, None), "none");
