@@ -10,8 +10,9 @@
 # release format (one ARTIFACT.sha256 per artifact, as releases ship since
 # v0.158.0, or one combined checksums file before), installs them in place,
 # disables a standalone otelcol-contrib.service (two collectors would fight
-# over ports), records the versions for linkmesh-agent, and restarts the
-# agent only when a binary changed. The supervisor's storage (the collector's
+# over ports), records the versions for linkmesh-agent, and, only when a
+# binary changed, restarts the runtime's unit (linkmesh-collector.service)
+# and reloads the agent (or restarts an agent that runs it as a child). The supervisor's storage (the collector's
 # instance id) lives in the agent's state directory and is never touched.
 #
 # Exit codes: 0 done, 2 usage, 3 unsupported system or missing tool, 4 not
@@ -186,7 +187,15 @@ opampsupervisor = \"$SUPERVISOR_VERSION\""
 			run systemctl disable --now --quiet "$unit"
 		fi
 	done
-	if [ "$CHANGED" -eq 1 ] && systemctl is-enabled --quiet linkmesh-agent.service 2>/dev/null; then
+	[ "$CHANGED" -eq 1 ] || return 0
+	if [ -f /etc/systemd/system/linkmesh-collector.service ]; then
+		# The runtime has a unit of its own: restart it on the new binaries,
+		# then let the agent re-read its versions without restarting.
+		run systemctl try-restart linkmesh-collector.service
+		if systemctl is-active --quiet linkmesh-agent.service 2>/dev/null; then
+			run systemctl reload linkmesh-agent.service
+		fi
+	elif systemctl is-enabled --quiet linkmesh-agent.service 2>/dev/null; then
 		run systemctl restart linkmesh-agent.service
 	fi
 }

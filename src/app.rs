@@ -22,6 +22,8 @@ use crate::{
         child::{ChildSpec, StopTimeouts},
         policy::RestartPolicy,
         render::{SupervisorInputs, render},
+        service::{self, UnitSupervisor},
+        unit::UnitInputs,
     },
     systemd::{Notifier, watchdog_interval_from_env},
 };
@@ -70,7 +72,15 @@ pub enum AppError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// Another `run` holds the state directory.
+    #[error(
+        "another linkmesh-agent run already manages {0} (it holds {1}); stop it first (systemctl stop linkmesh-agent)"
+    )]
+    AlreadyRunning(PathBuf, PathBuf),
 }
+
+/// The lock `run` holds in the state directory: one agent per host.
+pub const RUN_LOCK: &str = "run.lock";
 
 /// What `run` publishes about itself.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -123,6 +133,13 @@ pub async fn run(
     let notifier = Notifier::from_env();
     let mut signals = Signals::new().map_err(AppError::Signals)?;
     let identity = load_identity(&settings)?;
+    let lock_path = settings.state_dir.join(RUN_LOCK);
+    let Some(_run_lock) = crate::fs::try_lock_exclusive(&lock_path)? else {
+        return Err(AppError::AlreadyRunning(
+            settings.state_dir.clone(),
+            lock_path,
+        ));
+    };
     tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
     let this_host = ThisHost {
         server: identity.server.clone(),
@@ -227,13 +244,97 @@ fn load_identity(settings: &Settings) -> Result<Identity, AppError> {
         .ok_or_else(|| AppError::NotEnrolled(settings.state_dir.clone()))
 }
 
+/// How the supervisor runs: the agent's child, or its own systemd unit.
+enum Runner {
+    Child(Supervisor),
+    Unit(UnitSupervisor),
+}
+
+impl Runner {
+    fn start(settings: &Settings, spec: &ChildSpec, options: RunOptions) -> Self {
+        if unit_mode(settings) {
+            tracing::info!(
+                unit = supervisor::unit::UNIT_NAME,
+                "The collector runtime runs in its own systemd unit; it outlives the agent"
+            );
+            Self::Unit(UnitSupervisor::start(
+                desired(settings, spec),
+                RestartPolicy::default(),
+            ))
+        } else {
+            Self::Child(Supervisor::start(
+                spec.clone(),
+                SupervisorOptions {
+                    policy: RestartPolicy::default(),
+                    stop: StopTimeouts::from_total(options.stop_timeout),
+                },
+            ))
+        }
+    }
+
+    fn status(&self) -> watch::Receiver<supervisor::Status> {
+        match self {
+            Self::Child(s) => s.status(),
+            Self::Unit(u) => u.status(),
+        }
+    }
+
+    async fn started(&self, limit: Duration) {
+        match self {
+            Self::Child(s) => s.started(limit).await,
+            Self::Unit(u) => u.started(limit).await,
+        }
+    }
+
+    /// The agent is stopping: a child is stopped, a unit left running.
+    async fn stop(self) {
+        match self {
+            Self::Child(s) => s.stop().await,
+            Self::Unit(u) => u.detach().await,
+        }
+    }
+
+    /// The runtime is no longer wanted: stopped in both modes.
+    async fn shutdown(self) {
+        match self {
+            Self::Child(s) => s.stop().await,
+            Self::Unit(u) => u.shutdown().await,
+        }
+    }
+}
+
+/// Whether the supervisor runs in its own systemd unit.
+fn unit_mode(settings: &Settings) -> bool {
+    service::unit_mode(settings.runtime.mode)
+}
+
+/// What the collector unit runs, from the supervisor's spec.
+fn desired(settings: &Settings, spec: &ChildSpec) -> service::Desired {
+    service::Desired {
+        unit: UnitInputs {
+            supervisor: spec.program.clone(),
+            config: settings.state_dir.join(SUPERVISOR_CONFIG),
+            storage_dir: settings.state_dir.join(SUPERVISOR_STORAGE),
+        },
+        collector: spec
+            .requires
+            .first()
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| settings.runtime.collector.clone()),
+        state_dir: settings.state_dir.clone(),
+        unit_dir: PathBuf::from(supervisor::unit::UNIT_DIR),
+    }
+}
+
 /// The runtime the agent manages now.
 enum Managed {
     Otelcol {
-        supervisor: Supervisor,
+        supervisor: Runner,
         spec: ChildSpec,
         forward: JoinHandle<()>,
     },
+    /// Stopped by the operator (`linkmesh-agent runtime stop`), child mode.
+    Stopped,
     Alloy {
         watcher: JoinHandle<()>,
         detection: watch::Receiver<Detection>,
@@ -258,13 +359,22 @@ impl Managed {
         match detection.kind {
             RuntimeKind::Otelcol => {
                 let spec = prepare_supervisor(settings, this_host, &detection)?;
-                let supervisor = Supervisor::start(
-                    spec.clone(),
-                    SupervisorOptions {
-                        policy: RestartPolicy::default(),
-                        stop: StopTimeouts::from_total(options.stop_timeout),
-                    },
-                );
+                if !unit_mode(settings) && service::stopped_on_request(&settings.state_dir) {
+                    tracing::info!(
+                        "The collector runtime was stopped with `linkmesh-agent runtime stop`; `linkmesh-agent runtime start` starts it"
+                    );
+                    let mut st = supervisor::Status::new("opampsupervisor");
+                    st.state = supervisor::State::Stopped;
+                    let _ = report.send(Some(RuntimeReport {
+                        agent_pid: std::process::id(),
+                        updated_unix_ms: crate::clock::now_unix_ms(),
+                        kind: RuntimeKind::Otelcol,
+                        supervision: Some(st),
+                        detection,
+                    }));
+                    return Ok(Self::Stopped);
+                }
+                let supervisor = Runner::start(settings, &spec, options);
                 supervisor.started(Duration::from_secs(5)).await;
                 let forward = forward_supervision(supervisor.status(), detection.clone(), report);
                 Ok(Self::Otelcol {
@@ -341,6 +451,13 @@ impl Managed {
                 let detection = detect(settings).await;
                 if detection.kind != RuntimeKind::Otelcol {
                     forward.abort();
+                    supervisor.shutdown().await;
+                    return Self::start(settings, this_host, options, report).await;
+                }
+                if let Runner::Child(_) = &supervisor
+                    && service::stopped_on_request(&settings.state_dir)
+                {
+                    forward.abort();
                     supervisor.stop().await;
                     return Self::start(settings, this_host, options, report).await;
                 }
@@ -360,11 +477,16 @@ impl Managed {
                 let after = std::fs::read(&config_path).unwrap_or_default();
                 forward.abort();
                 let forward = forward_supervision(supervisor.status(), detection.clone(), report);
-                if new_spec != spec || before != after {
-                    tracing::info!(config = %config_path.display(), "Supervisor configuration changed; restarting it");
-                    supervisor.apply(new_spec.clone()).await;
-                } else {
-                    tracing::info!("Supervisor configuration unchanged; not restarting it");
+                match &supervisor {
+                    Runner::Child(child) if new_spec != spec || before != after => {
+                        tracing::info!(config = %config_path.display(), "Supervisor configuration changed; restarting it");
+                        child.apply(new_spec.clone()).await;
+                    }
+                    Runner::Child(_) => {
+                        tracing::info!("Supervisor configuration unchanged; not restarting it");
+                    }
+                    // The unit is restarted only when what it runs changed.
+                    Runner::Unit(unit) => unit.apply(desired(settings, &new_spec)).await,
                 }
                 Ok(Self::Otelcol {
                     supervisor,
@@ -392,7 +514,7 @@ impl Managed {
                 forward.abort();
             }
             Self::Alloy { watcher, .. } => watcher.abort(),
-            Self::Idle => {}
+            Self::Idle | Self::Stopped => {}
         }
     }
 
@@ -411,6 +533,9 @@ impl Managed {
                 .summary()
             }
             Self::Idle => "no collector runtime found; enrolled and idle".to_owned(),
+            Self::Stopped => {
+                "collector runtime stopped (`linkmesh-agent runtime start` starts it)".to_owned()
+            }
         }
     }
 }

@@ -83,12 +83,23 @@ enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Stop or start the collector runtime (it otherwise outlives the agent).
+    #[command(subcommand)]
+    Runtime(RuntimeCommand),
     /// Print the agent's version, git revision and API version.
     Version {
         /// Print stable JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum RuntimeCommand {
+    /// Stop the collector runtime and keep it stopped (across agent restarts and reboots).
+    Stop,
+    /// Start it again after `runtime stop`.
+    Start,
 }
 
 #[derive(Debug, Subcommand)]
@@ -236,6 +247,17 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Enroll(args) => enroll(&settings, args),
+        Command::Runtime(cmd) => {
+            let outcome = match cmd {
+                RuntimeCommand::Stop => crate::control::stop(&settings),
+                RuntimeCommand::Start => crate::control::start(&settings),
+            }
+            .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
+            for line in outcome.lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Status { json } => status(&settings, json),
     }
 }

@@ -77,11 +77,27 @@ pub enum RuntimeKind {
     None,
 }
 
+/// How the supervisor is run (`runtime.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeMode {
+    /// A systemd unit of its own when systemd is the service manager, else
+    /// the agent's child.
+    Auto,
+    /// Its own systemd unit, `linkmesh-collector.service`: it outlives the
+    /// agent's restarts, crashes and upgrades.
+    Unit,
+    /// The agent's child, stopped with it (containers, no systemd).
+    Child,
+}
+
 /// Runtime selection and executable paths.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeSettings {
     /// Which runtime.
     pub kind: RuntimeKind,
+    /// How opampsupervisor is run.
+    pub mode: RuntimeMode,
     /// opampsupervisor executable.
     pub supervisor: PathBuf,
     /// The collector executable (otelcol-contrib or another distribution).
@@ -270,6 +286,7 @@ const SCHEMA: &[(&str, Ty)] = &[
         "runtime",
         Ty::Table(&[
             ("kind", Ty::Str),
+            ("mode", Ty::Str),
             ("supervisor", Ty::Str),
             ("collector", Ty::Str),
             ("collector_config", Ty::Str),
@@ -386,6 +403,20 @@ fn validate(
         }
     };
 
+    let mode = match get("runtime.mode") {
+        None | Some(("auto", _)) => RuntimeMode::Auto,
+        Some(("unit", _)) => RuntimeMode::Unit,
+        Some(("child", _)) => RuntimeMode::Child,
+        Some((v, src)) => {
+            bad(
+                src,
+                "runtime.mode",
+                format!("{v:?} is not one of auto, unit, child"),
+            );
+            RuntimeMode::Auto
+        }
+    };
+
     let report_interval = match get("report.interval") {
         None => DEFAULT_REPORT_INTERVAL,
         Some((v, src)) => match parse_duration(v) {
@@ -447,6 +478,7 @@ fn validate(
         state_dir,
         runtime: RuntimeSettings {
             kind,
+            mode,
             supervisor,
             collector,
             collector_config,
@@ -626,7 +658,7 @@ mod tests {
         assert!(
             err.problems[0]
                 .message
-                .contains("kind, supervisor, collector, collector_config, alloy")
+                .contains("kind, mode, supervisor, collector, collector_config, alloy")
         );
     }
 

@@ -157,6 +157,28 @@ pub fn lock_file(path: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<File>
         .map_err(|(_, e)| FsError::new("lock", path, io::Error::from(e)))
 }
 
+/// Like [`lock_file`] (exclusive), but returns `None` at once when another
+/// process holds the lock.
+///
+/// # Errors
+/// When the file cannot be opened or locked for another reason.
+pub fn try_lock_exclusive(path: &Path) -> Result<Option<nix::fcntl::Flock<File>>, FsError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| FsError::new("open lock", path, e))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(FsError::new("lock", path, io::Error::from(e))),
+    }
+}
+
 fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

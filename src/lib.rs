@@ -9,6 +9,7 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod endpoint;
 pub mod enrollment;
 pub mod fs;

@@ -416,6 +416,7 @@ mod tests {
     fn settings(kind: RuntimeKind) -> RuntimeSettings {
         RuntimeSettings {
             kind,
+            mode: crate::config::RuntimeMode::Auto,
             supervisor: DEFAULT_SUPERVISOR.into(),
             collector: DEFAULT_COLLECTOR.into(),
             collector_config: crate::config::DEFAULT_COLLECTOR_CONFIG.into(),

@@ -15,6 +15,8 @@ pub mod child;
 pub mod output;
 pub mod policy;
 pub mod render;
+pub mod service;
+pub mod unit;
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +60,12 @@ pub enum State {
         /// What is wrong, naming the path.
         error: String,
     },
+    /// Its systemd unit failed and systemd stopped restarting it (unit
+    /// mode); started again only on a change or a request.
+    Failed {
+        /// systemd's reason and the last exit.
+        reason: String,
+    },
     /// Stopped on request.
     Stopped,
 }
@@ -82,6 +90,9 @@ pub struct Status {
     pub collector_version: Option<String>,
     /// The collector's last crash or rejected configuration.
     pub collector_problem: Option<CollectorProblem>,
+    /// The systemd unit running the supervisor (unit mode); `None` when it
+    /// is the agent's child.
+    pub unit: Option<String>,
 }
 
 /// A collector crash or a configuration it rejected, with the last lines of
@@ -106,7 +117,8 @@ pub const COLLECTOR_RESTART_NOTE: &str = "; opampsupervisor restarts it after it
 pub const PROBLEM_TAIL_LINES: usize = 20;
 
 impl Status {
-    fn new(name: &str) -> Self {
+    /// A fresh status: starting, nothing seen yet.
+    pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
             state: State::Starting,
@@ -116,6 +128,7 @@ impl Status {
             collector_crashes: 0,
             collector_version: None,
             collector_problem: None,
+            unit: None,
         }
     }
 
@@ -123,10 +136,16 @@ impl Status {
     pub fn summary(&self) -> String {
         match &self.state {
             State::Starting => format!("starting {}", self.name),
-            State::Running { pid, .. } => format!(
-                "{} running (pid {pid}, {} restarts)",
-                self.name, self.restarts
-            ),
+            State::Running { pid, .. } => match &self.unit {
+                Some(u) => format!(
+                    "{} running in {u} (pid {pid}, {} restarts)",
+                    self.name, self.restarts
+                ),
+                None => format!(
+                    "{} running (pid {pid}, {} restarts)",
+                    self.name, self.restarts
+                ),
+            },
             State::Backoff { delay_ms, .. } => format!(
                 "{} exited ({}); restarting in {delay_ms} ms",
                 self.name,
@@ -140,7 +159,14 @@ impl Status {
                 self.name
             ),
             State::NotRunnable { error } => error.clone(),
-            State::Stopped => format!("{} stopped", self.name),
+            State::Failed { reason } => reason.clone(),
+            State::Stopped => match &self.unit {
+                Some(u) => format!(
+                    "{} stopped ({u}; `linkmesh-agent runtime start` starts it)",
+                    self.name
+                ),
+                None => format!("{} stopped", self.name),
+            },
         }
     }
 }
@@ -210,6 +236,9 @@ impl Supervisor {
 /// Streams a child's output into tracing and notes collector events.
 struct Sink {
     name: String,
+    /// Whether lines go to the agent's own log (child mode); in unit mode
+    /// they are in the unit's journal already.
+    echo: bool,
     stdout: LineSplitter,
     stderr: LineSplitter,
     /// The collector's last lines, for a problem report.
@@ -220,6 +249,17 @@ struct Sink {
 }
 
 impl Sink {
+    fn new(name: &str, echo: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            echo,
+            stdout: LineSplitter::default(),
+            stderr: LineSplitter::default(),
+            tail: std::collections::VecDeque::with_capacity(PROBLEM_TAIL_LINES),
+            bootstrapped: false,
+        }
+    }
+
     fn handle(&mut self, event: &Event, status: &watch::Sender<Status>) {
         let (lines, default) = match event {
             Event::Stdout(b) => (self.stdout.push(b), Level::Info),
@@ -254,6 +294,7 @@ impl Sink {
         let fields = record.fields.as_deref();
         let truncated = (line.truncated > 0).then_some(line.truncated);
         match record.level {
+            _ if !self.echo => {}
             Level::Debug => tracing::debug!(child, fields, truncated, "{}", record.message),
             Level::Info => tracing::info!(child, fields, truncated, "{}", record.message),
             Level::Warn => tracing::warn!(child, fields, truncated, "{}", record.message),
@@ -409,13 +450,7 @@ async fn run_until_exit(
     requests: &mut mpsc::Receiver<Request>,
     status: &watch::Sender<Status>,
 ) -> Outcome {
-    let mut sink = Sink {
-        name: spec.name.clone(),
-        stdout: LineSplitter::default(),
-        stderr: LineSplitter::default(),
-        tail: std::collections::VecDeque::with_capacity(PROBLEM_TAIL_LINES),
-        bootstrapped: false,
-    };
+    let mut sink = Sink::new(&spec.name, true);
     loop {
         tokio::select! {
             event = running.next() => match event {

@@ -69,7 +69,7 @@ mkdir -p "$M/.oldroot"
 cd "$M"
 pivot_root . .oldroot
 umount -l /.oldroot
-exec env -i container=linkmesh-testhost TERM=dumb /lib/systemd/systemd --system --log-target=console
+exec env -i container=linkmesh-testhost TERM=dumb /lib/systemd/systemd --system --log-target=journal
 "#;
 
 /// A booted throw-away host.

@@ -126,11 +126,28 @@ fn wait_restarted(
     }
 }
 
-/// The supervisor's pid inside the host (the collector runtime follows it).
-fn supervisor_pid(host: &TestHost) -> String {
-    host.exec("pgrep -x opampsupervisor || true")
+/// The supervisor's and the collector's pids inside the host.
+fn runtime_pids(host: &TestHost) -> String {
+    host.exec("echo $(pgrep -x opampsupervisor) $(pgrep -x otelcol-contrib)")
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Waits until the supervisor and its collector both run; their pids.
+fn wait_runtime(host: &TestHost) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pids = runtime_pids(host);
+        if pids.split_whitespace().count() == 2 {
+            return Ok(pids);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the collector runtime did not start: {pids:?}\n{}",
+            host.journal(Some("linkmesh-collector"), "-n 30")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// An rpm standing for the base system of an RPM-based host. On RHEL the
@@ -169,6 +186,8 @@ struct Enrolled<'a> {
     method: &'static str,
     identity: std::collections::BTreeMap<std::path::PathBuf, (u32, String)>,
     edited: Vec<u8>,
+    /// The supervisor's and collector's pids: no package step changes them.
+    runtime: String,
 }
 
 impl<'a> Enrolled<'a> {
@@ -208,12 +227,14 @@ impl<'a> Enrolled<'a> {
             "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
         )?;
         let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
+        let runtime = wait_runtime(host)?;
         Ok(Self {
             host,
             fleet,
             method,
             identity,
             edited,
+            runtime,
         })
     }
 
@@ -229,14 +250,12 @@ impl<'a> Enrolled<'a> {
     /// `version` with the same identity and the edited configuration.
     fn replaced(&self, label: &str, cmd: &str, version: &str) -> R {
         let before = unit(self.host)?;
-        let supervisor = supervisor_pid(self.host);
         sh(self.host, cmd)?;
         let after = wait_restarted(self.host, &before["MainPID"])?;
         eprintln!(
-            "{} {label}: agent down {:?} (systemd: stop began to READY); supervisor pid {supervisor} -> {}",
+            "{} {label}: agent down {:?} (systemd: stop began to READY)",
             self.method,
             restart_downtime(&after),
-            supervisor_pid(self.host)
         );
         self.running(label, version)?;
         assert_eq!(
@@ -256,7 +275,13 @@ impl<'a> Enrolled<'a> {
             "{label}: {v}"
         );
         self.identity_kept(label);
-        wait_reported(self.fleet, version, self.method)
+        wait_reported(self.fleet, version, self.method)?;
+        assert_eq!(
+            runtime_pids(self.host),
+            self.runtime,
+            "{label}: the agent's {label} restarted the collector runtime"
+        );
+        Ok(())
     }
 
     /// `cmd` removes the package: stopped, binary gone, identity kept, the
@@ -266,6 +291,11 @@ impl<'a> Enrolled<'a> {
         let u = unit(self.host)?;
         assert_ne!(u["ActiveState"], "active", "{label}: {u:?}");
         assert!(!self.host.path("/usr/bin/linkmesh-agent").exists());
+        assert_eq!(
+            runtime_pids(self.host),
+            self.runtime,
+            "{label}: the collector runtime did not outlive the agent"
+        );
         self.identity_kept(label);
         assert_eq!(
             std::fs::read(self.host.path(config))?,
@@ -312,24 +342,31 @@ fn deb_upgrade_downgrade_remove_reinstall_purge_keep_the_identity() -> R {
     sh(&host, &format!("{apt} /root/new.deb"))?;
     e.running("reinstall", current)?;
 
-    // The service's records are in the journal with structured fields.
+    // The service's records are in the journal with structured fields, the
+    // supervisor's in its own unit's.
     let journal = host.journal(Some("linkmesh-agent"), "-o verbose");
-    for field in [
-        "SYSLOG_IDENTIFIER=linkmesh-agent",
-        "TARGET=",
-        "PRIORITY=",
-        "CHILD=opampsupervisor",
-    ] {
+    for field in ["SYSLOG_IDENTIFIER=linkmesh-agent", "TARGET=", "PRIORITY="] {
         assert!(journal.contains(field), "journal lacks {field}:\n{journal}");
     }
+    let journal = host.journal(Some("linkmesh-collector"), "-o verbose -n 50");
+    assert!(
+        journal.contains("SYSLOG_IDENTIFIER=opampsupervisor"),
+        "{journal}"
+    );
 
     // Purge: the identity, state and configuration are gone.
     let out = sh(&host, "apt-get purge -y -q linkmesh-agent")?;
     assert!(out.contains("purged /var/lib/linkmesh-agent"), "{out}");
+    assert!(
+        out.contains("stopped and removed linkmesh-collector.service"),
+        "{out}"
+    );
+    assert_eq!(runtime_pids(&host), "", "purge left the collector running");
     for gone in [
         "/var/lib/linkmesh-agent",
         "/etc/linkmesh",
         "/usr/lib/systemd/system/linkmesh-agent.service",
+        "/etc/systemd/system/linkmesh-collector.service",
     ] {
         assert!(!host.path(gone).exists(), "{gone} survived purge");
     }

@@ -71,6 +71,13 @@ fn the_agent_runs_as_a_notify_service_and_logs_to_journald() -> R {
     let host = TestHost::boot("lm-agent")?;
     install_agent_server_and_runtime(&host)?;
     enrol_in_host(&host, "")?;
+    // Child mode, the fallback where systemd is not the service manager,
+    // chosen here under systemd: the supervisor's output is the agent's.
+    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
+    std::fs::write(
+        host.path("/etc/linkmesh/agent.toml"),
+        "[runtime]\nmode = \"child\"\n",
+    )?;
 
     let unit = "[Unit]\nDescription=LinkMesh agent (probe unit)\n[Service]\nType=notify\nExecStartPre=/usr/bin/linkmesh-agent config check\nExecStart=/usr/bin/linkmesh-agent run\nExecReload=/bin/kill -HUP $MAINPID\nWatchdogSec=10\nKillMode=mixed\nRestartPreventExitStatus=64\n";
     std::fs::write(host.path("/etc/systemd/system/lm-agent.service"), unit)?;
@@ -345,8 +352,13 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
     );
     assert!(
         host.journal(Some("linkmesh-agent"), "")
-            .contains("Supervisor configuration unchanged")
+            .contains("Collector runtime's unit unchanged; not restarting it")
     );
+    let collector_before = host.exec("systemctl show -p MainPID --value linkmesh-collector")?;
+    let collector_before = String::from_utf8_lossy(&collector_before.stdout)
+        .trim()
+        .to_owned();
+    assert_ne!(collector_before, "0");
 
     // Bad configuration: exit 64 from the pre-start check, no restart loop.
     std::fs::write(
@@ -364,11 +376,13 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
             .contains("report.interval"),
         "the journal names the bad key"
     );
-    let out = host.exec("pgrep -c -f '[o]pampsupervisor|[o]telcol-contrib' || true")?;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "0",
-        "processes left after the failed restart"
+    // The collector runtime has a unit of its own: the failed agent left it.
+    let out = host.exec("systemctl show -p ActiveState,MainPID linkmesh-collector")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ActiveState=active")
+            && text.contains(&format!("MainPID={collector_before}")),
+        "{text}"
     );
     Ok(())
 }
@@ -434,7 +448,7 @@ fn telemetry_flows_from_the_collector_to_its_sink_never_through_the_server() -> 
     let unit =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
     host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
-    let sink = "/var/lib/linkmesh-agent/telemetry.jsonl";
+    let sink = "/var/lib/linkmesh-collector/telemetry.jsonl";
     std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
     std::fs::write(
         host.path("/etc/linkmesh/collector.yaml"),
@@ -488,9 +502,11 @@ fn telemetry_flows_from_the_collector_to_its_sink_never_through_the_server() -> 
             }
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
-                "OTLP {signal} not accepted: {}\n{}",
+                "OTLP {signal} not accepted: {}\n{}\n{}\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                host.journal(Some("linkmesh-agent"), "")
+                host.journal(Some("linkmesh-agent"), ""),
+                host.journal(Some("linkmesh-collector"), "-n 60"),
+                host.exec("ls -la /var/lib/linkmesh-agent/ /var/lib/linkmesh-agent/supervisor; cat /etc/systemd/system/linkmesh-collector.service | grep -v ^#").map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -5,7 +5,10 @@
 # The contract: the identity and state in /var/lib/linkmesh-agent survive
 # upgrade, downgrade, remove and reinstall, and go only on purge (deb). An
 # enrolled host runs the newly installed agent when the package manager is
-# done; a host that is not enrolled is never started.
+# done; a host that is not enrolled is never started. The collector runtime
+# (linkmesh-collector.service, written by the agent, owned by no package) is
+# never stopped by these scripts but on purge: upgrades, downgrades and
+# removals of the agent leave its processes running.
 
 LM_UNIT=linkmesh-agent.service
 LM_STATE=/var/lib/linkmesh-agent
@@ -13,6 +16,9 @@ LM_IDENTITY=$LM_STATE/identity/identity.toml
 # Where install.sh's binary method puts its copy of the unit. Under /etc it
 # would shadow the packaged unit in /usr/lib.
 LM_SCRIPT_UNIT=/etc/systemd/system/linkmesh-agent.service
+# The collector runtime's unit, written by the agent.
+LM_COLLECTOR_UNIT=linkmesh-collector.service
+LM_COLLECTOR_UNIT_PATH=/etc/systemd/system/$LM_COLLECTOR_UNIT
 
 lm_say() { printf 'linkmesh-agent: %s\n' "$*" >&2; }
 
@@ -69,8 +75,20 @@ lm_removed() {
 	systemctl daemon-reload || true
 }
 
-# deb purge only: the identity, the supervisor's storage, the records.
+# deb purge only: the collector runtime's unit, the identity, the
+# supervisor's storage, the records.
 lm_purge() {
+	if [ -f "$LM_COLLECTOR_UNIT_PATH" ]; then
+		if lm_have_systemd; then
+			systemctl disable --now --quiet "$LM_COLLECTOR_UNIT" 2>/dev/null || true
+		fi
+		rm -f "$LM_COLLECTOR_UNIT_PATH"
+		if lm_have_systemd; then
+			systemctl daemon-reload || true
+			systemctl reset-failed "$LM_COLLECTOR_UNIT" 2>/dev/null || true
+		fi
+		lm_say "stopped and removed $LM_COLLECTOR_UNIT (the collector runtime)"
+	fi
 	rm -rf "$LM_STATE"
 	rm -rf /etc/linkmesh/agent.d
 	rmdir /etc/linkmesh 2>/dev/null || true

@@ -1,0 +1,514 @@
+//! The collector runtime's own systemd unit, as pure logic: the unit file
+//! the agent renders, the `systemctl show` snapshot it reads back, and the
+//! mapping from what systemd says to the agent's published [`State`].
+//!
+//! In unit mode opampsupervisor is not the agent's child: it runs in
+//! `linkmesh-collector.service`, enabled for boot, so restarting, crashing,
+//! upgrading or removing the agent leaves it (and the collector it runs)
+//! alone. systemd restarts it (`Restart=always`, fixed `RestartSec=`: the
+//! systemd 252 of Debian 12 has no `RestartSteps=`), stops retrying after
+//! [`START_LIMIT_BURST`] starts within [`START_LIMIT_INTERVAL`] (the unit is
+//! then `failed`), and stops it with SIGINT, the one signal it handles
+//! before it has bootstrapped as after.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, time::Duration};
+
+use super::{State, policy::RestartPolicy};
+
+/// The unit's name.
+pub const UNIT_NAME: &str = "linkmesh-collector.service";
+/// Where the agent writes it: under `/etc`, so it belongs to no package and
+/// a package removal leaves it (and the collector) in place; purge deletes it.
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+/// The collector's own writable directory, under /var/lib.
+pub const COLLECTOR_STATE: &str = "linkmesh-collector";
+/// systemd's delay before each restart.
+pub const RESTART_SEC: Duration = Duration::from_secs(2);
+/// Starts allowed within [`START_LIMIT_INTERVAL`] before the unit fails.
+pub const START_LIMIT_BURST: u32 = 10;
+/// The window of [`START_LIMIT_BURST`].
+pub const START_LIMIT_INTERVAL: Duration = Duration::from_secs(120);
+/// systemd's bound on a stop (SIGINT, then SIGKILL to what is left). The
+/// supervisor gives its collector 10 s.
+pub const TIMEOUT_STOP: Duration = Duration::from_secs(30);
+
+/// The properties read with `systemctl show -p`.
+pub const SHOW_PROPERTIES: &[&str] = &[
+    "LoadState",
+    "ActiveState",
+    "SubState",
+    "Result",
+    "MainPID",
+    "ExecMainCode",
+    "ExecMainStatus",
+    "ExecMainStartTimestampMonotonic",
+    "ExecMainExitTimestampMonotonic",
+    "ExecMainStartTimestamp",
+    "NRestarts",
+    "InvocationID",
+    "UnitFileState",
+    "FragmentPath",
+];
+
+/// What the unit file is made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitInputs {
+    /// The opampsupervisor executable.
+    pub supervisor: PathBuf,
+    /// Its rendered configuration.
+    pub config: PathBuf,
+    /// Its storage directory (written by the supervisor).
+    pub storage_dir: PathBuf,
+}
+
+/// The unit file.
+///
+/// The sandbox is what a collector can live with: it runs as root (its
+/// receivers read other users' logs and every process's /proc), narrowed to
+/// reading any file (`CAP_DAC_READ_SEARCH`) and binding low ports
+/// (`CAP_NET_BIND_SERVICE`, for syslog or SNMP receivers); the file system
+/// is read-only but for `/var/lib/linkmesh-collector` and the supervisor's
+/// storage.
+pub fn render_unit(i: &UnitInputs) -> String {
+    let mut u = String::new();
+    let p = |p: &PathBuf| systemd_escape_path(&p.display().to_string());
+    let _ = writeln!(
+        u,
+        "# Written by linkmesh-agent; edits are overwritten. Removing the agent\n\
+         # package leaves this unit and the collector running; purging it, or\n\
+         # `linkmesh-agent runtime stop`, stops them.\n\
+         [Unit]\n\
+         Description=LinkMesh collector runtime (opampsupervisor and its OpenTelemetry collector)\n\
+         Documentation=file:/usr/share/doc/linkmesh-agent/README.md\n\
+         Wants=network-online.target\n\
+         After=network-online.target\n\
+         StartLimitIntervalSec={}\n\
+         StartLimitBurst={START_LIMIT_BURST}\n\
+         \n\
+         [Service]\n\
+         Type=exec\n\
+         ExecStart={} --config {}\n\
+         Restart=always\n\
+         RestartSec={}\n\
+         # opampsupervisor stops its collector on SIGINT and exits; SIGKILL\n\
+         # goes to whatever is left when the stop times out.\n\
+         KillSignal=SIGINT\n\
+         KillMode=mixed\n\
+         TimeoutStopSec={}\n\
+         UMask=0077\n\
+         CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_NET_BIND_SERVICE\n\
+         NoNewPrivileges=yes\n\
+         # The collector writes only under /var/lib/linkmesh-collector (file\n\
+         # exporters, file_storage, checkpoints) and the supervisor in its\n\
+         # storage; a drop-in with ReadWritePaths= opens other paths.\n\
+         ProtectSystem=strict\n\
+         StateDirectory={COLLECTOR_STATE}\n\
+         StateDirectoryMode=0700\n\
+         ReadWritePaths={}\n\
+         ProtectHome=read-only\n\
+         PrivateTmp=yes\n\
+         PrivateMounts=yes\n\
+         PrivateDevices=yes\n\
+         DevicePolicy=closed\n\
+         ProtectKernelTunables=yes\n\
+         ProtectKernelModules=yes\n\
+         ProtectKernelLogs=yes\n\
+         ProtectControlGroups=yes\n\
+         ProtectClock=yes\n\
+         ProtectHostname=yes\n\
+         RestrictSUIDSGID=yes\n\
+         RestrictRealtime=yes\n\
+         RestrictNamespaces=yes\n\
+         LockPersonality=yes\n\
+         MemoryDenyWriteExecute=yes\n\
+         RemoveIPC=yes\n\
+         SystemCallArchitectures=native\n\
+         SystemCallFilter=@system-service\n\
+         SystemCallFilter=~@privileged\n\
+         SystemCallErrorNumber=EPERM\n\
+         RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
+         # Left out: ProtectProc/ProcSubset (the host metrics and process\n\
+         # scrapers read all of /proc), PrivateNetwork and IPAddressDeny (it\n\
+         # receives and exports telemetry), ProtectHome=yes (log receivers).\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target",
+        START_LIMIT_INTERVAL.as_secs(),
+        p(&i.supervisor),
+        p(&i.config),
+        RESTART_SEC.as_secs(),
+        TIMEOUT_STOP.as_secs(),
+        p(&i.storage_dir),
+    );
+    u
+}
+
+/// A path as one word of a unit file's command line or path list: spaces
+/// and specifiers escaped so systemd reads it back unchanged.
+pub fn systemd_escape_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            '%' => out.push_str("%%"),
+            '\\' => out.push_str("\\\\"),
+            ' ' => out.push_str("\\x20"),
+            '"' => out.push_str("\\x22"),
+            '\'' => out.push_str("\\x27"),
+            '$' => out.push_str("$$"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// What `systemctl show` says about the unit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// `loaded`, `not-found`, `bad-setting`…
+    pub load_state: String,
+    /// `active`, `activating`, `deactivating`, `inactive`, `failed`.
+    pub active_state: String,
+    /// `running`, `auto-restart`, `dead`, `failed`…
+    pub sub_state: String,
+    /// `success`, `exit-code`, `signal`, `start-limit-hit`…
+    pub result: String,
+    /// The main process, 0 when none.
+    pub main_pid: u32,
+    /// How the main process last ended: 1 exited, 2 killed, 3 dumped core.
+    pub exec_main_code: u32,
+    /// Its exit code or signal number.
+    pub exec_main_status: i32,
+    /// When it started (monotonic µs), 0 if never.
+    pub started_mono_us: u64,
+    /// When it ended (monotonic µs), 0 if it has not.
+    pub exited_mono_us: u64,
+    /// When it started (Unix seconds), from `--timestamp=unix`.
+    pub started_unix_s: Option<u64>,
+    /// systemd's automatic restarts since the unit was last started on request.
+    pub n_restarts: u32,
+    /// This run of the unit.
+    pub invocation_id: String,
+    /// `enabled`, `disabled`…
+    pub unit_file_state: String,
+}
+
+/// Reads `systemctl show --timestamp=unix -p …` output (`Key=value` lines).
+pub fn parse_show(text: &str) -> Snapshot {
+    let map: BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let s = |k: &str| map.get(k).map(|v| (*v).to_owned()).unwrap_or_default();
+    let n = |k: &str| map.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Snapshot {
+        load_state: s("LoadState"),
+        active_state: s("ActiveState"),
+        sub_state: s("SubState"),
+        result: s("Result"),
+        main_pid: u32::try_from(n("MainPID")).unwrap_or(0),
+        exec_main_code: u32::try_from(n("ExecMainCode")).unwrap_or(0),
+        exec_main_status: map
+            .get("ExecMainStatus")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        started_mono_us: n("ExecMainStartTimestampMonotonic"),
+        exited_mono_us: n("ExecMainExitTimestampMonotonic"),
+        started_unix_s: map
+            .get("ExecMainStartTimestamp")
+            .and_then(|v| v.strip_prefix('@'))
+            .and_then(|v| v.parse().ok()),
+        n_restarts: u32::try_from(n("NRestarts")).unwrap_or(u32::MAX),
+        invocation_id: s("InvocationID"),
+        unit_file_state: s("UnitFileState"),
+    }
+}
+
+impl Snapshot {
+    /// The unit file is known to systemd.
+    pub fn loaded(&self) -> bool {
+        self.load_state == "loaded"
+    }
+
+    /// Running, or on its way to running.
+    pub fn up(&self) -> bool {
+        matches!(
+            self.active_state.as_str(),
+            "active" | "activating" | "reloading"
+        )
+    }
+
+    /// How the main process last ended, when it has: `exit code 1`,
+    /// `killed by SIGKILL`.
+    pub fn last_exit(&self) -> Option<String> {
+        if self.exited_mono_us == 0 || self.exited_mono_us < self.started_mono_us {
+            return None;
+        }
+        let signal = |n: i32| {
+            nix::sys::signal::Signal::try_from(n)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| format!("signal {n}"))
+        };
+        Some(match self.exec_main_code {
+            1 => format!("exit code {}", self.exec_main_status),
+            2 => format!("killed by {}", signal(self.exec_main_status)),
+            3 => format!("dumped core on {}", signal(self.exec_main_status)),
+            _ => format!("ended ({})", self.result),
+        })
+    }
+
+    /// How long the last finished run lasted.
+    pub fn last_run(&self) -> Option<Duration> {
+        (self.exited_mono_us >= self.started_mono_us && self.started_mono_us > 0)
+            .then(|| Duration::from_micros(self.exited_mono_us - self.started_mono_us))
+    }
+}
+
+/// Counts short runs across snapshots, the way [`super::policy::Backoff`]
+/// does for a child: each restart systemd made after a run shorter than
+/// the policy's `stable_after` adds one; a long run resets the count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShortRuns {
+    seen_restarts: Option<u32>,
+    consecutive: u32,
+}
+
+impl ShortRuns {
+    /// Takes in a snapshot; returns the short runs in a row so far.
+    pub fn observe(&mut self, s: &Snapshot, policy: &RestartPolicy, running_for: Duration) -> u32 {
+        let before = self.seen_restarts.unwrap_or(s.n_restarts);
+        if s.n_restarts < before {
+            // Started again on request: systemd's count starts over.
+            self.consecutive = 0;
+        } else if s.n_restarts > before {
+            let new = s.n_restarts - before;
+            match s.last_run() {
+                Some(ran) if ran >= policy.stable_after => self.consecutive = new,
+                _ => self.consecutive = self.consecutive.saturating_add(new),
+            }
+        }
+        if s.active_state == "active" && running_for >= policy.stable_after {
+            self.consecutive = 0;
+        }
+        self.seen_restarts = Some(s.n_restarts);
+        self.consecutive
+    }
+}
+
+/// The published state for a snapshot. `stopped_on_request` is the
+/// operator's `linkmesh-agent runtime stop`; `consecutive` comes from
+/// [`ShortRuns`].
+pub fn state_of(
+    s: &Snapshot,
+    consecutive: u32,
+    policy: &RestartPolicy,
+    stopped_on_request: bool,
+    now_unix_ms: u64,
+) -> State {
+    if !s.loaded() {
+        return if stopped_on_request {
+            State::Stopped
+        } else {
+            State::NotRunnable {
+                error: format!(
+                    "{UNIT_NAME} is not loaded ({}); the agent writes it when it starts",
+                    if s.load_state.is_empty() {
+                        "unknown"
+                    } else {
+                        &s.load_state
+                    }
+                ),
+            }
+        };
+    }
+    match (s.active_state.as_str(), s.sub_state.as_str()) {
+        ("active", _) | ("reloading", _) if s.main_pid != 0 => State::Running {
+            pid: s.main_pid,
+            since_unix_ms: s
+                .started_unix_s
+                .map_or(now_unix_ms, |t| t.saturating_mul(1000)),
+        },
+        ("activating", "auto-restart") => {
+            let delay_ms = RESTART_SEC.as_millis() as u64;
+            if consecutive >= policy.crash_loop_after {
+                State::CrashLoop {
+                    delay_ms,
+                    consecutive_failures: consecutive,
+                }
+            } else {
+                State::Backoff {
+                    delay_ms,
+                    consecutive_failures: consecutive,
+                }
+            }
+        }
+        ("failed", _) => State::Failed {
+            reason: failure_reason(s),
+        },
+        ("inactive", _) if stopped_on_request => State::Stopped,
+        _ => State::Starting,
+    }
+}
+
+/// systemd's reason for a failed unit, with the last exit: `systemd gave up
+/// (start-limit-hit) after exit code 1`.
+pub fn failure_reason(s: &Snapshot) -> String {
+    let result = if s.result.is_empty() {
+        "unknown"
+    } else {
+        &s.result
+    };
+    let what = match result {
+        "start-limit-hit" => format!(
+            "systemd stopped restarting it ({result}: {START_LIMIT_BURST} starts within {} s)",
+            START_LIMIT_INTERVAL.as_secs()
+        ),
+        _ => format!("systemd marked it failed ({result})"),
+    };
+    match s.last_exit() {
+        Some(exit) => format!("{UNIT_NAME} failed: {what}; its last run ended with {exit}"),
+        None => format!("{UNIT_NAME} failed: {what}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> UnitInputs {
+        UnitInputs {
+            supervisor: "/usr/bin/opampsupervisor".into(),
+            config: "/var/lib/linkmesh-agent/supervisor.yaml".into(),
+            storage_dir: "/var/lib/linkmesh-agent/supervisor".into(),
+        }
+    }
+
+    #[test]
+    fn golden() {
+        let got = render_unit(&inputs());
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/supervisor/testdata/linkmesh-collector.golden.service"
+        );
+        if std::env::var_os("LINKMESH_UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            got, want,
+            "golden file differs; LINKMESH_UPDATE_GOLDEN=1 cargo test --lib unit rewrites it"
+        );
+    }
+
+    #[test]
+    fn paths_are_escaped_for_systemd() {
+        let mut i = inputs();
+        i.supervisor = "/opt/my otel/100%/sup$".into();
+        let u = render_unit(&i);
+        assert!(
+            u.contains("ExecStart=/opt/my\\x20otel/100%%/sup$$ --config "),
+            "{u}"
+        );
+    }
+
+    const RUNNING: &str = "LoadState=loaded\nActiveState=active\nSubState=running\nResult=success\nMainPID=4242\nExecMainCode=0\nExecMainStatus=0\nExecMainStartTimestampMonotonic=1000000\nExecMainExitTimestampMonotonic=0\nExecMainStartTimestamp=@1764583200\nNRestarts=0\nInvocationID=abc\nUnitFileState=enabled\n";
+
+    #[test]
+    fn a_running_unit() {
+        let s = parse_show(RUNNING);
+        assert_eq!(s.main_pid, 4242);
+        assert_eq!(s.started_unix_s, Some(1_764_583_200));
+        assert_eq!(s.last_exit(), None);
+        assert!(s.up() && s.loaded());
+        let p = RestartPolicy::default();
+        assert_eq!(
+            state_of(&s, 0, &p, false, 7),
+            State::Running {
+                pid: 4242,
+                since_unix_ms: 1_764_583_200_000
+            }
+        );
+    }
+
+    #[test]
+    fn restarts_back_off_then_loop_then_fail_with_systemds_reason() {
+        let p = RestartPolicy::default();
+        let mut runs = ShortRuns::default();
+        let restarting = |n: u32| {
+            parse_show(&format!(
+                "LoadState=loaded\nActiveState=activating\nSubState=auto-restart\nResult=exit-code\nMainPID=0\nExecMainCode=1\nExecMainStatus=1\nExecMainStartTimestampMonotonic={}\nExecMainExitTimestampMonotonic={}\nNRestarts={n}\nInvocationID=i{n}\n",
+                1_000_000 * u64::from(n),
+                1_000_000 * u64::from(n) + 300_000
+            ))
+        };
+        assert_eq!(runs.observe(&restarting(0), &p, Duration::ZERO), 0);
+        let c = runs.observe(&restarting(1), &p, Duration::ZERO);
+        assert_eq!(c, 1);
+        assert_eq!(
+            state_of(&restarting(1), c, &p, false, 0),
+            State::Backoff {
+                delay_ms: 2000,
+                consecutive_failures: 1
+            }
+        );
+        // Restarts missed between two snapshots are all counted.
+        let c = runs.observe(&restarting(5), &p, Duration::ZERO);
+        assert_eq!(c, 5);
+        assert!(matches!(
+            state_of(&restarting(5), c, &p, false, 0),
+            State::CrashLoop {
+                consecutive_failures: 5,
+                ..
+            }
+        ));
+        let failed = parse_show(
+            "LoadState=loaded\nActiveState=failed\nSubState=failed\nResult=start-limit-hit\nExecMainCode=1\nExecMainStatus=1\nExecMainStartTimestampMonotonic=5\nExecMainExitTimestampMonotonic=9\n",
+        );
+        let State::Failed { reason } = state_of(&failed, 10, &p, false, 0) else {
+            panic!("not failed");
+        };
+        assert!(reason.contains("start-limit-hit"), "{reason}");
+        assert!(reason.contains("exit code 1"), "{reason}");
+    }
+
+    #[test]
+    fn a_long_run_or_a_requested_start_resets_the_count() {
+        let p = RestartPolicy::default();
+        let mut runs = ShortRuns::default();
+        let mut s = parse_show(RUNNING);
+        s.n_restarts = 3;
+        runs.observe(&s, &p, Duration::ZERO);
+        // It crashed after two minutes of running: one short run in a row.
+        s.n_restarts = 4;
+        s.started_mono_us = 1_000_000;
+        s.exited_mono_us = 121_000_000;
+        assert_eq!(runs.observe(&s, &p, Duration::ZERO), 1);
+        s.exited_mono_us = 1_500_000;
+        s.n_restarts = 6;
+        assert_eq!(runs.observe(&s, &p, Duration::ZERO), 3);
+        assert_eq!(runs.observe(&s, &p, Duration::from_secs(61)), 0);
+        s.n_restarts = 0;
+        assert_eq!(runs.observe(&s, &p, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn killed_and_stopped_and_missing() {
+        let p = RestartPolicy::default();
+        let killed = parse_show(
+            "LoadState=loaded\nActiveState=activating\nSubState=auto-restart\nExecMainCode=2\nExecMainStatus=9\nExecMainStartTimestampMonotonic=5\nExecMainExitTimestampMonotonic=9\n",
+        );
+        assert_eq!(killed.last_exit().as_deref(), Some("killed by SIGKILL"));
+        let stopped = parse_show("LoadState=loaded\nActiveState=inactive\nSubState=dead\n");
+        assert_eq!(state_of(&stopped, 0, &p, true, 0), State::Stopped);
+        assert_eq!(state_of(&stopped, 0, &p, false, 0), State::Starting);
+        let missing = parse_show("LoadState=not-found\nActiveState=inactive\n");
+        assert!(matches!(
+            state_of(&missing, 0, &p, false, 0),
+            State::NotRunnable { .. }
+        ));
+        assert_eq!(state_of(&missing, 0, &p, true, 0), State::Stopped);
+    }
+}
