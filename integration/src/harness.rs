@@ -911,3 +911,99 @@ pub fn older_agent() -> anyhow::Result<(PathBuf, &'static str)> {
     }
     Ok((path, VERSION))
 }
+
+/// An rpm standing for the base system of an RPM-based host. On RHEL the
+/// rpm database lists bash (which provides /bin/sh) and glibc; a throw-away
+/// host is Debian underneath, so its fresh rpm database is told what the
+/// host really has: /bin/sh and this machine's glibc version.
+///
+/// # Errors
+/// When it cannot be built.
+pub fn base_system_rpm(path: &std::path::Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let glibc = text
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("getconf GNU_LIBC_VERSION: {text:?}"))?;
+    rpm::PackageBuilder::new(
+        "testhost-base",
+        "1.0",
+        "MIT",
+        "noarch",
+        "What this throw-away host's base system provides",
+    )
+    .provides(rpm::Dependency::any("/bin/sh"))
+    .provides(rpm::Dependency::eq("glibc", glibc))
+    .build()?
+    .write_file(path)?;
+    Ok(())
+}
+
+/// Runtime artifacts as the releases ship them: v0.158.0 with one `.sha256`
+/// per artifact, v0.157.0 with the older combined checksum files. Only one
+/// real build of each runtime exists here (scripts/build-runtimes, 0.158.0),
+/// so each release's artifact is a small wrapper naming its release that
+/// execs the real binary: install-opamp.sh sees distinct files per release,
+/// and what runs is the real supervisor and collector (whose `--version`
+/// says 0.158.0 whatever the release's name).
+///
+/// # Errors
+/// When the files cannot be written.
+pub fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Result<()> {
+    let work = dir.join(format!("build-{version}"));
+    std::fs::create_dir_all(&work)?;
+    let col = work.join("otelcol-contrib");
+    std::fs::write(
+        &col,
+        format!(
+            "#!/bin/sh\n# otelcol-contrib release {version}\nexec /usr/local/lib/real/{COLLECTOR} \"$@\"\n"
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o755))?;
+    let archive = format!("otelcol-contrib_{version}_linux_{DEB_ARCH}.tar.gz");
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(dir.join(&archive))
+        .arg("-C")
+        .arg(&work)
+        .arg("otelcol-contrib")
+        .status()?;
+    anyhow::ensure!(st.success(), "tar failed");
+    let sup = format!("opampsupervisor_{version}_linux_{DEB_ARCH}");
+    std::fs::write(
+        dir.join(&sup),
+        format!(
+            "#!/bin/sh\n# opampsupervisor release {version}\nexec /usr/local/lib/real/opampsupervisor \"$@\"\n"
+        ),
+    )?;
+    let sum = |name: &str| -> anyhow::Result<String> {
+        Ok(linkmesh_agent::hex::encode(
+            ring::digest::digest(&ring::digest::SHA256, &std::fs::read(dir.join(name))?).as_ref(),
+        ))
+    };
+    if split_sums {
+        for name in [&archive, &sup] {
+            std::fs::write(
+                dir.join(format!("{name}.sha256")),
+                format!("{}  {name}\n", sum(name)?),
+            )?;
+        }
+    } else {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("opentelemetry-collector-releases_otelcol-contrib_checksums.txt"))?;
+        writeln!(f, "{}  {archive}", sum(&archive)?)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("checksums.txt"))?;
+        writeln!(f, "{}  {sup}", sum(&sup)?)?;
+    }
+    Ok(())
+}

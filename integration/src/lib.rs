@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod drift;
+pub mod drill;
 pub mod harness;
 pub mod opamp;
 pub mod server;

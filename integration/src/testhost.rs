@@ -78,6 +78,7 @@ pub struct TestHost {
     scratch: PathBuf,
     unshare: Option<Child>,
     pid1: u32,
+    machine_id: String,
 }
 
 impl TestHost {
@@ -106,7 +107,22 @@ impl TestHost {
             std::fs::create_dir_all(scratch.join(d))?;
         }
         let machine_id = random_hex(16);
-        let unshare = Command::new("unshare")
+        let mut host = Self {
+            name: name.to_owned(),
+            scratch,
+            unshare: None,
+            pid1: 0,
+            machine_id,
+        };
+        host.unshare = Some(host.spawn()?);
+        host.pid1 = host.find_pid1()?;
+        host.wait_running()?;
+        Ok(host)
+    }
+
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let scratch = &self.scratch;
+        Command::new("unshare")
             .args([
                 "--pid",
                 "--fork",
@@ -124,22 +140,49 @@ impl TestHost {
             .arg(scratch.join("upper"))
             .arg(scratch.join("work"))
             .arg(scratch.join("boot.log"))
-            .arg(name)
-            .arg(&machine_id)
+            .arg(&self.name)
+            .arg(&self.machine_id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("cannot run unshare")?;
-        let mut host = Self {
-            name: name.to_owned(),
-            scratch,
-            unshare: Some(unshare),
-            pid1: 0,
-        };
-        host.pid1 = host.find_pid1()?;
-        host.wait_running()?;
-        Ok(host)
+            .context("cannot run unshare")
+    }
+
+    /// Power cut and boot: every process dies at once (SIGKILL to PID 1),
+    /// then the same disk (the scratch upper directory) and machine id boot
+    /// again. The host comes back with a fresh network namespace: attach it
+    /// to a [`TestNet`] again if it needs one.
+    ///
+    /// # Errors
+    /// When the host does not come back.
+    pub fn reboot(&mut self) -> anyhow::Result<()> {
+        self.power_off();
+        remove_cgroups(&self.scratch);
+        self.unshare = Some(self.spawn()?);
+        self.pid1 = self.find_pid1()?;
+        self.wait_running()
+    }
+
+    fn power_off(&mut self) {
+        if self.pid1 != 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid1 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut c) = self.unshare.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.pid1 = 0;
     }
 
     /// PID 1 of the host's PID namespace, as this machine sees it: the child
@@ -308,23 +351,7 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         // SIGKILL to PID 1 ends every process of the namespace.
-        if self.pid1 != 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid1 as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if let Some(mut c) = self.unshare.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.power_off();
         remove_cgroups(&self.scratch);
         let _ = std::fs::remove_dir_all(&self.scratch);
     }

@@ -339,74 +339,11 @@ fn the_installers_are_posix_sh_and_shellcheck_clean() -> R {
     Ok(())
 }
 
-/// Runtime artifacts as the releases ship them: v0.158.0 with one `.sha256`
-/// per artifact, v0.157.0 with the older combined checksum files. Only one
-/// real build of each runtime exists here (scripts/build-runtimes, 0.158.0),
-/// so each release's artifact is a small wrapper naming its release that
-/// execs the real binary: install-opamp.sh sees distinct files per release,
-/// and what runs is the real supervisor and collector (whose `--version`
-/// says 0.158.0 whatever the release's name).
-fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Result<()> {
-    let work = dir.join(format!("build-{version}"));
-    std::fs::create_dir_all(&work)?;
-    let col = work.join("otelcol-contrib");
-    std::fs::write(
-        &col,
-        format!(
-            "#!/bin/sh\n# otelcol-contrib release {version}\nexec /usr/local/lib/real/{COLLECTOR} \"$@\"\n"
-        ),
-    )?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o755))?;
-    let archive = format!("otelcol-contrib_{version}_linux_{DEB_ARCH}.tar.gz");
-    let st = std::process::Command::new("tar")
-        .arg("-czf")
-        .arg(dir.join(&archive))
-        .arg("-C")
-        .arg(&work)
-        .arg("otelcol-contrib")
-        .status()?;
-    anyhow::ensure!(st.success(), "tar failed");
-    let sup = format!("opampsupervisor_{version}_linux_{DEB_ARCH}");
-    std::fs::write(
-        dir.join(&sup),
-        format!(
-            "#!/bin/sh\n# opampsupervisor release {version}\nexec /usr/local/lib/real/opampsupervisor \"$@\"\n"
-        ),
-    )?;
-    let sum = |name: &str| -> anyhow::Result<String> {
-        Ok(linkmesh_agent::hex::encode(
-            ring::digest::digest(&ring::digest::SHA256, &std::fs::read(dir.join(name))?).as_ref(),
-        ))
-    };
-    if split_sums {
-        for name in [&archive, &sup] {
-            std::fs::write(
-                dir.join(format!("{name}.sha256")),
-                format!("{}  {name}\n", sum(name)?),
-            )?;
-        }
-    } else {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("opentelemetry-collector-releases_otelcol-contrib_checksums.txt"))?;
-        writeln!(f, "{}  {archive}", sum(&archive)?)?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("checksums.txt"))?;
-        writeln!(f, "{}  {sup}", sum(&sup)?)?;
-    }
-    Ok(())
-}
-
 #[test]
 fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     let mut bed = bed("inst-opamp")?;
-    publish_runtime(&bed.artifacts, "0.158.0", true)?;
-    publish_runtime(&bed.artifacts, "0.157.0", false)?;
+    linkmesh_integration::harness::publish_runtime(&bed.artifacts, "0.158.0", true)?;
+    linkmesh_integration::harness::publish_runtime(&bed.artifacts, "0.157.0", false)?;
     let host = TestHost::boot("lm-opamp")?;
     bed.net.attach(&host)?;
     let real = real_runtimes()?;
@@ -540,7 +477,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
 
     // A corrupted artifact: refused, the installed runtime untouched.
     let before = files(&host);
-    publish_runtime(&bed.artifacts, "0.150.0", true)?;
+    linkmesh_integration::harness::publish_runtime(&bed.artifacts, "0.150.0", true)?;
     std::fs::write(
         bed.artifacts
             .join(format!("opampsupervisor_0.150.0_linux_{DEB_ARCH}")),

@@ -150,33 +150,6 @@ fn wait_runtime(host: &TestHost) -> anyhow::Result<String> {
     }
 }
 
-/// An rpm standing for the base system of an RPM-based host. On RHEL the
-/// rpm database lists bash (which provides /bin/sh) and glibc; a throw-away
-/// host is Debian underneath, so its fresh rpm database is told what the
-/// host really has: /bin/sh and this machine's glibc version.
-fn base_system_rpm(path: &std::path::Path) -> R {
-    let out = std::process::Command::new("getconf")
-        .arg("GNU_LIBC_VERSION")
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let glibc = text
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("getconf GNU_LIBC_VERSION: {text:?}"))?;
-    rpm::PackageBuilder::new(
-        "testhost-base",
-        "1.0",
-        "MIT",
-        "noarch",
-        "What this throw-away host's base system provides",
-    )
-    .provides(rpm::Dependency::any("/bin/sh"))
-    .provides(rpm::Dependency::eq("glibc", glibc))
-    .build()?
-    .write_file(path)?;
-    Ok(())
-}
-
 /// An enrolled host with an edited configuration, and what every package
 /// operation must keep: the identity byte for byte, the edit, one host on
 /// the server.
@@ -310,7 +283,7 @@ impl<'a> Enrolled<'a> {
 /// warns that it is not the system's package manager).
 fn rpm_database(bed: &Bed, host: &TestHost) -> R {
     let base = bed.dir.path().join("testhost-base.rpm");
-    base_system_rpm(&base)?;
+    linkmesh_integration::harness::base_system_rpm(&base)?;
     host.copy_in(&base, "/root/base.rpm", 0o644)?;
     sh(host, "rpm --initdb && rpm -i /root/base.rpm")?;
     Ok(())

@@ -36,8 +36,10 @@ use crate::fs::write_atomic;
 pub const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(45);
 /// How often the unit is read when nothing happens.
 pub const SAFETY_POLL: Duration = Duration::from_secs(300);
-/// How often it is read while it is between states.
+/// How often it is read while it is between states, at first…
 const TRANSITION_POLL: Duration = Duration::from_millis(500);
+/// …and at most, while nothing changes.
+const MAX_TRANSITION_POLL: Duration = Duration::from_secs(30);
 /// The journal lines replayed when the agent starts.
 const REPLAY_LINES: u32 = 1000;
 /// File in the state directory: the hash of the unit and supervisor
@@ -321,13 +323,11 @@ async fn follow_journal(tx: mpsc::Sender<Entry>) {
     }
 }
 
-/// The collector's pid: the supervisor's child whose command name is the
-/// collector's (the kernel keeps 15 bytes of it). Read from `/proc/*/stat`,
-/// which needs no ptrace access, so the agent's unit can hold fewer
-/// capabilities than the collector's.
-fn collector_child(supervisor_pid: u32, collector: &Path) -> Option<u32> {
-    let name = collector.file_name()?.to_string_lossy().into_owned();
-    let comm: String = name.chars().take(15).collect();
+/// The collector's pid: the supervisor's child (it runs nothing else; a
+/// wrapper script that execs the collector is the same process). Read from
+/// `/proc/*/stat`, which needs no ptrace access, so the agent's unit can
+/// hold fewer capabilities than the collector's.
+fn collector_child(supervisor_pid: u32) -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
         .filter_map(Result::ok)
@@ -336,7 +336,7 @@ fn collector_child(supervisor_pid: u32, collector: &Path) -> Option<u32> {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
                 .is_some_and(|stat| {
-                    parse_stat(&stat).is_some_and(|(c, ppid)| ppid == supervisor_pid && c == comm)
+                    parse_stat(&stat).is_some_and(|(_, ppid)| ppid == supervisor_pid)
                 })
         })
 }
@@ -463,7 +463,7 @@ impl Watch {
             crate::clock::now_unix_ms(),
         );
         let collector_pid = (snap.main_pid != 0)
-            .then(|| collector_child(snap.main_pid, &self.desired.collector))
+            .then(|| collector_child(snap.main_pid))
             .flatten();
         if state != self.status.borrow().state && !matches!(state, State::Running { .. }) {
             tracing::info!(unit = UNIT_NAME, state = ?state, "Collector runtime's unit changed");
@@ -530,14 +530,22 @@ async fn watch_unit(
         });
     }
     let mut transient = w.refresh().await;
+    // Between states the unit is read often, less and less often while
+    // nothing changes (a collector that never starts is not polled fast
+    // for ever).
+    let mut poll = TRANSITION_POLL;
     loop {
-        let wait = if transient {
-            TRANSITION_POLL
-        } else {
-            SAFETY_POLL
-        };
+        let wait = if transient { poll } else { SAFETY_POLL };
+        let before = w.status.borrow().clone();
         tokio::select! {
-            () = tokio::time::sleep(wait) => transient = w.refresh().await,
+            () = tokio::time::sleep(wait) => {
+                transient = w.refresh().await;
+                poll = if *w.status.borrow() == before {
+                    (poll * 2).min(MAX_TRANSITION_POLL)
+                } else {
+                    TRANSITION_POLL
+                };
+            }
             e = journal.recv() => match e {
                 Some(e) => {
                     if w.line(e) {
@@ -547,6 +555,7 @@ async fn watch_unit(
                             w.line(e);
                         }
                         transient = w.refresh().await;
+                        poll = TRANSITION_POLL;
                     }
                 }
                 None => transient = true,
@@ -558,6 +567,7 @@ async fn watch_unit(
                         tracing::error!(error = %e, "Cannot apply the collector runtime's unit");
                     }
                     transient = w.refresh().await;
+                    poll = TRANSITION_POLL;
                     let _ = done.send(());
                 }
                 Some(Request::Shutdown(done)) => {
