@@ -42,6 +42,7 @@ fn systemctl(args: &[&str]) -> Result<(), ControlError> {
     let out = std::process::Command::new("systemctl")
         .arg("--no-ask-password")
         .args(args)
+        .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| ControlError::Systemctl {

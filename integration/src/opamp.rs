@@ -123,7 +123,7 @@ async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let remote = peer.as_ref().map(|p| p.remote);
-    let host = match admit(&hub, peer.as_ref().map(|p| &p.0)) {
+    let (host, serial) = match admit(&hub, peer.as_ref().map(|p| &p.0)) {
         Ok(h) => h,
         Err((code, why)) => {
             tracing::warn!(?remote, status = code.as_u16(), reason = %why, "OpAMP connection refused");
@@ -133,14 +133,15 @@ async fn upgrade(
     match ws {
         Ok(ws) => ws
             .max_message_size(MAX_MESSAGE)
-            .on_upgrade(move |socket| run(hub, socket, host, remote))
+            .on_upgrade(move |socket| run(hub, socket, host, serial, remote))
             .into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-/// The host a connection may speak for, or the HTTP refusal.
-fn admit(hub: &Hub, peer: Option<&PeerInfo>) -> Result<String, (StatusCode, String)> {
+/// The host a connection may speak for and its certificate's serial (hex,
+/// as `openssl x509 -serial` prints it), or the HTTP refusal.
+fn admit(hub: &Hub, peer: Option<&PeerInfo>) -> Result<(String, String), (StatusCode, String)> {
     let unauthorized = |m: &str| (StatusCode::UNAUTHORIZED, m.to_owned());
     let certs = peer
         .and_then(|p| p.certs.clone())
@@ -169,15 +170,23 @@ fn admit(hub: &Hub, peer: Option<&PeerInfo>) -> Result<String, (StatusCode, Stri
             format!("host {host} is not enrolled with this server"),
         ));
     }
-    Ok(host.to_string())
+    let serial = linkmesh_agent::hex::encode(parsed.raw_serial()).to_uppercase();
+    let serial = serial.trim_start_matches("00").to_owned();
+    Ok((host.to_string(), serial))
 }
 
-async fn run(hub: Hub, mut socket: WebSocket, host: String, remote: Option<SocketAddr>) {
+async fn run(
+    hub: Hub,
+    mut socket: WebSocket,
+    host: String,
+    serial: String,
+    remote: Option<SocketAddr>,
+) {
     let mut configs = hub.configs.clone();
     configs.mark_unchanged();
     let mut session = Session::new(&host);
     let mut counted = false;
-    tracing::info!(host_id = %host, ?remote, "OpAMP connection opened");
+    tracing::info!(host_id = %host, cert_serial = %serial, ?remote, "OpAMP connection opened");
     let end = loop {
         tokio::select! {
             msg = tokio::time::timeout(IDLE_TIMEOUT, socket.recv()) => {

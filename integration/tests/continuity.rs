@@ -16,3 +16,335 @@ fn the_upgrade_drill_loses_no_telemetry() -> R {
     eprintln!("{}", serde_json::to_string_pretty(&outcome.figures())?);
     check(&outcome)
 }
+
+use std::time::{Duration, Instant};
+
+use linkmesh_integration::{
+    harness::{binary, install_runtime},
+    testhost::TestHost,
+};
+
+fn sh(host: &TestHost, script: &str) -> anyhow::Result<String> {
+    let out = host.exec(script)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "`{script}`: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
+/// Waits (at most `limit`) until `script`'s output satisfies `ok`.
+fn wait_for(
+    host: &TestHost,
+    limit: Duration,
+    script: &str,
+    ok: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = host.exec(script)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if ok(&text) {
+            return Ok(text);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "waited {limit:?} on `{script}`, last: {text}\nagent:\n{}\ncollector:\n{}",
+            host.journal(Some("linkmesh-agent"), "-n 30"),
+            host.journal(Some("linkmesh-collector"), "-n 15")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const SERVER_IN_HOST: &str = "systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s";
+
+/// A host running the shipped agent unit, enrolled with a reference server
+/// on its own loopback (started with `serve_args`), its collector up.
+fn agent_host(name: &str, serve_args: &str) -> anyhow::Result<TestHost> {
+    let host = TestHost::boot(name)?;
+    for (bin, dest) in [
+        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
+        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
+    ] {
+        host.copy_in(&binary(bin)?, dest, 0o755)?;
+    }
+    install_runtime(&host)?;
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
+    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
+    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
+    std::fs::write(
+        host.path("/etc/linkmesh/collector.yaml"),
+        "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:4318\nexporters:\n  nop:\nservice:\n  pipelines:\n    logs: {receivers: [otlp], exporters: [nop]}\n",
+    )?;
+    sh(
+        &host,
+        &format!(
+            "linkmesh-fleet init --state /var/lib/fleet >/dev/null && {SERVER_IN_HOST} {serve_args} && \
+             for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
+             linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json"
+        ),
+    )?;
+    let token: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
+    std::fs::write(
+        host.path("/root/token"),
+        token["token"].as_str().unwrap_or_default(),
+    )?;
+    sh(
+        &host,
+        &format!(
+            "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token && systemctl daemon-reload && systemctl enable --now linkmesh-agent",
+            token["ca_pin"].as_str().unwrap_or_default()
+        ),
+    )?;
+    collector(&host)?;
+    Ok(host)
+}
+
+/// The supervisor's and the collector's pids once both run.
+fn collector(host: &TestHost) -> anyhow::Result<(String, String)> {
+    let text = wait_for(
+        host,
+        Duration::from_secs(60),
+        "p=$(systemctl show -p MainPID --value linkmesh-collector); echo $p $(pgrep -P $p)",
+        |t| t.split_whitespace().count() == 2 && !t.starts_with("0 "),
+    )?;
+    let mut w = text.split_whitespace().map(str::to_owned);
+    Ok((w.next().unwrap_or_default(), w.next().unwrap_or_default()))
+}
+
+fn status(host: &TestHost) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&sh(
+        host,
+        "linkmesh-agent status --json",
+    )?)?)
+}
+
+/// The collector runtime's unit under everything that happens to the agent,
+/// and the faults the issue lists: a second agent, an agent killed in a
+/// reload, `runtime stop`/`start`, a supervisor that cannot start, and a
+/// reboot with the server down and the agent disabled.
+#[test]
+fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
+    let mut host = agent_host("lm-cont", "")?;
+    let (sup, col) = collector(&host)?;
+    let s = status(&host)?;
+    assert_eq!(
+        s["runtime"]["supervision"]["unit"], "linkmesh-collector.service",
+        "{s}"
+    );
+    assert_eq!(s["runtime"]["supervision"]["state"], "running", "{s}");
+    assert_eq!(
+        s["runtime"]["supervision"]["pid"].to_string(),
+        sup,
+        "the agent reads the supervisor's pid from systemd: {s}"
+    );
+    wait_for(
+        &host,
+        Duration::from_secs(10),
+        "linkmesh-agent status --json",
+        |t| {
+            serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| {
+                v["runtime"]["supervision"]["collector_pid"] == col.parse::<u64>().unwrap_or(0)
+            })
+        },
+    )?;
+    let enabled = sh(&host, "systemctl is-enabled linkmesh-collector")?;
+    assert_eq!(enabled.trim(), "enabled");
+
+    // Restart, stop and start, SIGKILL: the collector is untouched.
+    for step in [
+        "systemctl restart linkmesh-agent",
+        "systemctl stop linkmesh-agent && systemctl start linkmesh-agent",
+        "systemctl kill -s SIGKILL linkmesh-agent && sleep 3",
+    ] {
+        sh(&host, step)?;
+        wait_for(
+            &host,
+            Duration::from_secs(30),
+            "systemctl is-active linkmesh-agent",
+            |t| t.trim() == "active",
+        )?;
+        assert_eq!(collector(&host)?, (sup.clone(), col.clone()), "{step}");
+    }
+
+    // Two agents at once: the second refuses, one supervisor runs.
+    let out = host.exec("linkmesh-agent run")?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another linkmesh-agent run already manages"),
+        "{err}"
+    );
+    assert_eq!(sh(&host, "pgrep -c -x opampsupervisor")?.trim(), "1");
+
+    // Killed in the middle of a reload that restarts the runtime: the next
+    // agent finds the unit, and one supervisor runs the new configuration.
+    std::fs::copy(
+        host.path("/etc/linkmesh/collector.yaml"),
+        host.path("/etc/linkmesh/other.yaml"),
+    )?;
+    std::fs::write(
+        host.path("/etc/linkmesh/agent.toml"),
+        "[runtime]\ncollector_config = \"/etc/linkmesh/other.yaml\"\n",
+    )?;
+    sh(
+        &host,
+        "systemctl kill -s SIGHUP linkmesh-agent; sleep 0.3; systemctl kill -s SIGKILL linkmesh-agent",
+    )?;
+    wait_for(
+        &host,
+        Duration::from_secs(30),
+        "systemctl is-active linkmesh-agent",
+        |t| t.trim() == "active",
+    )?;
+    let (sup2, _) = collector(&host)?;
+    wait_for(
+        &host,
+        Duration::from_secs(30),
+        "pgrep -c -x opampsupervisor; cat /proc/$(systemctl show -p MainPID --value linkmesh-collector)/cmdline | tr '\\0' ' '",
+        |t| t.starts_with("1\n"),
+    )?;
+    assert!(
+        sh(&host, "cat /var/lib/linkmesh-agent/supervisor.yaml")?
+            .contains("/etc/linkmesh/other.yaml")
+    );
+    let _ = sup2;
+
+    // runtime stop: gone, and it stays gone across an agent restart.
+    let out = sh(&host, "linkmesh-agent runtime stop")?;
+    assert!(out.contains("stopped and disabled"), "{out}");
+    sh(&host, "systemctl restart linkmesh-agent")?;
+    wait_for(
+        &host,
+        Duration::from_secs(20),
+        "linkmesh-agent status --json",
+        |t| t.contains("\"state\":\"stopped\""),
+    )?;
+    assert_eq!(
+        host.exec("pgrep -c -x opampsupervisor")?.stdout,
+        b"0\n",
+        "runtime stop did not stop it"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&host.exec("systemctl is-enabled linkmesh-collector")?.stdout)
+            .trim(),
+        "disabled"
+    );
+    sh(&host, "linkmesh-agent runtime start")?;
+    collector(&host)?;
+
+    // A supervisor that cannot start: systemd gives up, the agent says why
+    // and does not start it again by itself.
+    std::fs::write(
+        host.path("/usr/local/bin/broken-supervisor"),
+        "#!/bin/sh\necho 'error: bad configuration' >&2\nexit 1\n",
+    )?;
+    sh(&host, "chmod 755 /usr/local/bin/broken-supervisor")?;
+    std::fs::write(
+        host.path("/etc/linkmesh/agent.toml"),
+        "[runtime]\nsupervisor = \"/usr/local/bin/broken-supervisor\"\n",
+    )?;
+    sh(&host, "systemctl reload linkmesh-agent")?;
+    let s = wait_for(
+        &host,
+        Duration::from_secs(60),
+        "linkmesh-agent status --json",
+        |t| t.contains("\"state\":\"failed\""),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&s)?;
+    let reason = v["runtime"]["supervision"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("start limit") && reason.contains("exit code 1"),
+        "{}",
+        v["runtime"]["supervision"]
+    );
+    let before = sh(
+        &host,
+        "systemctl show -p NRestarts,ActiveState linkmesh-collector",
+    )?;
+    std::thread::sleep(Duration::from_secs(6));
+    let after = sh(
+        &host,
+        "systemctl show -p NRestarts,ActiveState linkmesh-collector",
+    )?;
+    assert_eq!(before, after, "the failed unit was started again");
+    assert!(after.contains("ActiveState=failed"), "{after}");
+    let check = host.exec("linkmesh-agent check")?;
+    assert!(!check.status.success());
+    // Fixed and reloaded: running again.
+    std::fs::remove_file(host.path("/etc/linkmesh/agent.toml"))?;
+    sh(&host, "systemctl reload linkmesh-agent")?;
+    let (_, col) = collector(&host)?;
+
+    // Rebooted with the server down and the agent disabled: the collector
+    // comes up on its own with its last configuration.
+    sh(
+        &host,
+        "systemctl stop lm-fleet; systemctl disable --quiet linkmesh-agent",
+    )?;
+    host.reboot()?;
+    let (_, col_after) = collector(&host)?;
+    assert_ne!(col_after, col, "a new boot, a new process");
+    assert_eq!(
+        sh(&host, "systemctl is-active linkmesh-agent || true")?.trim(),
+        "inactive"
+    );
+    wait_for(
+        &host,
+        Duration::from_secs(30),
+        "curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' --data-binary '{\"resourceLogs\":[]}' http://127.0.0.1:4318/v1/logs || true",
+        |t| t.trim() == "200",
+    )?;
+    Ok(())
+}
+
+/// Renewal does not restart the supervisor: it re-reads the files at its
+/// next handshake (`reload_interval` in its TLS settings). Proved with the
+/// real one: after the agent renews, the server restarts, and the same
+/// supervisor process reconnects presenting the new certificate's serial.
+#[test]
+fn the_supervisor_presents_the_renewed_certificate_without_a_restart() -> R {
+    let host = agent_host("lm-renew", "--cert-lifetime 40s")?;
+    let (sup, _) = collector(&host)?;
+    let serial = |h: &TestHost| -> anyhow::Result<String> {
+        Ok(sh(
+            h,
+            "openssl x509 -noout -serial -in /var/lib/linkmesh-agent/identity/cert.pem",
+        )?
+        .trim()
+        .trim_start_matches("serial=")
+        .to_owned())
+    };
+    let first = serial(&host)?;
+    let renewed = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = serial(&host)?;
+            if now != first {
+                break now;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no renewal within 60 s");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    std::thread::sleep(Duration::from_secs(6));
+    sh(
+        &host,
+        &format!("systemctl stop lm-fleet; {SERVER_IN_HOST} --cert-lifetime 40s"),
+    )?;
+    wait_for(
+        &host,
+        Duration::from_secs(60),
+        "journalctl -u lm-fleet --no-pager -o cat",
+        |t| t.contains("OpAMP connection opened") && t.contains(&renewed),
+    )?;
+    assert_eq!(collector(&host)?.0, sup, "the supervisor was restarted");
+    Ok(())
+}

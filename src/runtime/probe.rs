@@ -120,8 +120,10 @@ fn run_bounded(exe: &Path, args: &[&str]) -> Result<String, String> {
 /// Runs a command with a deadline; returns whether it succeeded, its stdout
 /// and its stderr.
 fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), String> {
+    // Children never speak to systemd for the agent.
     let mut child = Command::new(exe)
         .args(args)
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

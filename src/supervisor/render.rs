@@ -80,8 +80,11 @@ pub fn render(i: &SupervisorInputs) -> String {
     );
     let _ = writeln!(y, "    key_file: {}", q(&i.key_file.display().to_string()));
     let _ = writeln!(y, "    min_version: \"1.3\"");
-    // The agent renews the certificate in place; the supervisor re-reads it.
-    let _ = writeln!(y, "    reload_interval: \"10m\"");
+    // The agent renews the certificate in place. The supervisor re-reads
+    // the files at its next TLS handshake once this long has passed since
+    // it last read them (a check per handshake, not a timer), so a
+    // reconnect after a renewal presents the new certificate.
+    let _ = writeln!(y, "    reload_interval: \"5s\"");
     let _ = writeln!(y, "capabilities:");
     for (k, v) in [
         ("accepts_remote_config", true),

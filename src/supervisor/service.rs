@@ -119,8 +119,10 @@ pub enum UnitError {
 pub async fn systemctl(args: &[&str]) -> Result<String, UnitError> {
     let joined = args.join(" ");
     let mut cmd = tokio::process::Command::new("systemctl");
+    // Children never speak to systemd for the agent.
     cmd.arg("--no-ask-password")
         .args(args)
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let out = match tokio::time::timeout(SYSTEMCTL_TIMEOUT, cmd.output()).await {

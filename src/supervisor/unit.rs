@@ -361,12 +361,15 @@ pub fn failure_reason(s: &Snapshot) -> String {
     } else {
         &s.result
     };
-    let what = match result {
-        "start-limit-hit" => format!(
-            "systemd stopped restarting it ({result}: {START_LIMIT_BURST} starts within {} s)",
+    // systemd 252 reports the run's own result (exit-code) also when the
+    // start limit refused the next start; the restart count tells.
+    let what = if result == "start-limit-hit" || s.n_restarts + 1 >= START_LIMIT_BURST {
+        format!(
+            "systemd stopped restarting it (start limit: {START_LIMIT_BURST} starts within {} s; result {result})",
             START_LIMIT_INTERVAL.as_secs()
-        ),
-        _ => format!("systemd marked it failed ({result})"),
+        )
+    } else {
+        format!("systemd marked it failed ({result})")
     };
     match s.last_exit() {
         Some(exit) => format!("{UNIT_NAME} failed: {what}; its last run ended with {exit}"),
@@ -470,8 +473,14 @@ mod tests {
         let State::Failed { reason } = state_of(&failed, 10, &p, false, 0) else {
             panic!("not failed");
         };
-        assert!(reason.contains("start-limit-hit"), "{reason}");
+        assert!(reason.contains("start limit"), "{reason}");
         assert!(reason.contains("exit code 1"), "{reason}");
+        let mut by_count = failed.clone();
+        by_count.result = "exit-code".into();
+        by_count.n_restarts = 9;
+        assert!(failure_reason(&by_count).contains("start limit"));
+        by_count.n_restarts = 2;
+        assert!(failure_reason(&by_count).contains("marked it failed (exit-code)"));
     }
 
     #[test]

@@ -109,6 +109,9 @@ struct Args {
     /// Whole runs of every measurement; the table shows the spread over them.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Run only this measurement: `continuity` (the upgrade drill).
+    #[arg(long, value_parser = ["continuity"])]
+    only: Option<String>,
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -213,7 +216,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut runs = Vec::with_capacity(args.repeat);
     for r in 1..=args.repeat {
         eprintln!("run {r} of {}", args.repeat);
-        runs.push(one_run(&args, &agent_bin)?);
+        runs.push(match args.only.as_deref() {
+            Some("continuity") => continuity()?,
+            _ => {
+                let mut figures = one_run(&args, &agent_bin)?;
+                figures.extend(continuity()?);
+                figures
+            }
+        });
     }
     let summary = summarize(&runs);
     print_table(&summary);
@@ -235,6 +245,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)?;
     println!("\nresults written to {}", out.display());
     Ok(())
+}
+
+/// The upgrade drill once (linkmesh_integration::drill): one figure per
+/// goal of the continuity issue, each one sample per run.
+fn continuity() -> anyhow::Result<Vec<Figure>> {
+    let drill = linkmesh_integration::drill::Drill::setup("lm-bench-drill")?;
+    let outcome = drill.run()?;
+    if let Err(e) = linkmesh_integration::drill::check(&outcome) {
+        eprintln!("the drill broke a goal:\n{e}");
+    }
+    let how = |name: &str| -> &'static str {
+        match name {
+            "agent_upgrade_collector_restarts" => {
+                "collector restarts over the 11 agent steps of the drill (one-liner, deb, rpm upgrades and rollbacks, SIGKILL)"
+            }
+            "agent_upgrade_records_lost" => {
+                "records accepted by the collector and missing from its sink, over the agent steps"
+            }
+            "agent_restart_otlp_refused_ms" => {
+                "longest window the sender saw the OTLP port refuse connections during an agent step"
+            }
+            "runtime_upgrade_otlp_refused_ms" => {
+                "longest refusal window during install-opamp.sh's upgrade and rollback of the runtime"
+            }
+            "runtime_upgrade_records_lost" => "records lost over the runtime upgrade and rollback",
+            _ => "records lost over the server's restarts and its minute away",
+        }
+    };
+    let unit = |name: &str| -> &'static str { if name.ends_with("_ms") { "ms" } else { "count" } };
+    Ok(outcome
+        .figures()
+        .into_iter()
+        .map(|(name, v)| figure(name, unit(name), how(name), vec![v]))
+        .collect())
 }
 
 /// Every measurement once.
