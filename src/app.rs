@@ -28,8 +28,6 @@ use crate::{
     systemd::{Notifier, watchdog_interval_from_env},
 };
 
-/// File in the state directory where `run` publishes its state for `status`.
-pub const STATUS_FILE: &str = "runtime-status.json";
 /// The rendered supervisor configuration, in the state directory.
 pub const SUPERVISOR_CONFIG: &str = "supervisor.yaml";
 /// The supervisor's storage directory (its `persistent_state.yaml` holds the
@@ -82,42 +80,7 @@ pub enum AppError {
 /// The lock `run` holds in the state directory: one agent per host.
 pub const RUN_LOCK: &str = "run.lock";
 
-/// What `run` publishes about itself.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RuntimeReport {
-    /// The agent's pid, so readers can tell a stale file.
-    pub agent_pid: u32,
-    /// When this was written (Unix ms).
-    pub updated_unix_ms: u64,
-    /// The runtime managed.
-    pub kind: RuntimeKind,
-    /// Supervision state, for otelcol.
-    pub supervision: Option<supervisor::Status>,
-    /// What detection found.
-    pub detection: Detection,
-}
-
-impl RuntimeReport {
-    /// One line for systemd's STATUS=.
-    pub fn summary(&self) -> String {
-        match (&self.kind, &self.supervision, &self.detection.alloy) {
-            (RuntimeKind::Otelcol, Some(s), _) => s.summary(),
-            (RuntimeKind::Alloy, _, Some(a)) => format!(
-                "watching alloy {}{}",
-                a.executable
-                    .version
-                    .as_deref()
-                    .unwrap_or("(version unknown)"),
-                if a.restart_pending {
-                    " (upgraded, restart pending)"
-                } else {
-                    ""
-                }
-            ),
-            _ => "no collector runtime found; enrolled and idle".to_owned(),
-        }
-    }
-}
+use crate::published::RuntimeReport;
 
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
@@ -169,9 +132,9 @@ pub async fn run(
     // The status file describes this agent, not the one before it, by the
     // time systemd (and `systemctl restart`) hears READY; the publisher
     // rewrites it on every change from there.
-    let status_path = settings.state_dir.join(STATUS_FILE);
-    publish_now(&mut report_rx, &mut reporter_rx, &status_path);
-    let publisher = tokio::spawn(publish(report_rx, reporter_rx, status_path));
+    let state_dir = settings.state_dir.clone();
+    publish_now(&mut report_rx, &mut reporter_rx, &state_dir);
+    let publisher = tokio::spawn(publish(report_rx, reporter_rx, state_dir));
     notifier.ready(&summary);
     tracing::info!(startup_ms = started.elapsed().as_millis() as u64, status = %summary, "Agent ready");
 
@@ -354,7 +317,7 @@ impl Managed {
             tracing::warn!(note = %note, "Runtime configuration");
         }
         for c in &detection.conflicts {
-            tracing::warn!(code = c.code, "{}", c.message);
+            tracing::warn!(code = %c.code, "{}", c.message);
         }
         match detection.kind {
             RuntimeKind::Otelcol => {
@@ -633,12 +596,18 @@ fn forward_supervision(
 fn publish_now(
     runtime: &mut watch::Receiver<Option<RuntimeReport>>,
     reporter: &mut watch::Receiver<crate::reporter::ReporterStatus>,
-    path: &Path,
+    state_dir: &Path,
 ) {
     let report = runtime.borrow_and_update().clone();
     let rep = reporter.borrow_and_update().clone();
     if let Some(r) = report {
-        write_status(path, &r, &rep);
+        let state = crate::published::Published {
+            runtime: r,
+            reporter: rep,
+        };
+        if let Err(e) = crate::published::write(state_dir, &state) {
+            tracing::warn!(error = %e, "Cannot write status file");
+        }
     }
 }
 
@@ -647,36 +616,14 @@ fn publish_now(
 async fn publish(
     mut runtime: watch::Receiver<Option<RuntimeReport>>,
     mut reporter: watch::Receiver<crate::reporter::ReporterStatus>,
-    path: PathBuf,
+    state_dir: PathBuf,
 ) {
     loop {
         tokio::select! {
             c = runtime.changed() => if c.is_err() { return },
             c = reporter.changed() => if c.is_err() { return },
         }
-        publish_now(&mut runtime, &mut reporter, &path);
-    }
-}
-
-fn write_status(path: &Path, report: &RuntimeReport, reporter: &crate::reporter::ReporterStatus) {
-    let mut doc = match serde_json::to_value(report) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot encode status");
-            return;
-        }
-    };
-    if let (Some(obj), Ok(rep)) = (doc.as_object_mut(), serde_json::to_value(reporter)) {
-        obj.insert("reporter".into(), rep);
-    }
-    match serde_json::to_vec_pretty(&doc) {
-        Ok(mut bytes) => {
-            bytes.push(b'\n');
-            if let Err(e) = write_atomic(path, &bytes, 0o600) {
-                tracing::warn!(error = %e, "Cannot write status file");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "Cannot encode status"),
+        publish_now(&mut runtime, &mut reporter, &state_dir);
     }
 }
 

@@ -211,8 +211,7 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
         _ => {}
     }
     checks.push(supervision_check(&settings, &detection));
-    let view = read_status(&settings.state_dir)
-        .and_then(|(v, _)| serde_json::from_value(v["reporter"]["opamp"].clone()).ok());
+    let view = crate::published::read(&settings.state_dir).and_then(|s| s.state.reporter.opamp);
     checks.push(opamp_check(detection.kind, view.as_ref()));
     checks.push(conflicts_check(&detection));
     checks
@@ -290,20 +289,7 @@ fn short(hash: &str) -> &str {
 }
 
 fn agent_running(state_dir: &Path) -> bool {
-    read_status(state_dir).is_some_and(|(_, running)| running)
-}
-
-/// The status file `run` publishes, and whether the agent that wrote it
-/// is still running.
-pub(crate) fn read_status(state_dir: &Path) -> Option<(serde_json::Value, bool)> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state_dir.join(crate::app::STATUS_FILE)).ok()?)
-            .ok()?;
-    let pid = v["agent_pid"]
-        .as_u64()
-        .and_then(|p| i32::try_from(p).ok())?;
-    let running = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-    Some((v, running))
+    crate::published::read(state_dir).is_some_and(|s| s.agent_running)
 }
 
 /// The state directory: exists, 0700, owned by the agent's user.
@@ -554,30 +540,50 @@ fn supervision_check(settings: &Settings, d: &Detection) -> Check {
     if d.kind != RuntimeKind::Otelcol {
         return ok("supervisor", TITLE, "no supervised runtime on this host");
     }
-    match read_status(&settings.state_dir) {
-        Some((v, true)) if v["supervision"]["state"] == "running" => ok(
-            "supervisor",
-            TITLE,
-            format!(
-                "opampsupervisor pid {}, {} restarts",
-                v["supervision"]["pid"], v["supervision"]["restarts"]
+    let snapshot = crate::published::read(&settings.state_dir);
+    let live = snapshot.as_ref().filter(|s| s.agent_running);
+    match live.map(|s| s.state.runtime.supervision.as_ref()) {
+        Some(Some(sup)) => match &sup.state {
+            crate::supervisor::State::Running { pid, .. } => ok(
+                "supervisor",
+                TITLE,
+                format!(
+                    "opampsupervisor pid {pid}{}, {} restarts",
+                    sup.unit
+                        .as_deref()
+                        .map(|u| format!(" in {u}"))
+                        .unwrap_or_default(),
+                    sup.restarts
+                ),
             ),
-        ),
-        Some((v, true)) => bad(
+            other => bad(
+                "supervisor",
+                TITLE,
+                Outcome::Fail,
+                format!(
+                    "opampsupervisor is {}: {}",
+                    crate::published::state_name(other),
+                    match other {
+                        crate::supervisor::State::NotRunnable { error } => error.clone(),
+                        crate::supervisor::State::Failed { reason } => reason.clone(),
+                        _ => sup.last_exit.clone().unwrap_or_default(),
+                    }
+                ),
+                if sup.unit.is_some() {
+                    "journalctl -u linkmesh-collector; `linkmesh-agent runtime start` once fixed"
+                } else {
+                    "journalctl -u linkmesh-agent"
+                },
+            ),
+        },
+        Some(None) => bad(
             "supervisor",
             TITLE,
             Outcome::Fail,
-            format!(
-                "opampsupervisor is {}: {}",
-                v["supervision"]["state"].as_str().unwrap_or("?"),
-                v["supervision"]["error"]
-                    .as_str()
-                    .or(v["supervision"]["last_exit"].as_str())
-                    .unwrap_or("")
-            ),
+            "the agent runs but supervises nothing yet",
             "journalctl -u linkmesh-agent",
         ),
-        _ => bad(
+        None => bad(
             "supervisor",
             TITLE,
             Outcome::Fail,

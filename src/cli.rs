@@ -288,12 +288,12 @@ fn detect(settings: &Settings, json: bool) -> Result<(), Failure> {
     let d = crate::runtime::detect(&settings.runtime, &probes);
     // What is running, where a running agent knows: the collector's own
     // telemetry, and the server's OpAMP view from the last report.
-    let running = crate::check::read_status(&settings.state_dir)
-        .filter(|(_, alive)| *alive)
-        .map(|(v, _)| {
+    let running = crate::published::read(&settings.state_dir)
+        .filter(|s| s.agent_running)
+        .map(|s| {
             serde_json::json!({
-                "version": v["supervision"]["collector_version"],
-                "opamp": v["reporter"]["opamp"],
+                "version": s.state.runtime.supervision.and_then(|sup| sup.collector_version),
+                "opamp": s.state.reporter.opamp,
             })
         });
     if json {
@@ -531,13 +531,17 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
             "agent_version": version::AGENT_VERSION,
         }),
     };
-    let runtime = read_runtime_status(&settings.state_dir);
+    let runtime = crate::published::read(&settings.state_dir);
     let mut doc = doc;
     if let Some(obj) = doc.as_object_mut() {
-        obj.insert(
-            "runtime".into(),
-            runtime.clone().unwrap_or(serde_json::Value::Null),
-        );
+        let mut r = runtime
+            .as_ref()
+            .and_then(|s| serde_json::to_value(&s.state).ok())
+            .unwrap_or(serde_json::Value::Null);
+        if let (Some(o), Some(s)) = (r.as_object_mut(), &runtime) {
+            o.insert("agent_running".into(), s.agent_running.into());
+        }
+        obj.insert("runtime".into(), r);
     }
     if json {
         println!("{doc}");
@@ -555,50 +559,71 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
         );
         println!("agent:        {}", version::AGENT_VERSION);
         match &runtime {
-            Some(r) if r["agent_running"] == true => {
-                let sup = &r["supervision"];
-                let line = match sup["state"].as_str() {
-                    Some(state) => format!(
-                        "{} {state} (pid {}, {} restarts, collector pid {}, {} collector crashes{})",
-                        sup["name"].as_str().unwrap_or("?"),
-                        sup["pid"],
-                        sup["restarts"],
-                        sup["collector_pid"],
-                        sup["collector_crashes"],
-                        sup["error"]
-                            .as_str()
-                            .map(|e| format!("; {e}"))
+            Some(snap) if snap.agent_running => {
+                let r = &snap.state.runtime;
+                let line = match &r.supervision {
+                    Some(sup) => {
+                        let detail = match &sup.state {
+                            crate::supervisor::State::NotRunnable { error } => format!("; {error}"),
+                            crate::supervisor::State::Failed { reason } => format!("; {reason}"),
+                            _ => String::new(),
+                        };
+                        let pid = match &sup.state {
+                            crate::supervisor::State::Running { pid, .. } => pid.to_string(),
+                            _ => "none".into(),
+                        };
+                        format!(
+                            "{} {} (pid {pid}{}, {} restarts, collector pid {}, {} collector crashes{detail})",
+                            sup.name,
+                            crate::published::state_name(&sup.state),
+                            sup.unit
+                                .as_deref()
+                                .map(|u| format!(" in {u}"))
+                                .unwrap_or_default(),
+                            sup.restarts,
+                            sup.collector_pid
+                                .map_or_else(|| "none".into(), |p| p.to_string()),
+                            sup.collector_crashes,
+                        )
+                    }
+                    None => format!(
+                        "{} (not supervised)",
+                        serde_json::to_value(r.kind)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
                             .unwrap_or_default()
                     ),
-                    None => format!("{} (not supervised)", r["kind"].as_str().unwrap_or("none")),
                 };
                 println!("runtime:      {line}");
-                if let Some(v) = sup["collector_version"].as_str() {
+                let sup = r.supervision.as_ref();
+                if let Some(v) = sup.and_then(|s| s.collector_version.as_deref()) {
                     println!("collector:    version {v} running");
                 }
-                if let Some(p) = sup["collector_problem"]["reason"].as_str() {
-                    println!("last problem: {p}");
+                if let Some(p) = sup.and_then(|s| s.collector_problem.as_ref()) {
+                    println!("last problem: {}", p.reason);
                 }
-                let rep = &r["reporter"];
-                let o = &rep["opamp"];
-                if o.is_object() {
+                let rep = &snap.state.reporter;
+                if let Some(o) = &rep.opamp {
                     println!(
                         "opamp:        {} as seen by the server; remote config {}{}",
-                        if o["connected"] == true {
+                        if o.connected {
                             "connected"
                         } else {
                             "not connected"
                         },
-                        o["remote_config_status"].as_str().unwrap_or("none"),
-                        o["remote_config_error"]
-                            .as_str()
+                        if o.remote_config_status.is_empty() {
+                            "none"
+                        } else {
+                            &o.remote_config_status
+                        },
+                        Some(&o.remote_config_error)
                             .filter(|e| !e.is_empty())
                             .map(|e| format!(": {e}"))
                             .unwrap_or_default()
                     );
                 }
-                let last = rep["last_report_unix_ms"].as_i64().map(|ms| {
-                    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+                let last = rep.last_report_unix_ms.map(|ms| {
+                    time::OffsetDateTime::from_unix_timestamp(i64::try_from(ms / 1000).unwrap_or(0))
                         .ok()
                         .and_then(|t| {
                             t.format(&time::format_description::well_known::Rfc3339)
@@ -609,24 +634,28 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
                 println!(
                     "last report:  {}{}",
                     last.unwrap_or_else(|| "none yet".into()),
-                    rep["last_error"]
-                        .as_str()
+                    rep.last_error
+                        .as_deref()
                         .map(|e| format!(" (last attempt failed: {e})"))
                         .unwrap_or_default()
                 );
-                if let Some(v) = rep["skew_verdict"].as_str() {
+                if let Some(v) = rep.skew_verdict {
                     println!(
-                        "version skew: {v} (server {})",
-                        rep["server_version"].as_str().unwrap_or("?")
+                        "version skew: {} (server {})",
+                        v.as_str(),
+                        rep.server_version.as_deref().unwrap_or("?")
                     );
                 }
-                if let Some(o) = rep["clock_offset_ms"].as_i64() {
+                if let Some(o) = rep.clock_offset_ms {
                     println!("clock offset: {o} ms");
                 }
             }
             Some(_) => println!(
                 "runtime:      agent not running (last state in {})",
-                settings.state_dir.join(crate::app::STATUS_FILE).display()
+                settings
+                    .state_dir
+                    .join(crate::published::STATUS_FILE)
+                    .display()
             ),
             None => println!("runtime:      agent not running"),
         }
@@ -640,26 +669,6 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
         );
     }
     Ok(())
-}
-
-/// The state `run` last published, with `agent_running` telling whether
-/// that agent is still alive.
-fn read_runtime_status(state_dir: &std::path::Path) -> Option<serde_json::Value> {
-    let bytes = std::fs::read(state_dir.join(crate::app::STATUS_FILE)).ok()?;
-    let mut v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let pid = v["agent_pid"]
-        .as_u64()
-        .and_then(|p| i32::try_from(p).ok())?;
-    let running = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-        && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
-            std::fs::read_link("/proc/self/exe").is_ok_and(|me| me == exe)
-                || exe
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("linkmesh-agent"))
-        });
-    v.as_object_mut()?
-        .insert("agent_running".into(), running.into());
-    Some(v)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

@@ -64,7 +64,7 @@ pub struct Settings {
 }
 
 /// Which collector runtime the agent manages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeKind {
     /// Detect: opampsupervisor + otelcol-contrib, else Alloy, else none.
@@ -78,7 +78,7 @@ pub enum RuntimeKind {
 }
 
 /// How the supervisor is run (`runtime.mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeMode {
     /// A systemd unit of its own when systemd is the service manager, else

@@ -59,11 +59,11 @@ fn systemctl(args: &[&str]) -> Result<(), ControlError> {
     }
 }
 
-/// The running agent's pid, by the status file's one rule.
+/// The running agent's pid, by the published state's one rule.
 fn running_agent(state_dir: &Path) -> Option<i32> {
-    let (v, running) = crate::check::read_status(state_dir)?;
-    running
-        .then(|| v["agent_pid"].as_u64().and_then(|p| i32::try_from(p).ok()))
+    let s = crate::published::read(state_dir)?;
+    s.agent_running
+        .then(|| i32::try_from(s.state.runtime.agent_pid).ok())
         .flatten()
 }
 

@@ -17,6 +17,7 @@ pub mod hex;
 pub mod host;
 pub mod identity;
 pub mod proto;
+pub mod published;
 pub mod reporter;
 pub mod runtime;
 pub mod signal;

@@ -23,14 +23,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
 use crate::{
-    app::RuntimeReport,
     config::RuntimeKind,
     host::HostFacts,
-    identity::{
-        Identity, IdentityStore,
-        rotation::{self, Renewal},
-    },
+    identity::{Identity, IdentityStore, rotation},
     proto,
+    published::RuntimeReport,
     tls::mtls_client_config,
     transport::{Dialer, Proxy},
     version::{self, SkewVerdict, Version},
@@ -42,63 +39,11 @@ pub const MAX_CLOCK_OFFSET_MS: i64 = 60_000;
 /// Bound on one report or renewal exchange.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the reporter publishes about itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ReporterStatus {
-    /// Last successful report (Unix ms).
-    pub last_report_unix_ms: Option<u64>,
-    /// Reports sent successfully since start.
-    pub reports: u64,
-    /// Failed attempts in a row.
-    pub consecutive_failures: u32,
-    /// Why the last attempt failed.
-    pub last_error: Option<String>,
-    /// The server's version, as it last said.
-    pub server_version: Option<String>,
-    /// This agent against the server (`in_window`, `behind`, `ahead`, `incompatible`).
-    pub skew_verdict: Option<SkewVerdict>,
-    /// Host clock minus server clock, ms, from the last exchange.
-    pub clock_offset_ms: Option<i64>,
-    /// The report interval in force, seconds.
-    pub report_interval_secs: u64,
-    /// Runtime pins the server sent (kind -> version).
-    pub runtime_pins: Vec<(String, String)>,
-    /// When the certificate will be renewed (RFC 3339).
-    pub renew_at: Option<String>,
-    /// Expiry of the current certificate (RFC 3339).
-    pub cert_not_after: Option<String>,
-    /// Renewals done since start.
-    pub renewals: u32,
-    /// The HTTP CONNECT proxy used, if any (`host:port via SOURCE`).
-    pub proxy: Option<String>,
-    /// This host's collector as the server sees it over OpAMP, as of the
-    /// last report.
-    pub opamp: Option<OpampView>,
-}
+pub mod schedule;
 
-/// The server's OpAMP view of this host's collector.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct OpampView {
-    /// Its supervisor is connected to the server.
-    pub connected: bool,
-    /// The collector's OpAMP instance uid.
-    pub instance_uid: String,
-    /// The distribution (`service.name`).
-    pub collector_name: String,
-    /// The version running (`service.version`).
-    pub collector_version: String,
-    /// Healthy, as the supervisor last said.
-    pub healthy: bool,
-    /// Why not.
-    pub last_error: String,
-    /// The configuration the server wants it to run.
-    pub remote_config_hash: String,
-    /// none, applying, applied or failed.
-    pub remote_config_status: String,
-    /// Why it failed.
-    pub remote_config_error: String,
-}
+pub use crate::published::{OpampView, ReporterStatus};
+
+use self::schedule::{Exchange, Next, Schedule};
 
 impl From<&proto::OpampView> for OpampView {
     fn from(v: &proto::OpampView) -> Self {
@@ -319,11 +264,11 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
     };
     let mut client = proto::Client::new(channel);
     let renew_jitter = crate::clock::jitter();
+    let mut schedule = Schedule::new(renew_jitter);
     let mut interval = ctx.interval;
     let mut sequence = 0u64;
     let mut sent_digest: Option<u64> = None;
     let mut want_full = true;
-    let mut force_renew = false;
     let mut verdict: Option<SkewVerdict> = None;
     let mut clock_warned = false;
     status.send_modify(|s| {
@@ -341,12 +286,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
 
     loop {
         // Renewal first: a report with an expired certificate is refused.
-        let due = rotation::renewal(
-            &ctx.identity.validity,
-            time::OffsetDateTime::now_utc(),
-            renew_jitter,
-        );
-        if force_renew || matches!(due, Renewal::Due | Renewal::Expired) {
+        if schedule.next(time::OffsetDateTime::now_utc(), &ctx.identity.validity) == Next::Renew {
             match renew(&mut client, &ctx, &dialer).await {
                 Ok(new) => {
                     tracing::info!(not_after = %rfc3339(new.validity.not_after), "Renewed the host certificate");
@@ -359,7 +299,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         client = proto::Client::new(ch);
                     }
                     ctx.identity = new;
-                    force_renew = false;
+                    schedule.renewed();
                     status.send_modify(|s| {
                         s.renewals += 1;
                         s.cert_not_after = Some(rfc3339(ctx.identity.validity.not_after));
@@ -370,11 +310,12 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     });
                 }
                 Err(e) => {
-                    let failures = status.borrow().consecutive_failures + 1;
-                    let wait = retry_delay(failures, crate::clock::jitter());
+                    schedule.record(Exchange::RenewalFailed, crate::clock::jitter());
+                    let wait =
+                        schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
                     tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "Certificate renewal failed; retrying");
                     status.send_modify(|s| {
-                        s.consecutive_failures = failures;
+                        s.consecutive_failures = schedule.failures;
                         s.last_error = Some(format!("renewal: {e}"));
                     });
                     if wait_or_change(wait, &mut ctx.runtime).await {
@@ -406,7 +347,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         request.clock_offset_ms = status.borrow().clock_offset_ms.unwrap_or(0);
         let result = tokio::time::timeout(EXCHANGE_TIMEOUT, client.report(request)).await;
         let after = SystemTime::now();
-        let wait = match result {
+        let exchange = match result {
             Ok(Ok(resp)) => {
                 let resp = resp.into_inner();
                 let midpoint = (crate::clock::unix_ms(before) + crate::clock::unix_ms(after)) / 2;
@@ -470,7 +411,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         .collect();
                     s.opamp = resp.opamp.as_ref().map(OpampView::from);
                 });
-                interval.mul_f64(1.0 + 0.1 * crate::clock::jitter())
+                Some(Exchange::Reported { interval })
             }
             Ok(Err(s)) => {
                 let failure = classify(&s);
@@ -479,15 +420,10 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     .filter(|_| s.code() == tonic::Code::Unavailable)
                     .unwrap_or_else(|| s.message().to_owned());
                 want_full = true;
-                let failures = status.borrow().consecutive_failures + 1;
-                let wait = match failure {
-                    Failure::Renew => {
-                        force_renew = true;
-                        Duration::ZERO
-                    }
-                    Failure::Rejected => Duration::from_secs(120),
-                    Failure::Retry => retry_delay(failures, crate::clock::jitter()),
-                };
+                let exchange = Exchange::Failed(failure);
+                schedule.record(exchange, crate::clock::jitter());
+                let failures = schedule.failures;
+                let wait = schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
                 if failures == 1 || failure != Failure::Retry {
                     tracing::warn!(error = %message, code = ?s.code(), retry_ms = wait.as_millis() as u64, "Report failed");
                 } else {
@@ -497,36 +433,27 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     st.consecutive_failures = failures;
                     st.last_error = Some(message.clone());
                 });
-                wait
+                None
             }
             Err(_) => {
                 want_full = true;
-                let failures = status.borrow().consecutive_failures + 1;
-                let wait = retry_delay(failures, crate::clock::jitter());
+                Some(Exchange::NoAnswer)
+            }
+        };
+        match exchange {
+            Some(Exchange::NoAnswer) => {
+                schedule.record(Exchange::NoAnswer, crate::clock::jitter());
                 status.send_modify(|st| {
-                    st.consecutive_failures = failures;
+                    st.consecutive_failures = schedule.failures;
                     st.last_error = Some(format!("no answer within {EXCHANGE_TIMEOUT:?}"));
                 });
-                wait
             }
-        };
+            Some(e) => schedule.record(e, crate::clock::jitter()),
+            None => {}
+        }
         // The next report, a runtime change (reported promptly), or renewal time.
-        let until_renewal = match rotation::renewal(
-            &ctx.identity.validity,
-            time::OffsetDateTime::now_utc(),
-            renew_jitter,
-        ) {
-            Renewal::Wait(at) => {
-                Duration::try_from(at - time::OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO)
-            }
-            Renewal::Due | Renewal::Expired => Duration::ZERO,
-        };
-        if wait_or_change(
-            wait.min(until_renewal.max(Duration::from_secs(1))),
-            &mut ctx.runtime,
-        )
-        .await
-        {
+        let wait = schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
+        if wait_or_change(wait, &mut ctx.runtime).await {
             // Let a burst of state changes settle into one report.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

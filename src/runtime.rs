@@ -41,7 +41,7 @@ pub fn parse_otelcol_version(output: &str) -> Option<(String, String)> {
 }
 
 /// Alloy's build information from its `--version` output.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AlloyBuild {
     /// e.g. `v1.18.1`.
     pub version: String,
@@ -86,7 +86,7 @@ pub fn parse_package_version(output: &str) -> Option<String> {
 }
 
 /// A systemd unit's state, as `systemctl is-enabled` / `is-active` print it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnitState {
     /// `enabled`, `disabled`, `masked`, `not-found`…
     pub enabled: String,
@@ -122,7 +122,7 @@ pub trait Probes {
 }
 
 /// Where an executable was found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// The configured `[runtime]` path.
@@ -134,7 +134,7 @@ pub enum Origin {
 }
 
 /// One executable found on the host.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Executable {
     /// Its path.
     pub path: PathBuf,
@@ -151,7 +151,7 @@ pub struct Executable {
 }
 
 /// Grafana Alloy as found on the host.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AlloyInfo {
     /// The executable.
     pub executable: Executable,
@@ -170,16 +170,16 @@ pub struct AlloyInfo {
 }
 
 /// Something on the host that will cause trouble.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Conflict {
     /// Stable identifier.
-    pub code: &'static str,
+    pub code: std::borrow::Cow<'static, str>,
     /// What and how to fix it.
     pub message: String,
 }
 
 /// Everything detection found.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Detection {
     /// The runtime the agent will manage (`none` when nothing usable).
     pub kind: RuntimeKind,
@@ -270,7 +270,7 @@ pub fn detect(settings: &RuntimeSettings, probes: &dyn Probes) -> Detection {
             .filter(|u| u.in_use())
         {
             conflicts.push(Conflict {
-                code: "standalone_collector_service",
+                code: "standalone_collector_service".into(),
                 message: format!(
                     "{UNIT_COLLECTOR} is {}/{} beside the supervised collector: two collectors fight over ports; run `systemctl disable --now {UNIT_COLLECTOR}`",
                     u.enabled, u.active
@@ -283,7 +283,7 @@ pub fn detect(settings: &RuntimeSettings, probes: &dyn Probes) -> Detection {
             .filter(|u| u.in_use())
         {
             conflicts.push(Conflict {
-                code: "standalone_supervisor_service",
+                code: "standalone_supervisor_service".into(),
                 message: format!(
                     "{UNIT_SUPERVISOR} is {}/{} while linkmesh-agent runs the supervisor: run `systemctl disable --now {UNIT_SUPERVISOR}`",
                     u.enabled, u.active
@@ -529,7 +529,7 @@ mod tests {
         f.units
             .insert(UNIT_SUPERVISOR, unit("disabled", "inactive"));
         let d = detect(&settings(RuntimeKind::Auto), &f);
-        let codes: Vec<_> = d.conflicts.iter().map(|c| c.code).collect();
+        let codes: Vec<_> = d.conflicts.iter().map(|c| c.code.as_ref()).collect();
         assert_eq!(codes, ["standalone_collector_service"]);
         assert!(
             d.conflicts[0]
@@ -538,11 +538,8 @@ mod tests {
         );
         f.units.insert(UNIT_COLLECTOR, unit("disabled", "inactive"));
         f.units.insert(UNIT_SUPERVISOR, unit("enabled", "inactive"));
-        let codes: Vec<_> = detect(&settings(RuntimeKind::Auto), &f)
-            .conflicts
-            .iter()
-            .map(|c| c.code)
-            .collect();
+        let d = detect(&settings(RuntimeKind::Auto), &f);
+        let codes: Vec<_> = d.conflicts.iter().map(|c| c.code.as_ref()).collect();
         assert_eq!(codes, ["standalone_supervisor_service"]);
     }
 

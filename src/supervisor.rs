@@ -29,7 +29,7 @@ use self::{
 };
 
 /// The supervised child's state, as published.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum State {
     /// Being started.
@@ -71,7 +71,7 @@ pub enum State {
 }
 
 /// Everything published about supervision.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// The child's name.
     pub name: String,
@@ -97,7 +97,7 @@ pub struct Status {
 
 /// A collector crash or a configuration it rejected, with the last lines of
 /// its output, for the server (so nobody has to log in to read them).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CollectorProblem {
     /// What happened, in the supervisor's words.
     pub reason: String,

@@ -15,7 +15,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/alloy/config.alloy";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:12345";
 
 /// The parts of a `remotecfg` block the agent reports.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RemoteCfg {
     /// `url`: a string literal's value, or the expression as written.
     pub url: Option<String>,
