@@ -309,6 +309,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
 /// next handshake (`reload_interval` in its TLS settings). Proved with the
 /// real one: after the agent renews, the server restarts, and the same
 /// supervisor process reconnects presenting the new certificate's serial.
+/// A new remote configuration does not restart it either.
 #[test]
 fn the_supervisor_presents_the_renewed_certificate_without_a_restart() -> R {
     let host = agent_host("lm-renew", "--cert-lifetime 40s")?;
@@ -346,5 +347,33 @@ fn the_supervisor_presents_the_renewed_certificate_without_a_restart() -> R {
         |t| t.contains("OpAMP connection opened") && t.contains(&renewed),
     )?;
     assert_eq!(collector(&host)?.0, sup, "the supervisor was restarted");
+
+    // A new remote configuration travels over OpAMP: applied, and the same
+    // supervisor still runs.
+    std::fs::write(
+        host.path("/root/remote.yaml"),
+        "exporters:\n  debug:\n    verbosity: basic\nservice:\n  pipelines:\n    logs: {receivers: [otlp], exporters: [nop, debug]}\n",
+    )?;
+    sh(
+        &host,
+        "linkmesh-fleet collector-config set --state /var/lib/fleet --file /root/remote.yaml",
+    )?;
+    wait_for(
+        &host,
+        Duration::from_secs(60),
+        "linkmesh-fleet hosts --state /var/lib/fleet --json",
+        |t| {
+            serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| {
+                v.as_array()
+                    .and_then(|h| h.first())
+                    .is_some_and(|h| h["opamp"]["remote_config_status"] == "applied")
+            })
+        },
+    )?;
+    assert_eq!(
+        collector(&host)?.0,
+        sup,
+        "a remote configuration restarted the supervisor"
+    );
     Ok(())
 }
