@@ -569,10 +569,14 @@ fn supervision_check(settings: &Settings, d: &Detection) -> Check {
                         _ => sup.last_exit.clone().unwrap_or_default(),
                     }
                 ),
-                if sup.unit.is_some() {
-                    "journalctl -u linkmesh-collector; `linkmesh-agent runtime start` once fixed"
-                } else {
-                    "journalctl -u linkmesh-agent"
+                match (other, sup.unit.is_some()) {
+                    (crate::supervisor::State::Stopped, _) => {
+                        "stopped with `linkmesh-agent runtime stop`: `linkmesh-agent runtime start`"
+                    }
+                    (_, true) => {
+                        "journalctl -u linkmesh-collector; `linkmesh-agent runtime start` once fixed"
+                    }
+                    (_, false) => "journalctl -u linkmesh-agent",
                 },
             ),
         },
