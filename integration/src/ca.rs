@@ -169,15 +169,7 @@ impl Ca {
         host: &HostId,
         lifetime: Duration,
     ) -> Result<HostCert, CaError> {
-        let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
-            .map_err(|e| CaError::BadCsr(format!("invalid certificate request: {e}")))?;
-        let alg = csr.public_key.algorithm();
-        if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
-            return Err(CaError::BadCsr(
-                "unsupported key type: use ECDSA P-256 or Ed25519".into(),
-            ));
-        }
-        let spki = rcgen::PublicKeyData::subject_public_key_info(&csr.public_key);
+        let (csr, spki) = check_csr(csr_der)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -195,6 +187,18 @@ impl Ca {
         let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        // The certificate must carry exactly the key the CSR proved.
+        let issued = x509_parser::parse_x509_certificate(cert.der())
+            .map_err(|e| CaError::BadCsr(format!("issued certificate does not parse: {e}")))?
+            .1
+            .public_key()
+            .raw
+            .to_vec();
+        if issued != spki {
+            return Err(CaError::BadCsr(
+                "the certificate would not carry the request's key; refused".into(),
+            ));
+        }
         Ok(HostCert {
             der: cert.der().clone(),
             spki_sha256: spki_sha256(&spki),
@@ -204,21 +208,63 @@ impl Ca {
     }
 }
 
+/// Everything the CA requires of a CSR, checked before anything is spent:
+/// it parses, its signature verifies (possession of the key), and its
+/// SubjectPublicKeyInfo itself, not the signature algorithm, is an ECDSA
+/// P-256 point or an Ed25519 key. Returns the parsed request and the DER
+/// SubjectPublicKeyInfo.
+///
+/// # Errors
+/// [`CaError::BadCsr`] naming what is wrong.
+pub fn check_csr(
+    csr_der: &[u8],
+) -> Result<(rcgen::CertificateSigningRequestParams, Vec<u8>), CaError> {
+    use x509_parser::{
+        oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519},
+        prelude::FromDer as _,
+    };
+    let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+        .map_err(|e| CaError::BadCsr(format!("invalid certificate request: {e}")))?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&csr.public_key);
+    // rcgen names the key after the CSR's signature algorithm; the key is
+    // what the certificate will carry, so it is read on its own.
+    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki)
+        .map_err(|e| CaError::BadCsr(format!("invalid public key in the request: {e}")))?;
+    let key = &info.subject_public_key.data;
+    let alg = &info.algorithm;
+    let curve = alg.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    let ok = (alg.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+        && curve.as_ref() == Some(&OID_EC_P256)
+        && key.len() == 65
+        && key.first() == Some(&4))
+        || (alg.algorithm == OID_SIG_ED25519 && alg.parameters.is_none() && key.len() == 32);
+    if !ok {
+        let what = match &curve {
+            Some(c) if alg.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY => {
+                format!("an EC key on curve {c}")
+            }
+            _ => format!("a key of algorithm {}", alg.algorithm),
+        };
+        return Err(CaError::BadCsr(format!(
+            "unsupported key type ({what}): use ECDSA P-256 or Ed25519"
+        )));
+    }
+    Ok((csr, spki))
+}
+
 /// SHA-256 of a DER SubjectPublicKeyInfo, hex.
 pub fn spki_sha256(spki: &[u8]) -> String {
     linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, spki).as_ref())
 }
 
-/// SHA-256 of a CSR's public key, hex, without signing anything.
+/// SHA-256 of a CSR's public key, hex, once [`check_csr`] accepts the
+/// request: a request the CA would refuse is refused here, before an
+/// enrolment spends a token use on it.
 ///
 /// # Errors
-/// [`CaError::BadCsr`] when the CSR does not parse or verify.
+/// [`CaError::BadCsr`] naming what is wrong.
 pub fn csr_spki_sha256(csr_der: &[u8]) -> Result<String, CaError> {
-    let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
-        .map_err(|e| CaError::BadCsr(format!("invalid certificate request: {e}")))?;
-    Ok(spki_sha256(&rcgen::PublicKeyData::subject_public_key_info(
-        &csr.public_key,
-    )))
+    Ok(spki_sha256(&check_csr(csr_der)?.1))
 }
 
 fn random_serial() -> Result<SerialNumber, CaError> {

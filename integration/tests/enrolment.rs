@@ -502,3 +502,122 @@ fn the_server_restarts_with_everything_it_knew() -> R {
     assert!(stderr(&out).contains("already used"), "{}", text(&out));
     Ok(())
 }
+
+/// Sends an enrolment request with `csr_der` straight to the server (as a
+/// client we did not write would), trusting its CA by `pin`.
+fn raw_enroll(
+    server: &str,
+    pin: &str,
+    token: &str,
+    csr_der: Vec<u8>,
+) -> anyhow::Result<Result<(), tonic::Status>> {
+    use linkmesh_agent::{proto, tls, transport};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let trust = tls::Trust::Pins(vec![pin.parse()?]);
+        let config = std::sync::Arc::new(tls::enrol_client_config(&trust)?);
+        let channel =
+            transport::connect_once(&server.parse()?, config, std::time::Duration::from_secs(10))
+                .await?;
+        let mut client = proto::Client::new(channel);
+        Ok(client
+            .enroll(proto::EnrollRequest {
+                token: token.to_owned(),
+                csr_der,
+                agent_version: linkmesh_agent::version::AGENT_VERSION.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(drop))
+    })
+}
+
+/// A CSR made by openssl with `args` (key options and digest), DER.
+fn openssl_csr(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out_path = dir.join(format!("{name}.der"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-nodes",
+            "-subj",
+            "/CN=probe",
+            "-outform",
+            "DER",
+        ])
+        .args(args)
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(&out_path)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "openssl: {}", stderr(&out));
+    Ok(std::fs::read(out_path)?)
+}
+
+/// The CA checks the key itself, not the CSR's signature algorithm (a P-384
+/// key signed with SHA-256 once got a certificate claiming P-256), and a
+/// refused CSR spends no token use: a one-use token still enrols afterwards.
+#[test]
+fn a_refused_csr_spends_no_token_use_and_only_p256_or_ed25519_keys_are_signed() -> R {
+    let dir = scratch("csr-keys")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let t = fleet.token(1, "1h")?;
+    for (name, args) in [
+        (
+            "p384-sha256",
+            vec![
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-sha256",
+            ],
+        ),
+        (
+            "p384-sha384",
+            vec![
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-sha384",
+            ],
+        ),
+        ("rsa", vec!["-newkey", "rsa:2048", "-sha256"]),
+    ] {
+        let csr = openssl_csr(dir.path(), name, &args)?;
+        let err = raw_enroll(&fleet.url, &t.ca_pin, &t.token, csr)?
+            .expect_err(&format!("{name}: signed"));
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err:?}");
+        assert!(
+            err.message().contains("unsupported key") || err.message().contains("invalid"),
+            "{name}: {}",
+            err.message()
+        );
+        let record = fleet.token_record(&t.token_id)?;
+        assert!(record.uses.is_empty(), "{name} spent a use: {record:?}");
+    }
+    // The one use is still there for a real enrolment.
+    let agent = AgentEnv::new(&dir.path().join("agent"))?;
+    let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+    assert!(out.status.success(), "{}", text(&out));
+    // And a P-256 key made by openssl is signed, with the very key it sent.
+    let t2 = fleet.token(1, "1h")?;
+    let csr = openssl_csr(
+        dir.path(),
+        "p256",
+        &[
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-sha256",
+        ],
+    )?;
+    raw_enroll(&fleet.url, &t2.ca_pin, &t2.token, csr)?
+        .map_err(|e| anyhow::anyhow!("P-256 refused: {e:?}"))?;
+    Ok(())
+}
