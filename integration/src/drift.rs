@@ -4,6 +4,7 @@
 //! upgrades it for the way it was installed. Built from what agents report;
 //! one row per host id, so a reinstalled host (same identity) stays one row.
 
+use crate::text::safe;
 use std::collections::BTreeMap;
 
 use linkmesh_agent::version::{self, SkewVerdict, Version};
@@ -167,19 +168,20 @@ pub fn print(state: &State, json: bool) -> anyhow::Result<()> {
             ),
             None => r.runtime_kind.clone(),
         };
+        // Everything an agent sent is escaped: no ESC or CR/LF reaches the terminal.
         println!(
             "{:<36}  {:<16}  {:<8}  {:<12}  {:<8}  {:<22}  {}{}",
             r.host_id,
-            r.hostname,
-            r.agent_version,
+            safe(&r.hostname),
+            safe(&r.agent_version),
             r.verdict,
-            r.install_method,
-            runtime,
+            safe(&r.install_method),
+            safe(&runtime),
             r.last_seen,
             if r.stale { " STALE" } else { "" }
         );
         if let Some(a) = &r.action {
-            println!("    -> {a}");
+            println!("    -> {}", safe(a));
         }
     }
     Ok(())

@@ -230,8 +230,8 @@ async fn run(
                             tracing::info!(
                                 host_id = %host,
                                 hash = %rec.reported_config_hash,
-                                status = %rec.reported_config_status,
-                                error = %rec.reported_config_error,
+                                status = %crate::text::safe(&rec.reported_config_status),
+                                error = %crate::text::safe(&rec.reported_config_error),
                                 "Remote configuration status"
                             );
                         }
@@ -244,7 +244,7 @@ async fn run(
                         break "host gone";
                     }
                     Some(Err(refusal)) => {
-                        tracing::warn!(host_id = %host, reason = %refusal, "OpAMP message refused");
+                        tracing::warn!(host_id = %host, reason = %crate::text::safe(&refusal.to_string()), "OpAMP message refused");
                         let reply = refusal.response(&msg.instance_uid);
                         let _ = socket.send(Message::Binary(wire::encode_frame(&reply).into())).await;
                         close(&mut socket, 1008, &refusal.0).await;

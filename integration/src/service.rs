@@ -235,6 +235,8 @@ impl proto::Fleet for FleetService {
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
         let req = request.into_inner();
+        crate::text::check_enroll(&req)
+            .map_err(|e| Status::invalid_argument(format!("enrolment request refused: {e}")))?;
         let token = Token::parse(&req.token, "the request")
             .map_err(|_| Status::unauthenticated("malformed enrolment token"))?;
         let agent: Version = req
@@ -270,8 +272,10 @@ impl proto::Fleet for FleetService {
             )));
         }
         let req = request.into_inner();
+        crate::text::check_report(&req)
+            .map_err(|e| Status::invalid_argument(format!("report refused: {e}")))?;
         if !req.host_id.is_empty() && req.host_id != host.as_str() {
-            tracing::warn!(cert_host = %host, claimed = %req.host_id, "Report claiming another host refused");
+            tracing::warn!(cert_host = %host, claimed = %crate::text::safe(&req.host_id), "Report claiming another host refused");
             return Err(Status::permission_denied(format!(
                 "the report claims host {} but the client certificate is for host {host}",
                 req.host_id
@@ -561,7 +565,7 @@ impl Inner {
         }
         tracing::info!(
             host_id = %host_id,
-            hostname = %record.hostname,
+            hostname = %crate::text::safe(&record.hostname),
             token_id = token.id(),
             retry = previous.is_some(),
             "Enrolled host"

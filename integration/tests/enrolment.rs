@@ -511,6 +511,17 @@ fn raw_enroll(
     token: &str,
     csr_der: Vec<u8>,
 ) -> anyhow::Result<Result<(), tonic::Status>> {
+    raw_enroll_as(server, pin, token, csr_der, None)
+}
+
+/// [`raw_enroll`] with host facts.
+fn raw_enroll_as(
+    server: &str,
+    pin: &str,
+    token: &str,
+    csr_der: Vec<u8>,
+    host: Option<linkmesh_agent::proto::HostFacts>,
+) -> anyhow::Result<Result<(), tonic::Status>> {
     use linkmesh_agent::{proto, tls, transport};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -527,7 +538,7 @@ fn raw_enroll(
                 token: token.to_owned(),
                 csr_der,
                 agent_version: linkmesh_agent::version::AGENT_VERSION.to_owned(),
-                ..Default::default()
+                host,
             })
             .await
             .map(drop))
@@ -619,5 +630,70 @@ fn a_refused_csr_spends_no_token_use_and_only_p256_or_ed25519_keys_are_signed() 
     )?;
     raw_enroll(&fleet.url, &t2.ca_pin, &t2.token, csr)?
         .map_err(|e| anyhow::anyhow!("P-256 refused: {e:?}"))?;
+    Ok(())
+}
+
+/// Strings from agents are bounded and never reach a terminal or a log raw:
+/// an over-long hostname is refused naming the field (and spends no token
+/// use); ESC and CR/LF in an accepted one are escaped by `hosts`, `drift`
+/// and the server's log.
+#[test]
+fn agent_strings_are_bounded_and_escaped_in_tables_and_logs() -> R {
+    let dir = scratch("strings")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let t = fleet.token(1, "1h")?;
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-sha256",
+    ];
+    let facts = |hostname: String| linkmesh_agent::proto::HostFacts {
+        hostname,
+        ..Default::default()
+    };
+    let csr = openssl_csr(dir.path(), "long", &p256)?;
+    let err = raw_enroll_as(
+        &fleet.url,
+        &t.ca_pin,
+        &t.token,
+        csr,
+        Some(facts("h".repeat(1 << 20))),
+    )?
+    .expect_err("a 1 MiB hostname was accepted");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("host.hostname is 1048576 bytes; at most 253"),
+        "{}",
+        err.message()
+    );
+    assert!(fleet.token_record(&t.token_id)?.uses.is_empty());
+
+    let evil = "web\u{1b}[2J\r\n00000000-0000-4000-8000-000000000000  forged".to_owned();
+    let csr = openssl_csr(dir.path(), "evil", &p256)?;
+    raw_enroll_as(&fleet.url, &t.ca_pin, &t.token, csr, Some(facts(evil)))?
+        .map_err(|e| anyhow::anyhow!("refused: {e:?}"))?;
+    for args in [&["hosts"][..], &["drift"][..]] {
+        let out = fleet.admin(args)?;
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{shown}");
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\r'),
+            "{args:?} printed control characters: {shown:?}"
+        );
+        assert!(shown.contains("web\\u{1b}[2J\\r\\n"), "{args:?}: {shown}");
+        assert_eq!(
+            shown.lines().filter(|l| l.contains("forged")).count(),
+            1,
+            "{shown}"
+        );
+    }
+    let log = fleet.log();
+    assert!(
+        !log.contains('\u{1b}') && log.contains("web\\u{1b}[2J\\r\\n"),
+        "the server logged the hostname raw: {log:?}"
+    );
     Ok(())
 }

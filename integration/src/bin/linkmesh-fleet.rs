@@ -15,6 +15,7 @@ use linkmesh_integration::{
     server,
     service::{FleetService, ServiceConfig, rfc3339},
     state::{ServeRecord, State, TokenRecord},
+    text::safe,
 };
 use time::OffsetDateTime;
 
@@ -504,8 +505,8 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}",
             h.host_id,
-            h.hostname,
-            h.agent_version,
+            safe(&h.hostname),
+            safe(&h.agent_version),
             rfc3339(h.enrolled_at),
             rfc3339(h.cert_not_after)
         );
