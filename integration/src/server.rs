@@ -226,7 +226,7 @@ pub const COLLECTOR_YAML: &str = include_str!("../../packaging/collector.yaml");
 pub const INSTALL_OPAMP_SH: &str = include_str!("../../install/install-opamp.sh");
 
 fn download_routes(d: Downloads) -> axum::Router {
-    use axum::{extract::Path as UrlPath, http::StatusCode, routing::get};
+    use axum::{extract::Path as UrlPath, routing::get};
     let text = |body: String| {
         (
             [(
@@ -265,24 +265,125 @@ fn download_routes(d: Downloads) -> axum::Router {
         )
         .route(
             "/artifacts/{name}",
-            get(move |UrlPath(name): UrlPath<String>| async move {
-                let ok = !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                    && !name.starts_with('.');
-                let Some(dir) = dir.filter(|_| ok) else {
-                    return Err((StatusCode::NOT_FOUND, "no such artifact\n"));
-                };
-                match tokio::fs::read(dir.join(&name)).await {
-                    Ok(bytes) => Ok((
-                        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-                        bytes,
-                    )),
-                    Err(_) => Err((StatusCode::NOT_FOUND, "no such artifact\n")),
-                }
-            }),
+            get(
+                move |UrlPath(name): UrlPath<String>, headers: axum::http::HeaderMap| async move {
+                    let ok = !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                        && !name.starts_with('.');
+                    match dir.filter(|_| ok) {
+                        Some(dir) => artifact(&dir.join(&name), &headers).await,
+                        None => not_found(),
+                    }
+                },
+            ),
         )
+}
+
+fn not_found() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (axum::http::StatusCode::NOT_FOUND, "no such artifact\n").into_response()
+}
+
+/// Bytes read from an artifact per chunk: the memory one download holds,
+/// whatever the file's size.
+const ARTIFACT_CHUNK: usize = 64 * 1024;
+
+/// Streams one artifact: a regular file opened without following a
+/// symlink (nothing outside the directory is served), with
+/// `Content-Length`, an `ETag` from its size and modification time, and
+/// `304 Not Modified` for a matching `If-None-Match`.
+async fn artifact(
+    path: &std::path::Path,
+    headers: &axum::http::HeaderMap,
+) -> axum::response::Response {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+
+    use axum::{
+        http::{StatusCode, header},
+        response::IntoResponse as _,
+    };
+    use tokio::io::AsyncReadExt as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits());
+    let path = path.to_owned();
+    let Ok(Ok((file, meta))) = tokio::task::spawn_blocking(move || {
+        let f = opts.open(&path)?;
+        let m = f.metadata()?;
+        Ok::<_, io::Error>((f, m))
+    })
+    .await
+    else {
+        return not_found();
+    };
+    if !meta.is_file() {
+        return not_found();
+    }
+    let etag = format!(
+        "\"{:x}-{:x}.{:x}-{:x}\"",
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.len()
+    );
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    let len = meta.len();
+    let file = tokio::fs::File::from_std(file);
+    let stream = futures_util::stream::unfold((file, len), |(mut file, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let want = usize::try_from(left)
+            .unwrap_or(ARTIFACT_CHUNK)
+            .min(ARTIFACT_CHUNK);
+        let mut buf = vec![0u8; want];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((
+                    Ok::<_, io::Error>(axum::body::Bytes::from(buf)),
+                    (file, left - n as u64),
+                ))
+            }
+            Err(e) => Some((Err(e), (file, 0))),
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::ETAG, etag),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Paths nobody serves: a real 404 for HTTP clients, gRPC's own
+/// `UNIMPLEMENTED` for gRPC calls to a method that does not exist.
+async fn fallback(req: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        tonic::Status::unimplemented(format!("no method {}", req.uri().path()))
+            .into_http::<axum::body::Body>()
+            .into_response()
+    } else {
+        (axum::http::StatusCode::NOT_FOUND, "not found\n").into_response()
+    }
 }
 
 /// How long open connections get to finish after shutdown begins.
@@ -314,7 +415,8 @@ pub async fn serve(
         .prepare()
         .into_axum_router()
         .merge(download_routes(downloads))
-        .merge(opamp.routes());
+        .merge(opamp.routes())
+        .fallback(fallback);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
