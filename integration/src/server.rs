@@ -44,6 +44,8 @@ pub struct PeerInfo {
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     remote: SocketAddr,
+    /// Set once the client has sent application data after the handshake.
+    spoke: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Connected for TlsConn {
@@ -69,7 +71,12 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.spoke.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -386,6 +393,107 @@ async fn fallback(req: axum::extract::Request) -> axum::response::Response {
     }
 }
 
+/// Bounds that keep one client from starving the others.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Open connections in all (kept below the file-descriptor limit).
+    pub max_connections: usize,
+    /// Open connections from one source address.
+    pub max_per_address: usize,
+    /// How long a client has after its TLS handshake to send its first
+    /// request bytes (and an HTTP/1 client to send a request's headers).
+    pub first_request: Duration,
+    /// HTTP/2 keepalive: a ping after this much quiet…
+    pub keepalive_interval: Duration,
+    /// …unanswered for this long closes the connection.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_per_address: 64,
+            first_request: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Raises this process's open-file soft limit to its hard limit; returns
+/// the soft limit in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "Cannot raise the open-file limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
+/// Log lines about refused connections and failed accepts, at most one per
+/// [`LOG_EVERY`] per kind, with how many happened meanwhile.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct RateLog {
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLog {
+    /// Whether to log now, and how many were suppressed since the last line.
+    fn allow(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            self.last = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Open connections per source address; a slot is given back when its
+/// guard drops.
+#[derive(Clone, Default)]
+struct PerAddress(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+struct Slot(PerAddress, std::net::IpAddr);
+
+impl PerAddress {
+    fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<Slot> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = (self.0).0.lock()
+            && let Some(n) = m.get_mut(&self.1)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// How long open connections get to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -404,10 +512,11 @@ pub async fn serve(
     service: FleetService,
     downloads: Downloads,
     opamp: crate::opamp::Hub,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     use hyper_util::{
-        rt::{TokioExecutor, TokioIo},
+        rt::{TokioExecutor, TokioIo, TokioTimer},
         server::conn::auto,
         service::TowerToHyperService,
     };
@@ -421,24 +530,53 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let per_address = PerAddress::default();
+    let (mut accept_log, mut full_log, mut address_log) =
+        (RateLog::default(), RateLog::default(), RateLog::default());
+    let mut accept_backoff = Duration::from_millis(10);
     loop {
         let (tcp, remote) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok(c) => c,
+                Ok(c) => {
+                    accept_backoff = Duration::from_millis(10);
+                    c
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or memory: wait (longer each time)
+                    // for connections to end; log it once in a while.
+                    if let Some(suppressed) = accept_log.allow() {
+                        tracing::warn!(error = %e, suppressed, retry_ms = accept_backoff.as_millis() as u64, "Accept failed");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(accept_backoff) => {}
+                        Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                    }
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
+        if conns.len() >= limits.max_connections {
+            if let Some(suppressed) = full_log.allow() {
+                tracing::warn!(%remote, open = conns.len(), suppressed, "Connection refused: the server is at its connection limit");
+            }
+            continue;
+        }
+        let Some(slot) = per_address.take(remote.ip(), limits.max_per_address) else {
+            if let Some(suppressed) = address_log.allow() {
+                tracing::warn!(address = %remote.ip(), limit = limits.max_per_address, suppressed, "Connection refused: too many from one address");
+            }
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, router, mut stop) = (acceptor.clone(), router.clone(), stop_rx.clone());
         conns.spawn(async move {
+            let _slot = slot;
+            let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(inner)) => TlsConn { inner, remote },
+                Ok(Ok(inner)) => TlsConn { inner, remote, spoke: spoke.clone() },
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
             };
@@ -450,16 +588,37 @@ pub async fn serve(
                     req
                 },
             );
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.first_request);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(limits.keepalive_interval))
+                .keep_alive_timeout(limits.keepalive_timeout);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
             let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r { tracing::debug!(%remote, error = %e, "Connection ended with an error"); }
-                    return;
+            let silent = tokio::time::sleep(limits.first_request);
+            tokio::pin!(silent);
+            let mut checked = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r { tracing::debug!(%remote, error = %e, "Connection ended with an error"); }
+                        return;
+                    }
+                    () = &mut silent, if !checked => {
+                        if !spoke.load(std::sync::atomic::Ordering::Relaxed) {
+                            return tracing::debug!(%remote, "Closed a connection that sent nothing after its handshake");
+                        }
+                        checked = true;
+                    }
+                    _ = stop.wait_for(|s| *s) => break,
                 }
-                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
             }
+            conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         });
     }

@@ -77,6 +77,16 @@ enum Command {
         /// (linkmesh-agent-VERSION-linux-ARCH with .sha256 files).
         #[arg(long, value_name = "DIR")]
         artifacts: Option<PathBuf>,
+        /// Open connections in all (capped below the open-file limit, which
+        /// is raised to its hard limit at start).
+        #[arg(long, value_name = "N", default_value_t = 4096)]
+        max_connections: usize,
+        /// Open connections from one source address.
+        #[arg(long, value_name = "N", default_value_t = 64)]
+        max_connections_per_address: usize,
+        /// Time a client has after its TLS handshake to send a request.
+        #[arg(long, value_name = "DURATION", default_value = "10s")]
+        first_request_timeout: String,
     },
     /// Fleet drift: each host's agent and runtime versions against the server
     /// and the pins, with the upgrade command for hosts out of the window.
@@ -182,7 +192,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_supervisor,
             pin_alloy,
             artifacts,
+            max_connections,
+            max_connections_per_address,
+            first_request_timeout,
         } => {
+            let first_request =
+                parse_duration(&first_request_timeout).context("--first-request-timeout")?;
+            // Descriptors for the state files, the CA and the log stay free.
+            let fds = server::raise_fd_limit();
+            let limits = server::Limits {
+                max_connections: max_connections
+                    .min(usize::try_from(fds.saturating_sub(64)).unwrap_or(usize::MAX))
+                    .max(1),
+                max_per_address: max_connections_per_address.max(1),
+                first_request,
+                ..server::Limits::default()
+            };
             let version = match server_version {
                 Some(v) => v.parse::<Version>().context("--server-version")?,
                 None => linkmesh_agent::version::agent_version(),
@@ -225,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     san,
                     config,
                     artifacts,
+                    limits,
                 ))
         }
         Command::Drift { state, json } => {
@@ -290,6 +316,7 @@ async fn serve(
     san: Vec<String>,
     config: ServiceConfig,
     artifacts: Option<PathBuf>,
+    limits: server::Limits,
 ) -> anyhow::Result<()> {
     let ca = Ca::load(&state.ca_dir())?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -362,7 +389,21 @@ async fn serve(
         }
         tracing::info!("Shutting down");
     };
-    server::serve(listener, tls, service.clone(), downloads, opamp, shutdown).await?;
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_per_address = limits.max_per_address,
+        "Connection limits"
+    );
+    server::serve(
+        listener,
+        tls,
+        service.clone(),
+        downloads,
+        opamp,
+        limits,
+        shutdown,
+    )
+    .await?;
     flusher.abort();
     service.flush()?;
     Ok(())
