@@ -251,10 +251,7 @@ pub fn from_texts(
             Err(e) => problems.push(Problem {
                 source,
                 key: String::new(),
-                message: format!(
-                    "not valid TOML: {}",
-                    e.to_string().trim().replace('\n', " ")
-                ),
+                message: toml_problem(text, &e),
             }),
         }
     }
@@ -365,7 +362,7 @@ fn validate(
     let abs_path =
         |key: &str, default: &str, bad: &mut dyn FnMut(&str, &str, String)| match get(key) {
             Some((v, src)) if !Path::new(v).is_absolute() => {
-                bad(src, key, format!("{v:?} is not an absolute path"));
+                bad(src, key, format!("{} is not an absolute path", shown(v)));
                 PathBuf::from(default)
             }
             Some((v, _)) => PathBuf::from(v),
@@ -376,7 +373,11 @@ fn validate(
         if Path::new(&v).is_absolute() {
             state_dir = PathBuf::from(v);
         } else {
-            bad(ENV_STATE_DIR, "", format!("{v:?} is not an absolute path"));
+            bad(
+                ENV_STATE_DIR,
+                "",
+                format!("{} is not an absolute path", shown(&v)),
+            );
         }
     }
     let supervisor = abs_path("runtime.supervisor", DEFAULT_SUPERVISOR, &mut bad);
@@ -397,7 +398,7 @@ fn validate(
             bad(
                 src,
                 "runtime.kind",
-                format!("{v:?} is not one of auto, otelcol, alloy, none"),
+                format!("{} is not one of auto, otelcol, alloy, none", shown(v)),
             );
             RuntimeKind::Auto
         }
@@ -411,7 +412,7 @@ fn validate(
             bad(
                 src,
                 "runtime.mode",
-                format!("{v:?} is not one of auto, unit, child"),
+                format!("{} is not one of auto, unit, child", shown(v)),
             );
             RuntimeMode::Auto
         }
@@ -422,7 +423,11 @@ fn validate(
         Some((v, src)) => match parse_duration(v) {
             Ok(d) if (MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&d) => d,
             Ok(_) => {
-                bad(src, "report.interval", format!("{v:?} is outside 1s..1h"));
+                bad(
+                    src,
+                    "report.interval",
+                    format!("{} is outside 1s..1h", shown(v)),
+                );
                 DEFAULT_REPORT_INTERVAL
             }
             Err(e) => {
@@ -441,7 +446,10 @@ fn validate(
                 bad(
                     src,
                     "proxy.url",
-                    format!("{v:?} must be an http:// URL of an HTTP CONNECT proxy, or empty"),
+                    format!(
+                        "{} must be an http:// URL of an HTTP CONNECT proxy, or empty",
+                        shown(v)
+                    ),
                 );
                 None
             }
@@ -458,7 +466,8 @@ fn validate(
                     src,
                     "log.level",
                     format!(
-                        "{v:?} is not a level (error, warn, info, debug, trace, off) or tracing filter directives such as \"warn,linkmesh_agent=debug\""
+                        "{} is not a level (error, warn, info, debug, trace, off) or tracing filter directives such as \"warn,linkmesh_agent=debug\"",
+                        shown(v)
                     ),
                 );
                 DEFAULT_LOG_LEVEL.to_owned()
@@ -503,10 +512,50 @@ fn valid_log_filter(v: &str) -> bool {
         && tracing_subscriber::EnvFilter::builder().parse(v).is_ok()
 }
 
+/// A TOML syntax error as one line: where, and what the parser says, without
+/// repeating the file's text (a 5 MB garbage line stays out of the message).
+fn toml_problem(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!(
+                "not valid TOML at line {line}, column {column}: {}",
+                clip(&what)
+            )
+        }
+        None => format!("not valid TOML: {}", clip(&what)),
+    }
+}
+
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(200) {
+        None => s.to_owned(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+/// Longest part of a bad value an error message repeats, in characters.
+pub const SHOWN_MAX: usize = 64;
+
+/// A value as an error message shows it: quoted, and cut after
+/// [`SHOWN_MAX`] characters with its length said, so a huge or garbage
+/// value cannot flood a terminal or the journal.
+pub fn shown(v: &str) -> String {
+    let mut chars = v.char_indices();
+    match chars.nth(SHOWN_MAX) {
+        None => format!("{v:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &v[..cut], v.len()),
+    }
+}
+
 /// A duration that is not `<number><unit>` with unit ms, s, m, h or d.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "invalid duration {input:?}: expected a number with a unit (ms, s, m, h, d), such as 30s or 1h"
+    "invalid duration {}: expected a number with a unit (ms, s, m, h, d), such as 30s or 1h",
+    shown(input)
 )]
 pub struct DurationError {
     input: String,
@@ -712,6 +761,41 @@ mod tests {
         for bad in ["loud", "", "linkmesh_agent=loud"] {
             assert!(!valid_log_filter(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn huge_or_garbage_input_is_not_echoed_whole() {
+        let garbage = "\u{1}x".repeat(2_500_000);
+        let err =
+            from_texts(&[frag("/g.toml", &format!("a = 1\n{garbage}\n"))], no_env).unwrap_err();
+        let m = &err.problems[0].message;
+        assert!(
+            m.starts_with("not valid TOML at line 2, column "),
+            "{}",
+            &m[..m.len().min(300)]
+        );
+        assert!(m.len() < 400, "{} bytes of message", m.len());
+        let long = "k".repeat(5_000_000);
+        let err = from_texts(
+            &[frag("/k.toml", &format!("[runtime]\nkind = \"{long}\"\n"))],
+            no_env,
+        )
+        .unwrap_err();
+        let m = &err.problems[0].message;
+        assert!(
+            m.contains("… (5000000 bytes) is not one of auto"),
+            "{}",
+            &m[..m.len().min(300)]
+        );
+        assert!(m.len() < 200);
+        assert_eq!(shown("never"), "\"never\"");
+        assert!(
+            parse_duration(&"9".repeat(1000))
+                .unwrap_err()
+                .to_string()
+                .len()
+                < 200
+        );
     }
 
     #[test]

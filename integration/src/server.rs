@@ -442,26 +442,6 @@ pub fn raise_fd_limit() -> u64 {
 /// [`LOG_EVERY`] per kind, with how many happened meanwhile.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-#[derive(Default)]
-struct RateLog {
-    last: Option<tokio::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLog {
-    /// Whether to log now, and how many were suppressed since the last line.
-    fn allow(&mut self) -> Option<u64> {
-        let now = tokio::time::Instant::now();
-        if self.last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
-            self.last = Some(now);
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
-
 /// Open connections per source address; a slot is given back when its
 /// guard drops.
 #[derive(Clone, Default)]
@@ -531,8 +511,8 @@ pub async fn serve(
     let mut conns = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let per_address = PerAddress::default();
-    let (mut accept_log, mut full_log, mut address_log) =
-        (RateLog::default(), RateLog::default(), RateLog::default());
+    let every = || crate::text::Every::new(LOG_EVERY);
+    let (mut accept_log, mut full_log, mut address_log) = (every(), every(), every());
     let mut accept_backoff = Duration::from_millis(10);
     loop {
         let (tcp, remote) = tokio::select! {

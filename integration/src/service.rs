@@ -41,6 +41,9 @@ pub struct FleetService {
 }
 
 struct Inner {
+    /// Refused enrolments are logged at most once per 10 s (a client may
+    /// try tokens in a loop).
+    refusals: std::sync::Mutex<crate::text::Every>,
     state: State,
     ca: Ca,
     config: ServiceConfig,
@@ -102,6 +105,9 @@ impl FleetService {
         let live = std::sync::Mutex::new(Live { hosts, dirty });
         Ok(Self {
             inner: Arc::new(Inner {
+                refusals: std::sync::Mutex::new(crate::text::Every::new(
+                    std::time::Duration::from_secs(10),
+                )),
                 state,
                 ca,
                 config,
@@ -473,11 +479,17 @@ impl Inner {
         };
         let lock = self.state.lock().map_err(|e| internal(&e))?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
+        let refused = |why: &str| {
+            if let Some(suppressed) = self.refusals.lock().ok().and_then(|mut e| e.allow()) {
+                tracing::warn!(
+                    token_id = token.id(),
+                    suppressed,
+                    "Enrolment refused: {why}"
+                );
+            }
+        };
         let unknown = || {
-            tracing::warn!(
-                token_id = token.id(),
-                "Enrolment with an unknown token refused"
-            );
+            refused("unknown token");
             Status::unauthenticated(
                 "token not recognised by this server: check it, or create one with `linkmesh-fleet token create`",
             )
@@ -491,10 +503,7 @@ impl Inner {
             return Err(unknown());
         }
         if now >= record.expires_at {
-            tracing::warn!(
-                token_id = token.id(),
-                "Enrolment with an expired token refused"
-            );
+            refused("expired token");
             return Err(Status::unauthenticated(format!(
                 "token expired at {}: create a new one with `linkmesh-fleet token create`",
                 rfc3339(record.expires_at)
@@ -509,10 +518,7 @@ impl Inner {
             Some(id) => id,
             None => {
                 if record.uses.len() >= record.max_uses as usize {
-                    tracing::warn!(
-                        token_id = token.id(),
-                        "Enrolment with a used-up token refused"
-                    );
+                    refused("token used up");
                     return Err(Status::permission_denied(format!(
                         "token already used {} of {} time{}: create a new one with `linkmesh-fleet token create`",
                         record.uses.len(),

@@ -103,6 +103,47 @@ pub fn check_report(r: &proto::ReportRequest) -> Result<(), TooLong> {
     Ok(())
 }
 
+/// Lets a repeated log line through at most once per interval, counting
+/// the ones it held back, so a flood of refusals writes a line every few
+/// seconds instead of one per request.
+#[derive(Debug)]
+pub struct Every {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Every {
+    /// At most one line per `interval`.
+    pub fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when a line may be written now (`n` were held back since
+    /// the last one), `None` when it is held back.
+    pub fn allow(&mut self) -> Option<u64> {
+        self.allow_at(std::time::Instant::now())
+    }
+
+    /// [`Every::allow`] at a given time.
+    pub fn allow_at(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.interval)
+        {
+            self.last = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 /// `s` with control characters escaped (`\u{1b}`, `\n`, `\r`…), for a
 /// terminal or a log line.
 pub fn safe(s: &str) -> String {
@@ -132,6 +173,18 @@ mod tests {
             "evil\\r\\n0000  forged\\u{1b}[2J"
         );
         assert_eq!(safe("\u{7f}\u{9b}"), "\\u{7f}\\u{9b}");
+    }
+
+    #[test]
+    fn repeated_lines_are_held_back_and_counted() {
+        let t0 = std::time::Instant::now();
+        let s = std::time::Duration::from_secs(1);
+        let mut e = Every::new(10 * s);
+        assert_eq!(e.allow_at(t0), Some(0));
+        assert_eq!(e.allow_at(t0 + s), None);
+        assert_eq!(e.allow_at(t0 + 2 * s), None);
+        assert_eq!(e.allow_at(t0 + 10 * s), Some(2));
+        assert_eq!(e.allow_at(t0 + 11 * s), None);
     }
 
     #[test]

@@ -697,3 +697,37 @@ fn agent_strings_are_bounded_and_escaped_in_tables_and_logs() -> R {
     );
     Ok(())
 }
+
+/// A client trying tokens in a loop gets each refused, and the server's log
+/// a line every 10 s (with a count), not one per attempt.
+#[test]
+fn refused_enrolments_are_logged_at_a_bounded_rate() -> R {
+    let dir = scratch("refusal-log")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
+    let t = fleet.token(1, "1h")?;
+    // The real id with a wrong secret: "unknown token" every time.
+    let (head, secret) = t.token.rsplit_once('_').unwrap_or_default();
+    let wrong: String = secret
+        .chars()
+        .map(|c| if c == '0' { '1' } else { '0' })
+        .collect();
+    let bogus = format!("{head}_{wrong}");
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-sha256",
+    ];
+    let csr = openssl_csr(dir.path(), "probe", &p256)?;
+    for _ in 0..50 {
+        let err = raw_enroll(&fleet.url, &t.ca_pin, &bogus, csr.clone())?
+            .expect_err("a wrong secret enrolled");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+    let log = fleet.log();
+    let lines = log.matches("Enrolment refused: unknown token").count();
+    assert_eq!(lines, 1, "{log}");
+    assert!(fleet.token_record(&t.token_id)?.uses.is_empty());
+    Ok(())
+}
