@@ -272,9 +272,29 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
         | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. }) => {
             "the server's certificate is not valid for this host name: use the address the server's certificate names".to_owned()
         }
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
-        | rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext { .. }) => {
-            "the server's certificate has expired, or this host's clock is ahead: check the clock".to_owned()
+        rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+            time,
+            not_after,
+        }) => {
+            let at = |t: &rustls_pki_types::UnixTime| {
+                time::OffsetDateTime::from_unix_timestamp(
+                    i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                )
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| format!("unix {}", t.as_secs()))
+            };
+            format!(
+                "the fleet server's own TLS certificate expired at {} (this host's clock says {}); this host's certificate is not the one at fault: the server must renew its certificate (restarting linkmesh-fleet issues a new one), or, if the host's clock is wrong, fix the clock",
+                at(not_after),
+                at(time)
+            )
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => {
+            "the fleet server's own TLS certificate has expired, or this host's clock is ahead: check the server's certificate and this host's clock".to_owned()
         }
         rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet)
         | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYetContext { .. }) => {
@@ -356,6 +376,29 @@ mod tests {
             .self_signed(&other)
             .unwrap();
         assert!(!Trust::Pins(vec![pa]).accepts_ca(c.der()));
+    }
+
+    #[test]
+    fn an_expired_server_certificate_is_named_with_its_date() {
+        let err = std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ExpiredContext {
+                time: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                    1_796_169_600,
+                )),
+                not_after: rustls_pki_types::UnixTime::since_unix_epoch(
+                    std::time::Duration::from_secs(1_796_083_200),
+                ),
+            },
+        ));
+        let m = explain_handshake_error(&err);
+        assert!(
+            m.starts_with("the fleet server's own TLS certificate expired at 2026-12-01T00:00:00Z (this host's clock says 2026-12-02T00:00:00Z)"),
+            "{m}"
+        );
+        assert!(
+            m.contains("this host's certificate is not the one at fault"),
+            "{m}"
+        );
     }
 
     #[test]

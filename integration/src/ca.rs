@@ -132,13 +132,14 @@ impl Ca {
     }
 
     /// A fresh TLS server certificate (chain: leaf, CA) and key for `names`
-    /// (DNS names or IP addresses).
+    /// (DNS names or IP addresses), valid for `lifetime`.
     ///
     /// # Errors
     /// When a name is invalid or signing fails.
     pub fn server_cert(
         &self,
         names: &[String],
+        lifetime: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
@@ -149,8 +150,8 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + time::Duration::days(30);
+        params.not_before = now - BACKDATE.min(lifetime / 4);
+        params.not_after = now + lifetime;
         params.serial_number = Some(random_serial()?);
         let cert = params.signed_by(&key, &self.issuer)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));

@@ -110,18 +110,112 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// The server's TLS configuration: a fresh certificate for `names` signed by
-/// `ca`, TLS 1.3 only, h2, client certificates from `ca` accepted but not
+/// The server's own certificate, replaced while the server runs: new
+/// handshakes get the current one, connections already open keep theirs.
+pub struct ServerCert {
+    ca: Ca,
+    names: Vec<String>,
+    lifetime: Duration,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCert {
+    /// Issues the first certificate.
+    ///
+    /// # Errors
+    /// When it cannot be made.
+    pub fn new(ca: Ca, names: &[String], lifetime: Duration) -> anyhow::Result<Arc<Self>> {
+        let key = Self::issue(&ca, names, lifetime)?;
+        Ok(Arc::new(Self {
+            ca,
+            names: names.to_vec(),
+            lifetime,
+            current: std::sync::RwLock::new(Arc::new(key)),
+        }))
+    }
+
+    fn issue(
+        ca: &Ca,
+        names: &[String],
+        lifetime: Duration,
+    ) -> anyhow::Result<rustls::sign::CertifiedKey> {
+        let (chain, key) = ca.server_cert(names, lifetime)?;
+        let provider = linkmesh_agent::tls::provider();
+        Ok(rustls::sign::CertifiedKey::from_der(chain, key, &provider)?)
+    }
+
+    /// Replaces the certificate with a fresh one.
+    ///
+    /// # Errors
+    /// When it cannot be made; the current one stays.
+    pub fn renew(&self) -> anyhow::Result<()> {
+        let key = Arc::new(Self::issue(&self.ca, &self.names, self.lifetime)?);
+        if let Ok(mut cur) = self.current.write() {
+            *cur = key;
+        }
+        Ok(())
+    }
+
+    /// Renews the certificate at two thirds of its lifetime, for as long as
+    /// the server runs (a failure is retried a minute later, or sooner for
+    /// short lifetimes).
+    pub async fn keep_fresh(self: Arc<Self>) {
+        let every = self.lifetime.mul_f64(2.0 / 3.0).max(Duration::from_secs(1));
+        let retry = (self.lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut wait = every;
+        loop {
+            tokio::time::sleep(wait).await;
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.renew()).await {
+                Ok(Ok(())) => {
+                    tracing::info!(
+                        lifetime_s = self.lifetime.as_secs(),
+                        "Renewed the server's certificate"
+                    );
+                    wait = every;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, retry_s = retry.as_secs(), "Cannot renew the server's certificate");
+                    wait = retry;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Server certificate renewal task failed");
+                    wait = retry;
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("names", &self.names)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.read().ok().map(|c| c.clone())
+    }
+}
+
+/// The server's TLS configuration: its certificate from `cert` (renewed
+/// while it runs), TLS 1.3 only, h2, client certificates from `ca` accepted but not
 /// required (enrolment has none yet). An expired client certificate signed by
 /// the CA still completes the handshake (it proves the host holds the key);
 /// each RPC decides: Report refuses it, Renew accepts it within the grace
 /// window and otherwise says what to do.
 ///
 /// # Errors
-/// When the certificate cannot be made or rustls rejects the configuration.
-pub fn tls_config(ca: &Ca, names: &[String]) -> anyhow::Result<ServerConfig> {
+/// When rustls rejects the configuration.
+pub fn tls_config(ca: &Ca, cert: Arc<ServerCert>) -> anyhow::Result<ServerConfig> {
     let provider = linkmesh_agent::tls::provider();
-    let (chain, key) = ca.server_cert(names)?;
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert().clone())?;
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -130,7 +224,7 @@ pub fn tls_config(ca: &Ca, names: &[String]) -> anyhow::Result<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(ExpiredOkVerifier { inner }))
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(cert);
     // h2 for gRPC; http/1.1 for curl fetching the installer and artifacts.
     config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Ok(config)

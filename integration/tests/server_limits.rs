@@ -117,3 +117,79 @@ fn silent_connections_are_bounded_and_closed_and_others_are_served() -> R {
     assert!((1..=2).contains(&lines), "{lines} refusal lines:\n{log}");
     Ok(())
 }
+
+/// The expiry of the certificate the server presents to a new handshake.
+fn server_not_after(addr: std::net::SocketAddr, pin: &str) -> anyhow::Result<i64> {
+    use linkmesh_agent::tls;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let config = Arc::new(tls::enrol_client_config(&tls::Trust::Pins(vec![
+            pin.parse()?,
+        ]))?);
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| anyhow::anyhow!("no server certificate"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)?;
+        Ok(cert.validity().not_after.timestamp())
+    })
+}
+
+/// The server's own certificate is renewed while it runs: a handshake after
+/// the first certificate's expiry gets a newer one, the agent keeps
+/// reporting across it, and a new enrolment works.
+#[test]
+fn the_servers_certificate_is_renewed_without_a_restart() -> R {
+    let dir = scratch("server-cert")?;
+    let fleet = Fleet::start(
+        &dir.path().join("fleet"),
+        &["--server-cert-lifetime", "6s", "--report-interval", "1s"],
+    )?;
+    let addr: std::net::SocketAddr = fleet.url.trim_start_matches("https://").parse()?;
+    let t = fleet.token(2, "1h")?;
+    let first = server_not_after(addr, &t.ca_pin)?;
+    let agent = AgentEnv::new(&dir.path().join("agent"))?;
+    agent.write_config("[runtime]\nkind = \"none\"\n")?;
+    let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let run = agent.spawn_run(&[], &[])?;
+    let started = std::time::Instant::now();
+    // Past the first certificate's expiry (6 s, renewed every 4 s).
+    let reports_at = |run: &linkmesh_integration::harness::RunningAgent| {
+        run.status()
+            .and_then(|s| s["reporter"]["reports"].as_u64())
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(started.elapsed()));
+    let before = reports_at(&run);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = reports_at(&run);
+    assert!(
+        after > before,
+        "reports stopped at {before} across the server's renewal"
+    );
+    let now = server_not_after(addr, &t.ca_pin)?;
+    assert!(
+        now > first,
+        "the server still presents its first certificate"
+    );
+    assert!(
+        now > time::OffsetDateTime::now_utc().unix_timestamp(),
+        "the server presents an expired certificate"
+    );
+    let second = AgentEnv::new(&dir.path().join("second"))?;
+    let out = second.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(fleet.log().contains("Renewed the server's certificate"));
+    drop(run);
+    Ok(())
+}

@@ -87,6 +87,10 @@ enum Command {
         /// Time a client has after its TLS handshake to send a request.
         #[arg(long, value_name = "DURATION", default_value = "10s")]
         first_request_timeout: String,
+        /// Lifetime of the server's own TLS certificate; it is renewed at
+        /// two thirds of it while the server runs.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        server_cert_lifetime: String,
     },
     /// Fleet drift: each host's agent and runtime versions against the server
     /// and the pins, with the upgrade command for hosts out of the window.
@@ -195,7 +199,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections,
             max_connections_per_address,
             first_request_timeout,
+            server_cert_lifetime,
         } => {
+            let server_cert_lifetime =
+                parse_duration(&server_cert_lifetime).context("--server-cert-lifetime")?;
+            if server_cert_lifetime < Duration::from_secs(3) {
+                bail!("--server-cert-lifetime must be at least 3s");
+            }
             let first_request =
                 parse_duration(&first_request_timeout).context("--first-request-timeout")?;
             // Descriptors for the state files, the CA and the log stay free.
@@ -245,12 +255,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?
                 .block_on(serve(
                     State::new(state),
-                    listen,
-                    advertise_url,
-                    san,
                     config,
-                    artifacts,
-                    limits,
+                    ServeOptions {
+                        listen,
+                        advertise_url,
+                        san,
+                        artifacts,
+                        limits,
+                        server_cert_lifetime,
+                    },
                 ))
         }
         Command::Drift { state, json } => {
@@ -309,15 +322,25 @@ fn init(state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(
-    state: State,
+/// How `serve` listens and what it serves besides the API.
+struct ServeOptions {
     listen: SocketAddr,
     advertise_url: Option<String>,
     san: Vec<String>,
-    config: ServiceConfig,
     artifacts: Option<PathBuf>,
     limits: server::Limits,
-) -> anyhow::Result<()> {
+    server_cert_lifetime: Duration,
+}
+
+async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyhow::Result<()> {
+    let ServeOptions {
+        listen,
+        advertise_url,
+        san,
+        artifacts,
+        limits,
+        server_cert_lifetime,
+    } = opts;
     let ca = Ca::load(&state.ca_dir())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -340,7 +363,10 @@ async fn serve(
     }
     names.sort();
     names.dedup();
-    let tls = Arc::new(server::tls_config(&ca, &names)?);
+    let server_cert =
+        server::ServerCert::new(Ca::load(&state.ca_dir())?, &names, server_cert_lifetime)?;
+    tokio::spawn(server_cert.clone().keep_fresh());
+    let tls = Arc::new(server::tls_config(&ca, server_cert)?);
     let version = config.version.clone();
     state.put_serve(&ServeRecord {
         url: url.to_string(),
