@@ -109,9 +109,13 @@ struct Args {
     /// Whole runs of every measurement; the table shows the spread over them.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Run only this measurement: `continuity` (the upgrade drill).
-    #[arg(long, value_parser = ["continuity"])]
+    /// Run only this measurement: `continuity` (the upgrade drill) or
+    /// `idle-conns` (the server holding idle TLS connections).
+    #[arg(long, value_parser = ["continuity", "idle-conns"])]
     only: Option<String>,
+    /// Idle TLS connections the server is made to hold (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    idle_conns: usize,
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -218,8 +222,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("run {r} of {}", args.repeat);
         runs.push(match args.only.as_deref() {
             Some("continuity") => continuity()?,
+            Some("idle-conns") => idle_connections(&args)?,
             _ => {
                 let mut figures = one_run(&args, &agent_bin)?;
+                figures.extend(idle_connections(&args)?);
                 figures.extend(continuity()?);
                 figures
             }
@@ -245,6 +251,94 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)?;
     println!("\nresults written to {}", out.display());
     Ok(())
+}
+
+/// The reference server holding `--idle-conns` TLS connections that
+/// completed their handshake and send nothing (spread over loopback source
+/// addresses, 60 per address, under its per-address bound of 64, with the
+/// first-request timeout raised so they stay): its RSS and open descriptors
+/// while it holds them, and enrolment latency for everyone else meanwhile.
+fn idle_connections(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    if args.idle_conns == 0 {
+        return Ok(Vec::new());
+    }
+    // This process holds the client ends.
+    linkmesh_integration::server::raise_fd_limit();
+    let dir = scratch("bench-idle")?;
+    let fleet = Fleet::start(
+        &dir.path().join("fleet"),
+        &["--first-request-timeout", "10m"],
+    )?;
+    let addr: std::net::SocketAddr = fleet.url.trim_start_matches("https://").parse()?;
+    let tokens: Vec<_> = (0..args.runs.min(50))
+        .map(|_| fleet.token(1, "1h"))
+        .collect::<Result<_, _>>()?;
+    let pin = tokens.first().map(|t| t.ca_pin.clone()).unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let held = rt.block_on(async {
+        let config = std::sync::Arc::new(linkmesh_agent::tls::enrol_client_config(&Trust::Pins(
+            vec![pin.parse()?],
+        ))?);
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let mut held = Vec::with_capacity(args.idle_conns);
+        for i in 0..args.idle_conns {
+            let source =
+                std::net::Ipv4Addr::new(127, 0, 1, u8::try_from(1 + i / 60).unwrap_or(255));
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::from((source, 0)))?;
+            let tcp = socket.connect(addr).await?;
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+            held.push(connector.connect(name, tcp).await?);
+        }
+        anyhow::Ok(held)
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = fleet.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as f64;
+    let mut enrol_ms = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        let agent = AgentEnv::new(&dir.path().join(format!("idle-{i}")))?;
+        let start = Instant::now();
+        let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+        enrol_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        if !out.status.success() {
+            bail!(
+                "enroll beside idle connections failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let open = held.len() as f64;
+    drop(held);
+    Ok(vec![
+        figure(
+            "idle_conns_held",
+            "count",
+            "idle TLS connections (handshake done, nothing sent) the server held",
+            vec![open],
+        ),
+        figure(
+            "server_rss_idle_conns",
+            "MiB",
+            "server VmRSS while it holds them",
+            vec![kib(&status, "VmRSS:") / 1024.0],
+        ),
+        figure(
+            "server_fds_idle_conns",
+            "count",
+            "server open file descriptors while it holds them",
+            vec![fds],
+        ),
+        figure(
+            "enrol_ms_beside_idle_conns",
+            "ms",
+            "`linkmesh-agent enroll` as a command, run to completion, while they are held",
+            enrol_ms,
+        ),
+    ])
 }
 
 /// The upgrade drill once (linkmesh_integration::drill): one figure per
