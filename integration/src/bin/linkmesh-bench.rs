@@ -352,7 +352,7 @@ fn continuity() -> anyhow::Result<Vec<Figure>> {
     let how = |name: &str| -> &'static str {
         match name {
             "agent_upgrade_collector_restarts" => {
-                "collector restarts over the 11 agent steps of the drill (one-liner, deb, rpm upgrades and rollbacks, SIGKILL)"
+                "collector restarts over the 10 agent steps of the drill (one-liner, deb and rpm installs, upgrades and rollbacks, SIGKILL)"
             }
             "agent_upgrade_records_lost" => {
                 "records accepted by the collector and missing from its sink, over the agent steps"
