@@ -155,11 +155,13 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
                 .unwrap_or_default(),
         ));
     }
+    // What the running agent published, read once for every check below.
+    let published = crate::published::read(&settings.state_dir);
     if let Some(id) = &identity {
         checks.push(certificate_check(
             id,
             time::OffsetDateTime::now_utc(),
-            agent_running(&settings.state_dir),
+            published.as_ref().is_some_and(|s| s.agent_running),
         ));
     }
     let detection = runtime::detect(
@@ -210,8 +212,8 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
         }
         _ => {}
     }
-    checks.push(supervision_check(&settings, &detection));
-    let view = crate::published::read(&settings.state_dir).and_then(|s| s.state.reporter.opamp);
+    checks.push(supervision_check(&detection, published.as_ref()));
+    let view = published.and_then(|s| s.state.reporter.opamp);
     checks.push(opamp_check(detection.kind, view.as_ref()));
     checks.push(conflicts_check(&detection));
     checks
@@ -286,10 +288,6 @@ pub fn opamp_check(kind: RuntimeKind, view: Option<&crate::reporter::OpampView>)
 
 fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
-}
-
-fn agent_running(state_dir: &Path) -> bool {
-    crate::published::read(state_dir).is_some_and(|s| s.agent_running)
 }
 
 /// The state directory: exists, 0700, owned by the agent's user.
@@ -535,13 +533,12 @@ pub fn runtime_version_check(d: &Detection, pins: &[proto::RuntimePin]) -> Check
     }
 }
 
-fn supervision_check(settings: &Settings, d: &Detection) -> Check {
+fn supervision_check(d: &Detection, published: Option<&crate::published::Snapshot>) -> Check {
     const TITLE: &str = "supervisor is running";
     if d.kind != RuntimeKind::Otelcol {
         return ok("supervisor", TITLE, "no supervised runtime on this host");
     }
-    let snapshot = crate::published::read(&settings.state_dir);
-    let live = snapshot.as_ref().filter(|s| s.agent_running);
+    let live = published.filter(|s| s.agent_running);
     match live.map(|s| s.state.runtime.supervision.as_ref()) {
         Some(Some(sup)) => match &sup.state {
             crate::supervisor::State::Running { pid, .. } => ok(

@@ -530,11 +530,16 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-fn clip(s: &str) -> String {
-    match s.char_indices().nth(200) {
-        None => s.to_owned(),
-        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
+/// `s` cut after `max` characters, with its length said when cut.
+fn cut(s: &str, max: usize, show: impl Fn(&str) -> String) -> String {
+    match s.char_indices().nth(max) {
+        None => show(s),
+        Some((at, _)) => format!("{}… ({} bytes)", show(&s[..at]), s.len()),
     }
+}
+
+fn clip(s: &str) -> String {
+    cut(s, 200, str::to_owned)
 }
 
 /// Longest part of a bad value an error message repeats, in characters.
@@ -544,11 +549,7 @@ pub const SHOWN_MAX: usize = 64;
 /// [`SHOWN_MAX`] characters with its length said, so a huge or garbage
 /// value cannot flood a terminal or the journal.
 pub fn shown(v: &str) -> String {
-    let mut chars = v.char_indices();
-    match chars.nth(SHOWN_MAX) {
-        None => format!("{v:?}"),
-        Some((cut, _)) => format!("{:?}… ({} bytes)", &v[..cut], v.len()),
-    }
+    cut(v, SHOWN_MAX, |s| format!("{s:?}"))
 }
 
 /// A duration that is not `<number><unit>` with unit ms, s, m, h or d.

@@ -139,15 +139,7 @@ pub fn remove_dir_all_if_exists(dir: &Path) -> Result<(), FsError> {
 /// # Errors
 /// When the file cannot be opened or locked.
 pub fn lock_file(path: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<File>, FsError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| FsError::new("open lock", path, e))?;
+    let file = open_lock_file(path)?;
     let arg = if exclusive {
         nix::fcntl::FlockArg::LockExclusive
     } else {
@@ -163,20 +155,25 @@ pub fn lock_file(path: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<File>
 /// # Errors
 /// When the file cannot be opened or locked for another reason.
 pub fn try_lock_exclusive(path: &Path) -> Result<Option<nix::fcntl::Flock<File>>, FsError> {
+    let file = open_lock_file(path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(FsError::new("lock", path, io::Error::from(e))),
+    }
+}
+
+/// Opens a lock file, creating it 0600 (its content is never used).
+fn open_lock_file(path: &Path) -> Result<File, FsError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(path)
-        .map_err(|e| FsError::new("open lock", path, e))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(FsError::new("lock", path, io::Error::from(e))),
-    }
+        .map_err(|e| FsError::new("open lock", path, e))
 }
 
 fn parent(path: &Path) -> &Path {

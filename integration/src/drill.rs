@@ -26,8 +26,8 @@ use anyhow::{Context as _, bail, ensure};
 
 use crate::{
     harness::{
-        COLLECTOR, Fleet, base_system_rpm, binary, build_packages, install_one_liner, older_agent,
-        publish_binary, publish_runtime, real_runtimes, scratch,
+        Fleet, base_system_rpm, binary, build_packages, install_one_liner,
+        install_real_runtime_for_releases, older_agent, publish_binary, publish_runtime, scratch,
     },
     testhost::{TestHost, TestNet},
 };
@@ -121,17 +121,6 @@ pub struct Drill {
     outcome: Outcome,
 }
 
-fn sh(host: &TestHost, script: &str) -> anyhow::Result<String> {
-    let out = host.exec(script)?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "`{script}` failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(text)
-}
-
 impl Drill {
     /// Builds the bed, installs the agent with the one-liner (the older
     /// build) and the runtime with install-opamp.sh (release 0.157.0), and
@@ -167,17 +156,7 @@ impl Drill {
         let mut net = net;
         let host = TestHost::boot(name)?;
         net.attach(&host)?;
-        let real = real_runtimes()?;
-        host.copy_in(
-            &real.join(COLLECTOR),
-            &format!("/usr/local/lib/real/{COLLECTOR}"),
-            0o755,
-        )?;
-        host.copy_in(
-            &real.join("opampsupervisor"),
-            "/usr/local/lib/real/opampsupervisor",
-            0o755,
-        )?;
+        install_real_runtime_for_releases(&host)?;
         host.copy_in(
             &binary("linkmesh-otlp-load")?,
             "/usr/local/bin/linkmesh-otlp-load",
@@ -222,9 +201,7 @@ impl Drill {
         d.install_opamp()?;
         d.collector = d.wait_collector(None)?;
         d.identity = d.identity_now()?;
-        sh(
-            &d.host,
-            &format!(
+        d.host.sh(&format!(
                 "systemd-run --unit lm-load --quiet /usr/local/bin/linkmesh-otlp-load --rate {RATE} --report {REPORT}"
             ),
         )?;
@@ -239,13 +216,10 @@ impl Drill {
     }
 
     fn install_opamp(&self) -> anyhow::Result<String> {
-        sh(
-            &self.host,
-            &format!(
-                "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1}",
-                self.fleet.url, self.ca_pin
-            ),
-        )
+        self.host.sh(&format!(
+            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1}",
+            self.fleet.url, self.ca_pin
+        ))
     }
 
     fn load(&self) -> anyhow::Result<Load> {
@@ -257,13 +231,7 @@ impl Drill {
     fn wait_collector(&self, not: Option<&str>) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let pid = sh(
-                &self.host,
-                "p=$(systemctl show -p MainPID --value linkmesh-collector); pgrep -P \"$p\" | head -1",
-            )
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+            let pid = self.collector_pid();
             if !pid.is_empty() && Some(pid.as_str()) != not {
                 return Ok(pid);
             }
@@ -276,20 +244,18 @@ impl Drill {
         }
     }
 
+    /// The collector's pid (the supervisor's child), empty when none runs.
     fn collector_pid(&self) -> String {
-        sh(
-            &self.host,
-            "p=$(systemctl show -p MainPID --value linkmesh-collector); pgrep -P \"$p\" | head -1",
-        )
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+        self.host
+            .sh("p=$(systemctl show -p MainPID --value linkmesh-collector); pgrep -P \"$p\" | head -1")
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
     }
 
     /// The host id, certificate and collector instance uid, as one string.
     fn identity_now(&self) -> anyhow::Result<String> {
-        sh(
-            &self.host,
+        self.host.sh(
             "cat /var/lib/linkmesh-agent/identity/identity.toml /var/lib/linkmesh-agent/supervisor/persistent_state.yaml",
         )
     }
@@ -416,7 +382,9 @@ impl Drill {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 d.fleet.restart(Some(&args))?;
                 d.install_opamp()?;
-                let record = sh(&d.host, "cat /var/lib/linkmesh-agent/runtime/versions.toml")?;
+                let record = d
+                    .host
+                    .sh("cat /var/lib/linkmesh-agent/runtime/versions.toml")?;
                 ensure!(
                     record.contains(&format!("otelcol-contrib = \"{pin}\"")),
                     "install-opamp.sh did not install {pin}: {record}"
@@ -434,7 +402,7 @@ impl Drill {
         for (label, version) in [("one-liner upgrade", current), ("one-liner rollback", old)] {
             let cmd = one_liner(version);
             self.step(label, "agent", false, Some((version, "script")), |d| {
-                sh(&d.host, &cmd).map(drop)
+                d.host.sh(&cmd).map(drop)
             })?;
         }
         // The host's edited configuration is kept (--force-confold), as an
@@ -451,13 +419,13 @@ impl Drill {
             ("deb rollback (dpkg)", format!("{dpkg} /root/old.deb"), old),
         ] {
             self.step(label, "agent", false, Some((version, "deb")), |d| {
-                sh(&d.host, &cmd).map(drop)
+                d.host.sh(&cmd).map(drop)
             })?;
         }
         let base = self._dir.path().join("testhost-base.rpm");
         base_system_rpm(&base)?;
         self.host.copy_in(&base, "/root/base.rpm", 0o644)?;
-        sh(&self.host, "rpm --initdb && rpm -i /root/base.rpm")?;
+        self.host.sh("rpm --initdb && rpm -i /root/base.rpm")?;
         for (label, cmd, version) in [
             (
                 "deb removed, rpm installed",
@@ -477,7 +445,7 @@ impl Drill {
             ("rpm upgrade again (rpm)", "rpm -U /root/new.rpm", current),
         ] {
             self.step(label, "agent", false, Some((version, "rpm")), |d| {
-                sh(&d.host, cmd).map(drop)
+                d.host.sh(cmd).map(drop)
             })?;
         }
         // (d) The agent killed; systemd starts it again.
@@ -487,14 +455,15 @@ impl Drill {
             false,
             Some((current, "rpm")),
             |d| {
-                let pid = sh(&d.host, "systemctl show -p MainPID --value linkmesh-agent")?;
-                sh(&d.host, "systemctl kill -s SIGKILL linkmesh-agent")?;
+                let pid = d
+                    .host
+                    .sh("systemctl show -p MainPID --value linkmesh-agent")?;
+                d.host.sh("systemctl kill -s SIGKILL linkmesh-agent")?;
                 let deadline = Instant::now() + Duration::from_secs(30);
                 loop {
-                    let now = sh(
-                        &d.host,
-                        "systemctl show -p MainPID,ActiveState linkmesh-agent",
-                    )?;
+                    let now = d
+                        .host
+                        .sh("systemctl show -p MainPID,ActiveState linkmesh-agent")?;
                     if now.contains("ActiveState=active")
                         && !now.contains(&format!("MainPID={}", pid.trim()))
                     {
@@ -520,7 +489,7 @@ impl Drill {
                 d.fleet.restart(None)
             },
         )?;
-        sh(&self.host, "systemctl stop lm-load")?;
+        self.host.sh("systemctl stop lm-load")?;
         Ok(self.outcome)
     }
 }

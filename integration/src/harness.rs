@@ -942,6 +942,69 @@ pub fn base_system_rpm(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where [`publish_runtime`]'s release wrappers find the real binaries on a
+/// host: copies them to `/usr/local/lib/real/`.
+///
+/// # Errors
+/// When a binary is missing or cannot be copied in.
+pub fn install_real_runtime_for_releases(host: &crate::testhost::TestHost) -> anyhow::Result<()> {
+    let real = real_runtimes()?;
+    for name in [COLLECTOR, "opampsupervisor"] {
+        host.copy_in(
+            &real.join(name),
+            &format!("/usr/local/lib/real/{name}"),
+            0o755,
+        )?;
+    }
+    Ok(())
+}
+
+/// Copies the agent, the reference server and the real runtime into
+/// `host` at the paths the packages use.
+///
+/// # Errors
+/// When a binary is missing or cannot be copied in.
+pub fn install_agent_server_and_runtime(host: &crate::testhost::TestHost) -> anyhow::Result<()> {
+    for (bin, dest) in [
+        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
+        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
+    ] {
+        host.copy_in(&binary(bin)?, dest, 0o755)?;
+    }
+    install_runtime(host)
+}
+
+/// How [`enrol_in_host`] starts the reference server inside a host: on its
+/// loopback, as the transient unit `lm-fleet`, asking for a report every
+/// second; append more `serve` arguments.
+pub const SERVER_IN_HOST: &str = "systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s";
+
+/// Runs a reference server inside `host` ([`SERVER_IN_HOST`] plus
+/// `serve_args`) and enrols the agent installed at /usr/bin/linkmesh-agent.
+///
+/// # Errors
+/// When the server or the enrolment fails, with what they said.
+pub fn enrol_in_host(host: &crate::testhost::TestHost, serve_args: &str) -> anyhow::Result<()> {
+    host.sh(&format!(
+        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && {SERVER_IN_HOST} {serve_args} && \
+         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
+         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json"
+    ))
+    .context("server in host")?;
+    let token: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
+    std::fs::write(
+        host.path("/root/token"),
+        token["token"].as_str().unwrap_or_default(),
+    )?;
+    host.sh(&format!(
+        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token",
+        token["ca_pin"].as_str().unwrap_or_default()
+    ))
+    .context("enrol in host")?;
+    Ok(())
+}
+
 /// Runtime artifacts as the releases ship them: v0.158.0 with one `.sha256`
 /// per artifact, v0.157.0 with the older combined checksum files. Only one
 /// real build of each runtime exists here (scripts/build-runtimes, 0.158.0),

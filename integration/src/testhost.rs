@@ -242,6 +242,22 @@ impl TestHost {
         )
     }
 
+    /// Runs a shell command inside the host and returns its stdout; fails
+    /// with the command, its stdout and its stderr unless it exits 0.
+    ///
+    /// # Errors
+    /// When nsenter cannot be run or the command fails.
+    pub fn sh(&self, script: &str) -> anyhow::Result<String> {
+        let out = self.exec(script)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "`{script}` failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(text)
+    }
+
     /// Runs a shell command inside the host (all its namespaces).
     ///
     /// # Errors

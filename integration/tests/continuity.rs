@@ -20,20 +20,9 @@ fn the_upgrade_drill_loses_no_telemetry() -> R {
 use std::time::{Duration, Instant};
 
 use linkmesh_integration::{
-    harness::{binary, install_runtime},
+    harness::{SERVER_IN_HOST, enrol_in_host, install_agent_server_and_runtime},
     testhost::TestHost,
 };
-
-fn sh(host: &TestHost, script: &str) -> anyhow::Result<String> {
-    let out = host.exec(script)?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    anyhow::ensure!(
-        out.status.success(),
-        "`{script}`: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(text)
-}
 
 /// Waits (at most `limit`) until `script`'s output satisfies `ok`.
 fn wait_for(
@@ -59,19 +48,11 @@ fn wait_for(
     }
 }
 
-const SERVER_IN_HOST: &str = "systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s";
-
 /// A host running the shipped agent unit, enrolled with a reference server
 /// on its own loopback (started with `serve_args`), its collector up.
 fn agent_host(name: &str, serve_args: &str) -> anyhow::Result<TestHost> {
     let host = TestHost::boot(name)?;
-    for (bin, dest) in [
-        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
-        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
-    ] {
-        host.copy_in(&binary(bin)?, dest, 0o755)?;
-    }
-    install_runtime(&host)?;
+    install_agent_server_and_runtime(&host)?;
     let unit =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
     host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
@@ -80,27 +61,8 @@ fn agent_host(name: &str, serve_args: &str) -> anyhow::Result<TestHost> {
         host.path("/etc/linkmesh/collector.yaml"),
         "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:4318\nexporters:\n  nop:\nservice:\n  pipelines:\n    logs: {receivers: [otlp], exporters: [nop]}\n",
     )?;
-    sh(
-        &host,
-        &format!(
-            "linkmesh-fleet init --state /var/lib/fleet >/dev/null && {SERVER_IN_HOST} {serve_args} && \
-             for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
-             linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json"
-        ),
-    )?;
-    let token: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
-    std::fs::write(
-        host.path("/root/token"),
-        token["token"].as_str().unwrap_or_default(),
-    )?;
-    sh(
-        &host,
-        &format!(
-            "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token && systemctl daemon-reload && systemctl enable --now linkmesh-agent",
-            token["ca_pin"].as_str().unwrap_or_default()
-        ),
-    )?;
+    enrol_in_host(&host, serve_args)?;
+    host.sh("systemctl daemon-reload && systemctl enable --now linkmesh-agent")?;
     collector(&host)?;
     Ok(host)
 }
@@ -118,10 +80,9 @@ fn collector(host: &TestHost) -> anyhow::Result<(String, String)> {
 }
 
 fn status(host: &TestHost) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::from_str(&sh(
-        host,
-        "linkmesh-agent status --json",
-    )?)?)
+    Ok(serde_json::from_str(
+        &host.sh("linkmesh-agent status --json")?,
+    )?)
 }
 
 /// The collector runtime's unit under everything that happens to the agent,
@@ -153,7 +114,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
             })
         },
     )?;
-    let enabled = sh(&host, "systemctl is-enabled linkmesh-collector")?;
+    let enabled = host.sh("systemctl is-enabled linkmesh-collector")?;
     assert_eq!(enabled.trim(), "enabled");
 
     // Restart, stop and start, SIGKILL: the collector is untouched.
@@ -162,7 +123,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         "systemctl stop linkmesh-agent && systemctl start linkmesh-agent",
         "systemctl kill -s SIGKILL linkmesh-agent && sleep 3",
     ] {
-        sh(&host, step)?;
+        host.sh(step)?;
         wait_for(
             &host,
             Duration::from_secs(30),
@@ -180,7 +141,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         err.contains("another linkmesh-agent run already manages"),
         "{err}"
     );
-    assert_eq!(sh(&host, "pgrep -c -x opampsupervisor")?.trim(), "1");
+    assert_eq!(host.sh("pgrep -c -x opampsupervisor")?.trim(), "1");
 
     // Killed in the middle of a reload that restarts the runtime: the next
     // agent finds the unit, and one supervisor runs the new configuration.
@@ -192,9 +153,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         host.path("/etc/linkmesh/agent.toml"),
         "[runtime]\ncollector_config = \"/etc/linkmesh/other.yaml\"\n",
     )?;
-    sh(
-        &host,
-        "systemctl kill -s SIGHUP linkmesh-agent; sleep 0.3; systemctl kill -s SIGKILL linkmesh-agent",
+    host.sh("systemctl kill -s SIGHUP linkmesh-agent; sleep 0.3; systemctl kill -s SIGKILL linkmesh-agent",
     )?;
     wait_for(
         &host,
@@ -202,7 +161,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         "systemctl is-active linkmesh-agent",
         |t| t.trim() == "active",
     )?;
-    let (sup2, _) = collector(&host)?;
+    collector(&host)?;
     wait_for(
         &host,
         Duration::from_secs(30),
@@ -210,15 +169,14 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         |t| t.starts_with("1\n"),
     )?;
     assert!(
-        sh(&host, "cat /var/lib/linkmesh-agent/supervisor.yaml")?
+        host.sh("cat /var/lib/linkmesh-agent/supervisor.yaml")?
             .contains("/etc/linkmesh/other.yaml")
     );
-    let _ = sup2;
 
     // runtime stop: gone, and it stays gone across an agent restart.
-    let out = sh(&host, "linkmesh-agent runtime stop")?;
+    let out = host.sh("linkmesh-agent runtime stop")?;
     assert!(out.contains("stopped and disabled"), "{out}");
-    sh(&host, "systemctl restart linkmesh-agent")?;
+    host.sh("systemctl restart linkmesh-agent")?;
     wait_for(
         &host,
         Duration::from_secs(20),
@@ -235,7 +193,7 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
             .trim(),
         "disabled"
     );
-    sh(&host, "linkmesh-agent runtime start")?;
+    host.sh("linkmesh-agent runtime start")?;
     collector(&host)?;
 
     // A supervisor that cannot start: systemd gives up, the agent says why
@@ -244,12 +202,12 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         host.path("/usr/local/bin/broken-supervisor"),
         "#!/bin/sh\necho 'error: bad configuration' >&2\nexit 1\n",
     )?;
-    sh(&host, "chmod 755 /usr/local/bin/broken-supervisor")?;
+    host.sh("chmod 755 /usr/local/bin/broken-supervisor")?;
     std::fs::write(
         host.path("/etc/linkmesh/agent.toml"),
         "[runtime]\nsupervisor = \"/usr/local/bin/broken-supervisor\"\n",
     )?;
-    sh(&host, "systemctl reload linkmesh-agent")?;
+    host.sh("systemctl reload linkmesh-agent")?;
     let s = wait_for(
         &host,
         Duration::from_secs(60),
@@ -265,35 +223,27 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         "{}",
         v["runtime"]["supervision"]
     );
-    let before = sh(
-        &host,
-        "systemctl show -p NRestarts,ActiveState linkmesh-collector",
-    )?;
+    let before = host.sh("systemctl show -p NRestarts,ActiveState linkmesh-collector")?;
     std::thread::sleep(Duration::from_secs(6));
-    let after = sh(
-        &host,
-        "systemctl show -p NRestarts,ActiveState linkmesh-collector",
-    )?;
+    let after = host.sh("systemctl show -p NRestarts,ActiveState linkmesh-collector")?;
     assert_eq!(before, after, "the failed unit was started again");
     assert!(after.contains("ActiveState=failed"), "{after}");
     let check = host.exec("linkmesh-agent check")?;
     assert!(!check.status.success());
     // Fixed and reloaded: running again.
     std::fs::remove_file(host.path("/etc/linkmesh/agent.toml"))?;
-    sh(&host, "systemctl reload linkmesh-agent")?;
+    host.sh("systemctl reload linkmesh-agent")?;
     let (_, col) = collector(&host)?;
 
     // Rebooted with the server down and the agent disabled: the collector
     // comes up on its own with its last configuration.
-    sh(
-        &host,
-        "systemctl stop lm-fleet; systemctl disable --quiet linkmesh-agent",
-    )?;
+    host.sh("systemctl stop lm-fleet; systemctl disable --quiet linkmesh-agent")?;
     host.reboot()?;
     let (_, col_after) = collector(&host)?;
     assert_ne!(col_after, col, "a new boot, a new process");
     assert_eq!(
-        sh(&host, "systemctl is-active linkmesh-agent || true")?.trim(),
+        host.sh("systemctl is-active linkmesh-agent || true")?
+            .trim(),
         "inactive"
     );
     wait_for(
@@ -315,13 +265,12 @@ fn the_supervisor_presents_the_renewed_certificate_without_a_restart() -> R {
     let host = agent_host("lm-renew", "--cert-lifetime 40s")?;
     let (sup, _) = collector(&host)?;
     let serial = |h: &TestHost| -> anyhow::Result<String> {
-        Ok(sh(
-            h,
-            "openssl x509 -noout -serial -in /var/lib/linkmesh-agent/identity/cert.pem",
-        )?
-        .trim()
-        .trim_start_matches("serial=")
-        .to_owned())
+        Ok(
+            h.sh("openssl x509 -noout -serial -in /var/lib/linkmesh-agent/identity/cert.pem")?
+                .trim()
+                .trim_start_matches("serial=")
+                .to_owned(),
+        )
     };
     let first = serial(&host)?;
     let renewed = {
@@ -336,10 +285,9 @@ fn the_supervisor_presents_the_renewed_certificate_without_a_restart() -> R {
         }
     };
     std::thread::sleep(Duration::from_secs(6));
-    sh(
-        &host,
-        &format!("systemctl stop lm-fleet; {SERVER_IN_HOST} --cert-lifetime 40s"),
-    )?;
+    host.sh(&format!(
+        "systemctl stop lm-fleet; {SERVER_IN_HOST} --cert-lifetime 40s"
+    ))?;
     wait_for(
         &host,
         Duration::from_secs(60),
@@ -354,10 +302,7 @@ fn the_supervisor_presents_the_renewed_certificate_without_a_restart() -> R {
         host.path("/root/remote.yaml"),
         "exporters:\n  debug:\n    verbosity: basic\nservice:\n  pipelines:\n    logs: {receivers: [otlp], exporters: [nop, debug]}\n",
     )?;
-    sh(
-        &host,
-        "linkmesh-fleet collector-config set --state /var/lib/fleet --file /root/remote.yaml",
-    )?;
+    host.sh("linkmesh-fleet collector-config set --state /var/lib/fleet --file /root/remote.yaml")?;
     wait_for(
         &host,
         Duration::from_secs(60),

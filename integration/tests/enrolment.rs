@@ -545,6 +545,16 @@ fn raw_enroll_as(
     })
 }
 
+/// openssl's options for an ECDSA P-256 key signed with SHA-256: the CSR
+/// the CA signs.
+const P256: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-sha256",
+];
+
 /// A CSR made by openssl with `args` (key options and digest), DER.
 fn openssl_csr(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let out_path = dir.join(format!("{name}.der"));
@@ -617,17 +627,7 @@ fn a_refused_csr_spends_no_token_use_and_only_p256_or_ed25519_keys_are_signed() 
     assert!(out.status.success(), "{}", text(&out));
     // And a P-256 key made by openssl is signed, with the very key it sent.
     let t2 = fleet.token(1, "1h")?;
-    let csr = openssl_csr(
-        dir.path(),
-        "p256",
-        &[
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-sha256",
-        ],
-    )?;
+    let csr = openssl_csr(dir.path(), "p256", &P256)?;
     raw_enroll(&fleet.url, &t2.ca_pin, &t2.token, csr)?
         .map_err(|e| anyhow::anyhow!("P-256 refused: {e:?}"))?;
     Ok(())
@@ -642,18 +642,11 @@ fn agent_strings_are_bounded_and_escaped_in_tables_and_logs() -> R {
     let dir = scratch("strings")?;
     let fleet = Fleet::start(&dir.path().join("fleet"), &[])?;
     let t = fleet.token(1, "1h")?;
-    let p256 = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-sha256",
-    ];
     let facts = |hostname: String| linkmesh_agent::proto::HostFacts {
         hostname,
         ..Default::default()
     };
-    let csr = openssl_csr(dir.path(), "long", &p256)?;
+    let csr = openssl_csr(dir.path(), "long", &P256)?;
     let err = raw_enroll_as(
         &fleet.url,
         &t.ca_pin,
@@ -672,7 +665,7 @@ fn agent_strings_are_bounded_and_escaped_in_tables_and_logs() -> R {
     assert!(fleet.token_record(&t.token_id)?.uses.is_empty());
 
     let evil = "web\u{1b}[2J\r\n00000000-0000-4000-8000-000000000000  forged".to_owned();
-    let csr = openssl_csr(dir.path(), "evil", &p256)?;
+    let csr = openssl_csr(dir.path(), "evil", &P256)?;
     raw_enroll_as(&fleet.url, &t.ca_pin, &t.token, csr, Some(facts(evil)))?
         .map_err(|e| anyhow::anyhow!("refused: {e:?}"))?;
     for args in [&["hosts"][..], &["drift"][..]] {
@@ -712,14 +705,7 @@ fn refused_enrolments_are_logged_at_a_bounded_rate() -> R {
         .map(|c| if c == '0' { '1' } else { '0' })
         .collect();
     let bogus = format!("{head}_{wrong}");
-    let p256 = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-sha256",
-    ];
-    let csr = openssl_csr(dir.path(), "probe", &p256)?;
+    let csr = openssl_csr(dir.path(), "probe", &P256)?;
     for _ in 0..50 {
         let err = raw_enroll(&fleet.url, &t.ca_pin, &bogus, csr.clone())?
             .expect_err("a wrong secret enrolled");

@@ -5,8 +5,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use linkmesh_integration::{
     harness::{
-        COLLECTOR, DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary,
-        real_runtimes, scratch, snapshot,
+        DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary, scratch, snapshot,
     },
     testhost::{SERVER_ADDR, TestHost, TestNet},
 };
@@ -346,17 +345,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     linkmesh_integration::harness::publish_runtime(&bed.artifacts, "0.157.0", false)?;
     let host = TestHost::boot("lm-opamp")?;
     bed.net.attach(&host)?;
-    let real = real_runtimes()?;
-    host.copy_in(
-        &real.join(COLLECTOR),
-        &format!("/usr/local/lib/real/{COLLECTOR}"),
-        0o755,
-    )?;
-    host.copy_in(
-        &real.join("opampsupervisor"),
-        "/usr/local/lib/real/opampsupervisor",
-        0o755,
-    )?;
+    linkmesh_integration::harness::install_real_runtime_for_releases(&host)?;
     let t = bed.fleet.token(1, "1h")?;
     token_file(&host, &t)?;
     let (code, text) = install_one_liner(

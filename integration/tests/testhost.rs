@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use linkmesh_integration::testhost::TestHost;
+use linkmesh_integration::{
+    harness::{enrol_in_host, install_agent_server_and_runtime},
+    testhost::TestHost,
+};
 
 type R = anyhow::Result<()>;
 
@@ -405,51 +408,6 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
         "{text}"
     );
     Ok(())
-}
-
-/// Runs a reference server inside `host` (on its loopback, 1 s reports, plus
-/// `serve_args`) and enrols the agent installed at /usr/bin/linkmesh-agent.
-fn enrol_in_host(host: &TestHost, serve_args: &str) -> R {
-    let out = host.exec(&format!(
-        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && \
-         systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s {serve_args} && \
-         for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
-         linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json"
-    ))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "server in host: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(host.path("/root/token.json"))?)?;
-    std::fs::write(
-        host.path("/root/token"),
-        token["token"].as_str().unwrap_or_default(),
-    )?;
-    let out = host.exec(&format!(
-        "linkmesh-agent enroll --server https://127.0.0.1:8443 --ca-pin {} --token-file /root/token",
-        token["ca_pin"].as_str().unwrap_or_default()
-    ))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "enrol in host: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Copies the agent, the reference server and the stand-in runtime into
-/// `host` at the paths the packages use.
-fn install_agent_server_and_runtime(host: &TestHost) -> R {
-    use linkmesh_integration::harness::{binary, install_runtime};
-    for (bin, dest) in [
-        ("linkmesh-agent", "/usr/bin/linkmesh-agent"),
-        ("linkmesh-fleet", "/usr/local/bin/linkmesh-fleet"),
-    ] {
-        host.copy_in(&binary(bin)?, dest, 0o755)?;
-    }
-    install_runtime(host)
 }
 
 /// OTLP traces, metrics and logs sent to the collector the agent supervises
