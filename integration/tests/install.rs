@@ -384,13 +384,17 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
         ),
         "{state}"
     );
-    let status = |host: &TestHost| -> anyhow::Result<serde_json::Value> {
+    // The agent is reloaded (not restarted) after install-opamp.sh, and
+    // `systemctl reload` returns before the reload is done: wait for the
+    // installed supervisor version too, not only for a running collector.
+    let status_at = |host: &TestHost, version: &str| -> anyhow::Result<serde_json::Value> {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let out = host.exec("linkmesh-agent status --json")?;
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             if v["runtime"]["supervision"]["state"] == "running"
                 && v["runtime"]["supervision"]["collector_pid"].is_u64()
+                && v["runtime"]["detection"]["supervisor"]["version"] == version
             {
                 return Ok(v);
             }
@@ -402,7 +406,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    let s = status(&host)?;
+    let s = status_at(&host, "0.158.0")?;
     let d = &s["runtime"]["detection"];
     assert_eq!(d["supervisor"]["version"], "0.158.0");
     assert_eq!(d["supervisor"]["version_source"], "install record");
@@ -436,7 +440,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     assert!(text.contains("up to date"), "{text}");
     assert_eq!(files(&host), before);
     assert_eq!(
-        status(&host)?["runtime"]["supervision"]["pid"],
+        status_at(&host, "0.158.0")?["runtime"]["supervision"]["pid"],
         sup_pid,
         "restarted although nothing changed"
     );
@@ -445,7 +449,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     // restarted onto it, the collector's instance id kept.
     let (code, text) = opamp("--otelcol-version 0.157.0 --supervisor-version 0.157.0")?;
     assert_eq!(code, 0, "{text}");
-    let s = status(&host)?;
+    let s = status_at(&host, "0.157.0")?;
     assert_eq!(
         s["runtime"]["detection"]["supervisor"]["version"], "0.157.0",
         "{s}"
