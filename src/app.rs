@@ -349,29 +349,29 @@ impl Managed {
             RuntimeKind::Alloy => {
                 let (tx, rx) = watch::channel(detection.clone());
                 let settings = settings.clone();
+                let send = move |d: Detection| {
+                    let _ = report.send(Some(RuntimeReport {
+                        agent_pid: std::process::id(),
+                        updated_unix_ms: crate::clock::now_unix_ms(),
+                        kind: RuntimeKind::Alloy,
+                        supervision: None,
+                        detection: d,
+                    }));
+                };
+                // The first report before READY, as for the supervisor.
+                warn_if_restart_pending(detection.alloy.as_ref());
+                send(detection.clone());
                 let watcher = tokio::spawn(async move {
-                    let mut last = None;
+                    let mut last = detection.alloy;
                     loop {
-                        let d = tx.borrow().clone();
-                        let alloy = d.alloy.clone();
-                        if last.as_ref() != Some(&alloy) {
-                            if let Some(a) = &alloy
-                                && a.restart_pending
-                            {
-                                tracing::warn!(installed = ?a.executable.version, running = ?a.running_version, "Alloy was upgraded but not restarted");
-                            }
-                            last = Some(alloy);
-                        }
-                        let _ = report.send(Some(RuntimeReport {
-                            agent_pid: std::process::id(),
-                            updated_unix_ms: crate::clock::now_unix_ms(),
-                            kind: RuntimeKind::Alloy,
-                            supervision: None,
-                            detection: d,
-                        }));
                         tokio::time::sleep(options.alloy_poll).await;
                         let fresh = detect(&settings).await;
-                        let _ = tx.send(fresh);
+                        if fresh.alloy != last {
+                            warn_if_restart_pending(fresh.alloy.as_ref());
+                            last.clone_from(&fresh.alloy);
+                        }
+                        let _ = tx.send(fresh.clone());
+                        send(fresh);
                     }
                 });
                 Ok(Self::Alloy {
@@ -569,24 +569,36 @@ fn prepare_supervisor(
     })
 }
 
+fn warn_if_restart_pending(alloy: Option<&runtime::AlloyInfo>) {
+    if let Some(a) = alloy
+        && a.restart_pending
+    {
+        tracing::warn!(installed = ?a.executable.version, running = ?a.running_version, "Alloy was upgraded but not restarted");
+    }
+}
+
+/// Forwards the supervisor's status into the runtime report. The first
+/// report is sent before this returns, so the status file `run` writes
+/// before READY already names this agent (a spawned first send raced it,
+/// and `check` right after `systemctl restart` read the previous agent's pid).
 fn forward_supervision(
     mut status: watch::Receiver<supervisor::Status>,
     detection: Detection,
     report: watch::Sender<Option<RuntimeReport>>,
 ) -> JoinHandle<()> {
+    let send = move |s: supervisor::Status| {
+        let _ = report.send(Some(RuntimeReport {
+            agent_pid: std::process::id(),
+            updated_unix_ms: crate::clock::now_unix_ms(),
+            kind: RuntimeKind::Otelcol,
+            supervision: Some(s),
+            detection: detection.clone(),
+        }));
+    };
+    send(status.borrow_and_update().clone());
     tokio::spawn(async move {
-        loop {
-            let s = status.borrow_and_update().clone();
-            let _ = report.send(Some(RuntimeReport {
-                agent_pid: std::process::id(),
-                updated_unix_ms: crate::clock::now_unix_ms(),
-                kind: RuntimeKind::Otelcol,
-                supervision: Some(s),
-                detection: detection.clone(),
-            }));
-            if status.changed().await.is_err() {
-                return;
-            }
+        while status.changed().await.is_ok() {
+            send(status.borrow_and_update().clone());
         }
     })
 }
@@ -664,5 +676,33 @@ impl runtime::Probes for NoProbes {
     }
     fn http_get(&self, _: &str, _: &str) -> Result<String, String> {
         Err("detection unavailable".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run` writes the status file right after `Managed::start` and then
+    /// tells systemd READY: the first report must be there by then, not in
+    /// a task that has not run yet (on this current-thread runtime a
+    /// spawned send would not have).
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_first_supervision_report_is_sent_before_forwarding_returns() {
+        let (_status_tx, status_rx) = watch::channel(supervisor::Status::new("opampsupervisor"));
+        let (report_tx, report_rx) = watch::channel(None::<RuntimeReport>);
+        let detection = Detection {
+            kind: RuntimeKind::Otelcol,
+            collector: None,
+            supervisor: None,
+            alloy: None,
+            conflicts: Vec::new(),
+            notes: Vec::new(),
+        };
+        let forward = forward_supervision(status_rx, detection, report_tx);
+        let first = report_rx.borrow().clone();
+        forward.abort();
+        let first = first.map(|r| (r.agent_pid, r.kind));
+        assert_eq!(first, Some((std::process::id(), RuntimeKind::Otelcol)));
     }
 }

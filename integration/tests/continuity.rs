@@ -124,6 +124,19 @@ fn the_collector_unit_survives_the_agent_and_its_faults() -> R {
         "systemctl kill -s SIGKILL linkmesh-agent && sleep 3",
     ] {
         host.sh(step)?;
+        if !step.contains("SIGKILL") {
+            // `systemctl start` returns at READY (Type=notify): by then the
+            // status file already names the new agent, so the one-liner's
+            // `check` right after a restart sees it running.
+            let s = status(&host)?;
+            let main_pid = host.sh("systemctl show -p MainPID --value linkmesh-agent")?;
+            assert_eq!(s["runtime"]["agent_running"], true, "{step}: {s}");
+            assert_eq!(
+                s["runtime"]["agent_pid"].to_string(),
+                main_pid.trim(),
+                "{step}: {s}"
+            );
+        }
         wait_for(
             &host,
             Duration::from_secs(30),
