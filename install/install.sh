@@ -22,6 +22,8 @@
 #   --ca-file FILE      the server's CA certificate instead of a pin
 #   --token TOKEN | --token-file FILE   enrolment token (or LINKMESH_TOKEN)
 #   --version X.Y.Z     install this version (also how a rollback is done)
+#   --allow-ahead       install even when the version is newer than the fleet
+#                       server (labs; also LINKMESH_ALLOW_AHEAD=1)
 #   --force             re-enrol a host enrolled with another server
 #   --method M          auto (default), deb, rpm or binary
 #   --dry-run           print each step that would change the host; change nothing
@@ -31,7 +33,8 @@
 #   5 server unreachable or download failed   6 CA does not match the pin
 #   7 checksum mismatch   8 enrolment refused (token, version)
 #   9 enrolled with another server (use --force)   10 service failed to start
-#   11 post-install check failed
+#   11 post-install check failed   12 refused: newer than the fleet server
+#   (the server is upgraded first; --allow-ahead overrides)
 #
 # Everything runs from main(), called on the last line, so a truncated
 # download runs nothing.
@@ -53,6 +56,8 @@ METHOD=auto
 PKG_RELEASE=1
 FORCE=0
 DRY_RUN=0
+ALLOW_AHEAD=0
+case "${LINKMESH_ALLOW_AHEAD:-}" in 1 | true | yes) ALLOW_AHEAD=1 ;; esac
 WORK=""
 
 say() { printf 'linkmesh-install: %s\n' "$*" >&2; }
@@ -86,10 +91,11 @@ usage() {
 	cat >&2 <<'USAGE'
 usage: install.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE)
                   [--token-file FILE | --token TOKEN] [--version X.Y.Z] [--force] [--dry-run]
-                  [--method auto|deb|rpm|binary]
+                  [--method auto|deb|rpm|binary] [--allow-ahead]
 The token may also come from LINKMESH_TOKEN. Exit codes: 2 usage, 3 unsupported
 system, 4 not root, 5 download failed, 6 CA pin mismatch, 7 checksum mismatch,
-8 enrolment refused, 9 enrolled elsewhere (--force), 10 service failed, 11 check failed.
+8 enrolment refused, 9 enrolled elsewhere (--force), 10 service failed, 11 check
+failed, 12 newer than the fleet server (upgrade the server first).
 USAGE
 	exit 2
 }
@@ -112,6 +118,7 @@ parse_args() {
 		--method) METHOD=${2:-}; shift 2 ;;
 		--method=*) METHOD=${1#*=}; shift ;;
 		--force) FORCE=1; shift ;;
+		--allow-ahead) ALLOW_AHEAD=1; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
 		-h | --help) usage ;;
 		*) die 2 "unknown option $1 (see --help)" ;;
@@ -138,6 +145,11 @@ parse_args() {
 	fi
 	if [ -z "$TOKEN" ] && [ -n "$TOKEN_FILE" ]; then
 		[ -r "$TOKEN_FILE" ] || die 2 "cannot read --token-file $TOKEN_FILE"
+	fi
+	if [ "$ALLOW_AHEAD" -eq 1 ]; then
+		# The package's own preinst/%pre judge again, and the final check
+		# judges the agent's place in the window: both read this.
+		export LINKMESH_ALLOW_AHEAD=1
 	fi
 }
 
@@ -303,6 +315,43 @@ download_agent() {
 	fetch collector.yaml "$WORK/collector.yaml"
 }
 
+# Step 4b: server first. The version about to be installed is judged by its
+# own binary (for a package, the one inside it) against the fleet server's
+# version, by the agent's one skew rule: newer than the server is refused
+# before anything on the host changes. A target too old to know the check
+# is judged by the installed agent, if any.
+server_first() {
+	judge=""
+	if [ "$METHOD" = binary ]; then
+		judge=$WORK/$NAME
+		chmod 0755 "$judge"
+	elif [ -n "$PKG" ] && [ -f "$WORK/$PKG" ]; then
+		judge=$WORK/judge
+		case "$METHOD" in
+		deb) dpkg-deb --fsys-tarfile "$WORK/$PKG" | tar -xOf - ./usr/bin/linkmesh-agent >"$judge" 2>/dev/null || judge="" ;;
+		rpm) rpm2archive -n - <"$WORK/$PKG" 2>/dev/null | tar -xOf - ./usr/bin/linkmesh-agent >"$judge" 2>/dev/null || judge="" ;;
+		esac
+		[ -z "$judge" ] || chmod 0755 "$judge"
+	else
+		return 0 # this version is installed already
+	fi
+	ahead=""
+	[ "$ALLOW_AHEAD" -eq 1 ] && ahead=--allow-ahead
+	for j in $judge "$PREFIX_BIN/linkmesh-agent"; do
+		[ -x "$j" ] || continue
+		rc=0
+		# shellcheck disable=SC2086
+		"$j" server-first --to "$VERSION" --server "$SERVER" --ca-file "$WORK/ca.pem" $ahead || rc=$?
+		case $rc in
+		0) return 0 ;;
+		12) die 12 "linkmesh-agent $VERSION was not installed: the fleet server is upgraded first (see above); nothing on this host was changed" ;;
+		2) continue ;; # a version that predates the check
+		*) die 12 "the server-first check of linkmesh-agent $VERSION failed (exit $rc); nothing on this host was changed" ;;
+		esac
+	done
+	say "warning: no agent here knows the server-first check; installing linkmesh-agent $VERSION unchecked"
+}
+
 # Step 5, package method: the package manager replaces the files and its
 # scripts restart an enrolled agent and record the method.
 install_package() {
@@ -462,6 +511,7 @@ main() {
 	check_root
 	establish_trust
 	download_agent
+	server_first
 	install_agent
 	enrol
 	start_service

@@ -84,17 +84,18 @@ pub struct ServerView {
     pub clock_offset_ms: i64,
 }
 
-/// Runs every check.
-pub fn run(paths: &ConfigPaths) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let settings = match config::load(paths, |k| std::env::var(k).ok()) {
+pub mod pre_upgrade;
+
+/// The configuration, as a check; `None` when it does not load.
+fn settings_check(paths: &ConfigPaths, checks: &mut Vec<Check>) -> Option<Settings> {
+    match config::load(paths, |k| std::env::var(k).ok()) {
         Ok(s) => {
             checks.push(ok(
                 "config",
                 "configuration is valid",
                 format!("{} file(s) read", s.sources.len()),
             ));
-            s
+            Some(s)
         }
         Err(e) => {
             checks.push(bad(
@@ -104,15 +105,15 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
                 e.to_string(),
                 "fix the keys named above; `linkmesh-agent config check` re-validates",
             ));
-            return checks;
+            None
         }
-    };
-    checks.push(state_dir_check(
-        &settings.state_dir,
-        nix::unistd::geteuid().as_raw(),
-    ));
-    let store = IdentityStore::new(&settings.state_dir);
-    let identity = match store
+    }
+}
+
+/// The host identity, as a check; `None` when there is none or it does
+/// not read.
+fn identity_check(store: &IdentityStore, checks: &mut Vec<Check>) -> Option<Identity> {
+    match store
         .lock_shared()
         .and_then(|l| l.map(|l| store.load(&l)).transpose())
     {
@@ -125,7 +126,7 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
             Some(id)
         }
         Ok(_) => {
-            checks.push(bad("identity", "host identity is present and consistent", Outcome::Fail, format!("not enrolled (no identity in {})", settings.state_dir.display()), "enrol: echo $TOKEN | linkmesh-agent enroll --server URL --ca-pin sha256:HEX --token-file /dev/stdin"));
+            checks.push(bad("identity", "host identity is present and consistent", Outcome::Fail, format!("not enrolled (no identity in {})", store.state_dir().display()), "enrol: echo $TOKEN | linkmesh-agent enroll --server URL --ca-pin sha256:HEX --token-file /dev/stdin"));
             None
         }
         Err(e) => {
@@ -138,7 +139,21 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
             ));
             None
         }
+    }
+}
+
+/// Runs every check.
+pub fn run(paths: &ConfigPaths) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let Some(settings) = settings_check(paths, &mut checks) else {
+        return checks;
     };
+    checks.push(state_dir_check(
+        &settings.state_dir,
+        nix::unistd::geteuid().as_raw(),
+    ));
+    let store = IdentityStore::new(&settings.state_dir);
+    let identity = identity_check(&store, &mut checks);
     let key_path = store.identity_dir().join(crate::identity::store::KEY_FILE);
     if identity.is_some() {
         checks.push(ok(
@@ -188,7 +203,14 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
                 },
             ));
             checks.push(clock_check(view.clock_offset_ms));
-            checks.push(version_check(&view.info));
+            checks.push(version_check(
+                &view.info,
+                crate::upgrade::allow_ahead_from(
+                    std::env::var(crate::upgrade::ALLOW_AHEAD_ENV)
+                        .ok()
+                        .as_deref(),
+                ),
+            ));
             checks.push(runtime_version_check(&detection, &view.info.runtime_pins));
         }
         (Some(id), Some(Err(e))) => {
@@ -390,7 +412,10 @@ pub fn clock_check(offset_ms: i64) -> Check {
 }
 
 /// The skew rule against the server's version.
-pub fn version_check(info: &proto::ServerInfoResponse) -> Check {
+/// This agent against the server's window. An agent ahead of its server
+/// fails, unless the lab override (`LINKMESH_ALLOW_AHEAD=1`, what
+/// `install.sh --allow-ahead` sets) put it there on purpose: then it warns.
+pub fn version_check(info: &proto::ServerInfoResponse, allow_ahead: bool) -> Check {
     const TITLE: &str = "agent version is within the server's window";
     let agent = version::agent_version();
     let Ok(server) = info.server_version.parse::<Version>() else {
@@ -425,9 +450,17 @@ pub fn version_check(info: &proto::ServerInfoResponse) -> Check {
         SkewVerdict::Ahead => bad(
             "version",
             TITLE,
-            Outcome::Fail,
+            if allow_ahead {
+                Outcome::Warn
+            } else {
+                Outcome::Fail
+            },
             detail,
-            "upgrade the server first; this agent keeps working meanwhile",
+            if allow_ahead {
+                "installed ahead on purpose (LINKMESH_ALLOW_AHEAD=1); upgrade the server first; this agent keeps working meanwhile"
+            } else {
+                "upgrade the server first; this agent keeps working meanwhile"
+            },
         ),
         SkewVerdict::Incompatible => bad(
             "version",
@@ -616,10 +649,28 @@ fn conflicts_check(d: &Detection) -> Check {
 /// clock offset.
 fn contact(id: &Identity, settings: &Settings) -> Result<ServerView, String> {
     let tls = Arc::new(mtls_client_config(id).map_err(|e| e.to_string())?);
-    let proxy = proxy_for(id.server.host(), settings.proxy_url.as_deref(), |k| {
-        std::env::var(k).ok()
-    });
-    let dialer = Dialer::new(id.server.clone(), tls, proxy, Duration::from_secs(5));
+    server_info(
+        &id.server,
+        tls,
+        settings.proxy_url.as_deref(),
+        Duration::from_secs(5),
+    )
+}
+
+/// ServerInfo from `server` over `tls` (mutual, or server-authenticated
+/// only), through the proxy the configuration or environment names, bounded
+/// by `timeout` per step; the clock offset measured around it.
+///
+/// # Errors
+/// Why the server could not be asked, for people.
+pub fn server_info(
+    server: &crate::endpoint::ServerUrl,
+    tls: Arc<rustls::ClientConfig>,
+    proxy_url: Option<&str>,
+    timeout: Duration,
+) -> Result<ServerView, String> {
+    let proxy = proxy_for(server.host(), proxy_url, |k| std::env::var(k).ok());
+    let dialer = Dialer::new(server.clone(), tls, proxy, timeout);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -627,21 +678,24 @@ fn contact(id: &Identity, settings: &Settings) -> Result<ServerView, String> {
     rt.block_on(async {
         let mut client = proto::Client::new(dialer.channel().map_err(|e| e.to_string())?);
         let before = SystemTime::now();
-        let info = client
-            .server_info(proto::ServerInfoRequest {})
-            .await
-            .map_err(|s| {
-                dialer
-                    .last_error()
-                    .unwrap_or_else(|| s.message().to_owned())
-            })?
-            .into_inner();
+        let info =
+            tokio::time::timeout(timeout * 2, client.server_info(proto::ServerInfoRequest {}))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "{server} did not answer within {}s",
+                        (timeout * 2).as_secs()
+                    )
+                })?
+                .map_err(|s| {
+                    dialer
+                        .last_error()
+                        .unwrap_or_else(|| s.message().to_owned())
+                })?
+                .into_inner();
         let after = SystemTime::now();
-        let ms = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        };
-        let offset = (ms(before) + ms(after)) / 2 - info.server_time_unix_ms;
+        let midpoint = (crate::clock::unix_ms(before) + crate::clock::unix_ms(after)) / 2;
+        let offset = i64::try_from(midpoint).unwrap_or(i64::MAX) - info.server_time_unix_ms;
         Ok(ServerView {
             info,
             clock_offset_ms: offset,
@@ -697,11 +751,19 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(version_check(&info(v.to_string())).outcome, Outcome::Ok);
-        let behind = version_check(&info(format!("{}.{}.0", v.major, v.minor + 2)));
+        assert_eq!(
+            version_check(&info(v.to_string()), false).outcome,
+            Outcome::Ok
+        );
+        let behind = version_check(&info(format!("{}.{}.0", v.major, v.minor + 2)), false);
         assert_eq!(behind.outcome, Outcome::Fail);
         assert!(behind.hint.unwrap().contains("upgrade the agent"));
-        let other = version_check(&info(format!("{}.0.0", v.major + 1)));
+        let other = version_check(&info(format!("{}.0.0", v.major + 1)), false);
+        if v.minor > 0 {
+            let older = info(format!("{}.{}.0", v.major, v.minor - 1));
+            assert_eq!(version_check(&older, false).outcome, Outcome::Fail);
+            assert_eq!(version_check(&older, true).outcome, Outcome::Warn);
+        }
         assert!(other.detail.contains("different major"));
     }
 

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    clock::rfc3339,
     config::{self, ConfigPaths, Settings},
     endpoint::ServerUrl,
     enrollment::{self, EnrollOptions, EnrollOutcome},
@@ -54,10 +55,22 @@ enum Command {
     },
     /// Pre-flight and health checks; exits non-zero when any fails.
     Check {
+        /// The pre-upgrade checklist instead: the server's version and the
+        /// target's place in its window, the identity and the collector's
+        /// instance id, free space, the way back, the runtime pin.
+        #[arg(long)]
+        pre_upgrade: bool,
+        /// The version to upgrade to [default: the one the server offers].
+        #[arg(long, value_name = "X.Y.Z", requires = "pre_upgrade")]
+        to: Option<String>,
         /// Print stable JSON.
         #[arg(long)]
         json: bool,
     },
+    /// The server-first rule: exit 0 when VERSION may be installed here,
+    /// 12 when it is newer than the fleet server (upgrade the server first).
+    /// install.sh and the packages run it before changing anything.
+    ServerFirst(ServerFirstArgs),
     /// Show which collector runtime this host has, with versions, paths and services.
     Detect {
         /// Print stable JSON.
@@ -92,6 +105,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+struct ServerFirstArgs {
+    /// The agent version about to be installed [default: this agent's].
+    #[arg(long, value_name = "X.Y.Z")]
+    to: Option<String>,
+    /// Ask this fleet server [default: the one this host is enrolled with].
+    #[arg(long, value_name = "URL", requires = "ca_file")]
+    server: Option<String>,
+    /// PEM file with the fleet CA to verify --server with.
+    #[arg(long, value_name = "FILE", requires = "server")]
+    ca_file: Option<PathBuf>,
+    /// Install even when VERSION is ahead of the server (labs); also
+    /// LINKMESH_ALLOW_AHEAD=1.
+    #[arg(long)]
+    allow_ahead: bool,
+    /// Bound on each network step.
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    timeout: String,
+    /// Print stable JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +204,68 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+fn server_first(paths: &ConfigPaths, args: ServerFirstArgs) -> Result<(), Failure> {
+    use crate::upgrade::{self, gate};
+    let target = match &args.to {
+        Some(v) => v
+            .parse::<version::Version>()
+            .map_err(|e| Failure::usage(format!("--to: {e}")))?,
+        None => version::agent_version(),
+    };
+    let timeout = config::parse_duration(&args.timeout)
+        .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    let mut notes = Vec::new();
+    let (state_dir, proxy_url) = match config::load(paths, |k| std::env::var(k).ok()) {
+        Ok(s) => (s.state_dir, s.proxy_url),
+        Err(e) => {
+            notes.push(format!(
+                "the configuration has errors ({e}); using {}",
+                config::DEFAULT_STATE_DIR
+            ));
+            (PathBuf::from(config::DEFAULT_STATE_DIR), None)
+        }
+    };
+    let ask = match (&args.server, &args.ca_file) {
+        (Some(url), Some(file)) => Some(gate::Ask {
+            server: url
+                .parse::<ServerUrl>()
+                .map_err(|e| Failure::usage(format!("--server: {e}")))?,
+            trust: Trust::from_ca_file(file)
+                .map_err(|e| Failure::usage(format!("--ca-file: {e}")))?,
+        }),
+        _ => gate::ask_from_identity(&state_dir).unwrap_or_else(|e| {
+            notes.push(format!("cannot read this host's identity: {e}"));
+            None
+        }),
+    };
+    let (server, more) = gate::server_side(ask.as_ref(), &state_dir, proxy_url.as_deref(), timeout);
+    notes.extend(more);
+    let allow_ahead = args.allow_ahead
+        || upgrade::allow_ahead_from(std::env::var(upgrade::ALLOW_AHEAD_ENV).ok().as_deref());
+    let judgement = upgrade::judge(&target, server.as_ref(), allow_ahead);
+    if args.json {
+        let mut doc = serde_json::to_value(&judgement).unwrap_or_default();
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("notes".into(), notes.clone().into());
+        }
+        println!("{doc}");
+    } else {
+        let mut err = std::io::stderr().lock();
+        for n in &notes {
+            let _ = writeln!(err, "linkmesh-agent: note: {n}");
+        }
+        let _ = writeln!(err, "linkmesh-agent: {}", judgement.message);
+    }
+    if judgement.admission.proceeds() {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: crate::upgrade::EXIT_REFUSED,
+            error: anyhow::anyhow!("linkmesh-agent {target} refused by the server-first rule"),
+        })
+    }
+}
+
 /// Runs the parsed command.
 ///
 /// # Errors
@@ -179,9 +277,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Version { json } => return print_version(json),
-        Command::Check { json } => {
+        Command::Check {
+            json,
+            pre_upgrade,
+            to,
+        } => {
             // Checks report bad configuration themselves instead of exiting 64.
-            let checks = crate::check::run(&paths);
+            let checks = if pre_upgrade {
+                let to = to
+                    .map(|v| v.parse::<version::Version>())
+                    .transpose()
+                    .map_err(|e| Failure::usage(format!("--to: {e}")))?;
+                crate::check::pre_upgrade::run(&paths, to.as_ref())
+            } else {
+                crate::check::run(&paths)
+            };
             return if crate::check::print(&checks, json) {
                 Ok(())
             } else {
@@ -201,6 +311,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             parent_pid,
             command,
         } => return launch(parent_pid, &command),
+        // Judged with a broken configuration too (a package upgrade may be
+        // what fixes it): its errors become a note.
+        Command::ServerFirst(args) => return server_first(&paths, args),
         _ => {}
     }
     let settings = config::load(&paths, |k| std::env::var(k).ok()).map_err(|e| Failure {
@@ -209,7 +322,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     })?;
     crate::telemetry::init(&settings.log_level);
     match cli.command {
-        Command::Version { .. } | Command::Launch { .. } | Command::Check { .. } => Ok(()),
+        Command::Version { .. }
+        | Command::Launch { .. }
+        | Command::Check { .. }
+        | Command::ServerFirst(_) => Ok(()),
         Command::Run {
             stop_timeout,
             alloy_poll,
@@ -447,10 +563,6 @@ fn enroll(settings: &Settings, args: EnrollArgs) -> Result<(), Failure> {
             &facts,
         ))
         .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
-    let rfc3339 = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
     match outcome {
         EnrollOutcome::AlreadyEnrolled { host_id, server } => {
             if args.json {
@@ -505,10 +617,6 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
             .load(&lock)
             .map_err(|e| Failure::from(anyhow::Error::new(e)))?,
         None => None,
-    };
-    let rfc3339 = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
     };
     let doc = match &identity {
         Some(id) => serde_json::json!({

@@ -14,6 +14,21 @@ pub fn now_unix_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
 
+/// RFC 3339, as every record and JSON document writes times.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// [`rfc3339`] of Unix milliseconds (the epoch for one out of range).
+pub fn rfc3339_unix_ms(ms: u64) -> String {
+    let ns = i128::from(ms) * 1_000_000;
+    rfc3339(
+        time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
+}
+
 /// A uniform sample in `[-1, 1]` for jitter (0 if the system RNG fails).
 pub fn jitter() -> f64 {
     use ring::rand::SecureRandom as _;

@@ -295,6 +295,19 @@ pub async fn enroll(
     .map_err(|e: IdentityError| bad(e.to_string()))?;
     let not_after = identity.validity.not_after;
     store.commit(lock, &identity)?;
+    // The server's version from the start, for the server-first check of
+    // an upgrade made while the server is away. Not part of the identity:
+    // a failure here costs only that.
+    if let Some(r) = crate::upgrade::updated_record(
+        None,
+        &opts.server.to_string(),
+        &server_version.to_string(),
+        behind,
+        crate::clock::now_unix_ms(),
+    ) && let Err(e) = crate::upgrade::write_record(store.state_dir(), &r)
+    {
+        tracing::warn!(error = %e, "Cannot record the server's version");
+    }
     Ok(EnrollOutcome::Enrolled {
         host_id,
         server: opts.server.clone(),

@@ -27,4 +27,5 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod transport;
+pub mod upgrade;
 pub mod version;

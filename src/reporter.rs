@@ -23,6 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
 use crate::{
+    clock::rfc3339,
     config::RuntimeKind,
     host::HostFacts,
     identity::{Identity, IdentityStore, rotation},
@@ -270,6 +271,11 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
     let mut sent_digest: Option<u64> = None;
     let mut want_full = true;
     let mut verdict: Option<SkewVerdict> = None;
+    // The server's version as last recorded for the server-first check of
+    // an install that cannot reach the server (crate::upgrade).
+    let mut recorded = crate::upgrade::read_record(ctx.store.state_dir())
+        .ok()
+        .flatten();
     let mut clock_warned = false;
     status.send_modify(|s| {
         s.report_interval_secs = interval.as_secs();
@@ -359,9 +365,27 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
                             p.minor_versions_behind
                         });
-                    (version::skew(&version::agent_version(), &sv, behind), sv)
+                    (
+                        version::skew(&version::agent_version(), &sv, behind),
+                        sv,
+                        behind,
+                    )
                 });
-                if let Some((v, sv)) = &new_verdict
+                if let Some((_, sv, behind)) = &new_verdict
+                    && let Some(r) = crate::upgrade::updated_record(
+                        recorded.as_ref(),
+                        &ctx.identity.server.to_string(),
+                        &sv.to_string(),
+                        *behind,
+                        crate::clock::unix_ms(after),
+                    )
+                {
+                    match crate::upgrade::write_record(ctx.store.state_dir(), &r) {
+                        Ok(()) => recorded = Some(r),
+                        Err(e) => tracing::warn!(error = %e, "Cannot record the server's version"),
+                    }
+                }
+                if let Some((v, sv, _)) = &new_verdict
                     && verdict != Some(*v)
                 {
                     match v {
@@ -530,11 +554,6 @@ async fn renew(
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     Ok(identity)
-}
-
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use crate::{
 pub struct ServiceConfig {
     /// The version the server reports (tests set older or newer ones).
     pub version: Version,
+    /// The agent version offered to hosts (`/agent/latest`).
+    pub latest_agent: Version,
     /// Lifetime of host certificates.
     pub cert_lifetime: Duration,
     /// How many minor versions agents may lag.
@@ -233,6 +235,7 @@ impl proto::Fleet for FleetService {
             }),
             runtime_pins: c.runtime_pins.clone(),
             server_time_unix_ms: now_unix_ms(),
+            latest_agent_version: c.latest_agent.to_string(),
         }))
     }
 

@@ -26,6 +26,36 @@ lm_have_systemd() {
 	[ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
 }
 
+# Before the package's files are unpacked (deb preinst install|upgrade, rpm
+# %pre): the server-first rule. The installed agent judges $LM_VERSION (the
+# version of the package being installed) against the fleet server it is
+# enrolled with, or the server version it last recorded; a refusal (exit 12)
+# aborts the package manager before a file changes. LINKMESH_ALLOW_AHEAD=1
+# in the package manager's environment overrides it (labs). A host with no
+# agent installed has nothing to judge with: install.sh judged it already,
+# or the host is not enrolled yet (the server refuses an agent ahead of it
+# at enrolment).
+lm_server_first() {
+	lm_agent=/usr/bin/linkmesh-agent
+	if [ ! -x "$lm_agent" ]; then
+		if [ -f "$LM_IDENTITY" ]; then
+			lm_say "warning: no agent is installed to check linkmesh-agent $LM_VERSION against the fleet server (server first); installing it unchecked"
+		fi
+		return 0
+	fi
+	lm_rc=0
+	"$lm_agent" server-first --to "$LM_VERSION" || lm_rc=$?
+	case $lm_rc in
+	0) ;;
+	12)
+		lm_say "not installing linkmesh-agent $LM_VERSION (see above); the installed agent and its identity are untouched"
+		exit 1
+		;;
+	2) lm_say "warning: the installed agent predates the server-first check; installing linkmesh-agent $LM_VERSION unchecked" ;;
+	*) lm_say "warning: the server-first check did not run (exit $lm_rc); installing linkmesh-agent $LM_VERSION unchecked" ;;
+	esac
+}
+
 # After the package's files are in place: fresh install, upgrade, downgrade,
 # reinstall. $1 is the install method to record (deb or rpm).
 lm_configure() {

@@ -180,6 +180,7 @@ pub fn build(pkg: &Package, deb_arch: &str, level: u32) -> std::io::Result<Vec<u
         tar_entry(t, "./md5sums", 0o644, mtime, Some(md5sums(pkg).as_bytes()))?;
         let s = &pkg.deb_scripts;
         for (name, text) in [
+            ("preinst", &s.preinst),
             ("postinst", &s.postinst),
             ("prerm", &s.prerm),
             ("postrm", &s.postrm),
@@ -272,11 +273,13 @@ pub(crate) mod tests {
                 mode: 0o750,
             }],
             deb_scripts: DebScripts {
+                preinst: "#!/bin/sh\necho preinst\n".into(),
                 postinst: "#!/bin/sh\necho postinst\n".into(),
                 prerm: "#!/bin/sh\n".into(),
                 postrm: "#!/bin/sh\n".into(),
             },
             rpm_scripts: RpmScripts {
+                pre: "echo pre\n".into(),
                 post: "echo post\n".into(),
                 preun: "echo preun\n".into(),
                 postun: "echo postun\n".into(),
@@ -383,6 +386,7 @@ pub(crate) mod tests {
                 "./control",
                 "./conffiles",
                 "./md5sums",
+                "./preinst",
                 "./postinst",
                 "./prerm",
                 "./postrm"

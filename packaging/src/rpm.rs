@@ -89,7 +89,8 @@ pub fn build(pkg: &Package, rpm_arch: &str, level: u32) -> Result<rpm::Package, 
         b.requires(dependency(r).map_err(RpmError::Requirement)?);
     }
     let s = &pkg.rpm_scripts;
-    b.post_install_script(s.post.clone())
+    b.pre_install_script(s.pre.clone())
+        .post_install_script(s.post.clone())
         .pre_uninstall_script(s.preun.clone())
         .post_uninstall_script(s.postun.clone());
     Ok(b.build()?)
@@ -126,6 +127,7 @@ mod tests {
             .unwrap();
         assert_eq!(bin.mode().permissions(), 0o755);
         assert_eq!(bin.size(), 2049);
+        assert_eq!(md.get_pre_install_script().unwrap().script, "echo pre\n");
         assert_eq!(md.get_post_install_script().unwrap().script, "echo post\n");
         assert_eq!(
             md.get_pre_uninstall_script().unwrap().script,

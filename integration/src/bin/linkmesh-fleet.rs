@@ -58,6 +58,11 @@ enum Command {
         /// Version to report to agents [default: this build's].
         #[arg(long, value_name = "X.Y.Z")]
         server_version: Option<String>,
+        /// The agent version offered to hosts (`/agent/latest`, ServerInfo)
+        /// [default: the server's version]. Naming one newer than the
+        /// server is allowed: the hosts' server-first rule refuses it.
+        #[arg(long, value_name = "X.Y.Z")]
+        latest_agent: Option<String>,
         /// Report interval agents are told to use.
         #[arg(long, value_name = "DURATION", default_value = "30s")]
         report_interval: String,
@@ -190,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             san,
             cert_lifetime,
             server_version,
+            latest_agent,
             report_interval,
             renew_grace,
             pin_otelcol,
@@ -222,6 +228,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(v) => v.parse::<Version>().context("--server-version")?,
                 None => linkmesh_agent::version::agent_version(),
             };
+            let latest_agent = match latest_agent {
+                Some(v) => v.parse::<Version>().context("--latest-agent")?,
+                None => version.clone(),
+            };
             let cert_lifetime = parse_duration(&cert_lifetime).context("--cert-lifetime")?;
             if cert_lifetime < Duration::from_secs(1) {
                 bail!("--cert-lifetime must be at least 1s");
@@ -233,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let renew_grace = parse_duration(&renew_grace).context("--renew-grace")?;
             let config = ServiceConfig {
                 version,
+                latest_agent,
                 cert_lifetime,
                 minor_versions_behind: linkmesh_agent::version::DEFAULT_MINOR_VERSIONS_BEHIND,
                 report_interval,
@@ -382,7 +393,7 @@ async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyho
     let downloads = server::Downloads {
         ca_pem: linkmesh_agent::identity::store::pem(ca.cert()),
         artifacts,
-        latest_agent: version.to_string(),
+        latest_agent: config.latest_agent.to_string(),
         pins: config
             .runtime_pins
             .iter()

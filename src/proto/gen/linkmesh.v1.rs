@@ -16,6 +16,11 @@ pub struct ServerInfoResponse {
     /// The server's wall clock, for skew measurement.
     #[prost(int64, tag = "5")]
     pub server_time_unix_ms: i64,
+    /// The agent version the server offers (what its `/agent/latest` names);
+    /// empty from servers before it. `check --pre-upgrade` takes it as the
+    /// target when no `--to` is given.
+    #[prost(string, tag = "6")]
+    pub latest_agent_version: ::prost::alloc::string::String,
 }
 /// Agents of the same major version whose minor version lies in
 /// \[server_minor - minor_versions_behind, server_minor\] are in the window.

@@ -1,0 +1,116 @@
+//! `linkmesh-agent server-first --to VERSION`: the I/O around
+//! [`super::judge`]. The server's version comes from ServerInfo over TLS
+//! verified against the fleet CA (the one given, or the identity's), else
+//! from the agent's record; it never writes anything.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use super::{ServerSide, Source, read_record};
+use crate::{
+    endpoint::ServerUrl,
+    identity::IdentityStore,
+    tls::{Trust, enrol_client_config},
+    version::{self, Version},
+};
+
+/// Whom to ask.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    /// The server.
+    pub server: ServerUrl,
+    /// How to verify it.
+    pub trust: Trust,
+}
+
+/// The server and CA of this host's identity, when it is enrolled; what
+/// went wrong reading it otherwise (`Ok(None)`: not enrolled).
+///
+/// # Errors
+/// Why the identity could not be read, for people.
+pub fn ask_from_identity(state_dir: &Path) -> Result<Option<Ask>, String> {
+    let store = IdentityStore::new(state_dir);
+    let lock = store.lock_shared().map_err(|e| e.to_string())?;
+    let Some(lock) = lock else {
+        return Ok(None);
+    };
+    let id = store.load(&lock).map_err(|e| e.to_string())?;
+    Ok(id.map(|id| Ask {
+        server: id.server.clone(),
+        trust: Trust::CaCerts(vec![id.ca.clone()]),
+    }))
+}
+
+/// What is known of the server's version: asked (`ask`), else recorded in
+/// `state_dir` for that server; with notes on what failed on the way.
+pub fn server_side(
+    ask: Option<&Ask>,
+    state_dir: &Path,
+    proxy_url: Option<&str>,
+    timeout: Duration,
+) -> (Option<ServerSide>, Vec<String>) {
+    let mut notes = Vec::new();
+    let Some(ask) = ask else {
+        return (None, notes);
+    };
+    let server = ask.server.to_string();
+    let unreachable = match enrol_client_config(&ask.trust) {
+        Ok(tls) => {
+            match crate::check::server_info(&ask.server, Arc::new(tls), proxy_url, timeout) {
+                Ok(view) => match view.info.server_version.parse::<Version>() {
+                    Ok(v) => {
+                        let window = view
+                            .info
+                            .skew_policy
+                            .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
+                                p.minor_versions_behind
+                            });
+                        return (
+                            Some(ServerSide {
+                                version: v,
+                                minor_versions_behind: window,
+                                source: Source::Asked { server },
+                            }),
+                            notes,
+                        );
+                    }
+                    Err(e) => format!("{server} answered with {e}"),
+                },
+                Err(e) => e,
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    notes.push(format!("cannot ask {server}: {unreachable}"));
+    match read_record(state_dir) {
+        Ok(Some(r)) if r.server == server => match r.version.parse::<Version>() {
+            Ok(v) => (
+                Some(ServerSide {
+                    version: v,
+                    minor_versions_behind: r.minor_versions_behind,
+                    source: Source::Recorded {
+                        server,
+                        seen_at: crate::clock::rfc3339_unix_ms(r.seen_unix_ms),
+                        unreachable,
+                    },
+                }),
+                notes,
+            ),
+            Err(e) => {
+                notes.push(format!("the recorded server version is unusable: {e}"));
+                (None, notes)
+            }
+        },
+        Ok(Some(r)) => {
+            notes.push(format!(
+                "the recorded server version is from {}, not {server}",
+                r.server
+            ));
+            (None, notes)
+        }
+        Ok(None) => (None, notes),
+        Err(e) => {
+            notes.push(e.to_string());
+            (None, notes)
+        }
+    }
+}
