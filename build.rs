@@ -9,6 +9,13 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-env-changed=LINKMESH_GIT_REV");
     println!("cargo:rerun-if-env-changed=LINKMESH_VERSION");
+    // Test builds only (the rollback tests): `LINKMESH_FAULT_INJECTION=1`
+    // makes `run` honour `LINKMESH_FAULT` (src/fault.rs). Release builds
+    // never set it, so they have no fault to inject.
+    println!("cargo:rerun-if-env-changed=LINKMESH_FAULT_INJECTION");
+    if std::env::var("LINKMESH_FAULT_INJECTION").is_ok_and(|v| v == "1") {
+        println!("cargo:rustc-env=LINKMESH_FAULT_INJECTION=1");
+    }
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs");
     let rev = std::env::var("LINKMESH_GIT_REV")

@@ -34,7 +34,8 @@
 #   7 checksum mismatch   8 enrolment refused (token, version)
 #   9 enrolled with another server (use --force)   10 service failed to start
 #   11 post-install check failed   12 refused: newer than the fleet server
-#   (the server is upgraded first; --allow-ahead overrides)
+#   (the server is upgraded first; --allow-ahead overrides)   13 the new
+#   version failed its probation and the previous one was put back
 #
 # Everything runs from main(), called on the last line, so a truncated
 # download runs nothing.
@@ -44,6 +45,10 @@ PREFIX_BIN=/usr/bin
 CONFIG_DIR=/etc/linkmesh
 STATE_DIR=/var/lib/linkmesh-agent
 UNIT_PATH=/etc/systemd/system/linkmesh-agent.service
+UPGRADE_UNIT_PATH=/etc/systemd/system/linkmesh-upgrade.service
+PROBATION=$STATE_DIR/upgrade/probation.json
+OUTCOME=$STATE_DIR/upgrade/outcome.json
+OUTCOME_BEFORE=""
 
 SERVER=""
 CA_PIN=""
@@ -95,7 +100,8 @@ usage: install.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE)
 The token may also come from LINKMESH_TOKEN. Exit codes: 2 usage, 3 unsupported
 system, 4 not root, 5 download failed, 6 CA pin mismatch, 7 checksum mismatch,
 8 enrolment refused, 9 enrolled elsewhere (--force), 10 service failed, 11 check
-failed, 12 newer than the fleet server (upgrade the server first).
+failed, 12 newer than the fleet server (upgrade the server first), 13 rolled
+back (the new version failed its probation).
 USAGE
 	exit 2
 }
@@ -312,6 +318,7 @@ download_agent() {
 	NAME=linkmesh-agent-$VERSION-linux-$ARCH
 	fetch_verified "$NAME" || die 5 "$SERVER offers no $NAME (artifacts/$NAME.sha256: 404); pick another --version"
 	fetch linkmesh-agent.service "$WORK/linkmesh-agent.service"
+	fetch linkmesh-upgrade.service "$WORK/linkmesh-upgrade.service"
 	fetch collector.yaml "$WORK/collector.yaml"
 }
 
@@ -378,6 +385,52 @@ install_package() {
 			die 3 "rpm could not install $PKG (see above)"
 		;;
 	esac
+	# The package is kept for a later rollback to this version.
+	if [ "$DRY_RUN" -ne 1 ]; then
+		"$PREFIX_BIN/linkmesh-agent" upgrade keep-package "$WORK/$PKG" 2>/dev/null ||
+			say "note: could not keep $PKG for a later rollback"
+	fi
+}
+
+# Before the binary is replaced: the installed agent keeps itself (the
+# upgrade watcher and the rollback copy) and opens the probation of
+# $VERSION; linkmesh-upgrade.service takes it once the new agent started.
+keep_previous() {
+	if [ -x "$PREFIX_BIN/linkmesh-agent" ] && [ -f "$STATE_DIR/identity/identity.toml" ] && [ "$HAVE_SYSTEMD" -eq 1 ]; then
+		run "$PREFIX_BIN/linkmesh-agent" upgrade keep --to "$VERSION" --method binary ||
+			say "warning: could not open the upgrade probation; installing $VERSION unwatched"
+	fi
+}
+
+# A probation left open (its watcher killed, or still running): let it
+# finish before anything else changes, so a rollback is never overtaken.
+finish_open_upgrade() {
+	OUTCOME_BEFORE=$(cat "$OUTCOME" 2>/dev/null || true)
+	[ -f "$PROBATION" ] && [ "$HAVE_SYSTEMD" -eq 1 ] || return 0
+	if [ "$DRY_RUN" -eq 1 ]; then
+		say "an agent upgrade is on probation; a real run lets its watcher finish it first"
+		return 0
+	fi
+	say "an agent upgrade is on probation or being rolled back; letting its watcher finish first (linkmesh-agent upgrade status)"
+	systemctl start --wait linkmesh-upgrade.service ||
+		say "warning: the upgrade watcher did not finish cleanly: journalctl -u linkmesh-upgrade"
+	"$PREFIX_BIN/linkmesh-agent" upgrade status >&2 || true
+	OUTCOME_BEFORE=$(cat "$OUTCOME" 2>/dev/null || true)
+}
+
+# The version this run installed failed its probation while the run went on,
+# and the watcher put the previous one back: say so, do not report success.
+rolled_back_during_run() {
+	# A rollback under way finishes first (bounded: it is one package
+	# install and one restart).
+	n=0
+	while grep -q '"rolling_back"' "$PROBATION" 2>/dev/null && [ "$n" -lt 300 ]; do
+		sleep 1
+		n=$((n + 1))
+	done
+	[ -f "$OUTCOME" ] && [ ! -f "$PROBATION" ] || return 1
+	[ "$(cat "$OUTCOME" 2>/dev/null || true)" != "$OUTCOME_BEFORE" ] || return 1
+	"$PREFIX_BIN/linkmesh-agent" upgrade status 2>/dev/null | grep -q "^last upgrade: rolled_back $VERSION -> "
 }
 
 # Step 5: install in place (a rename, so a running agent is never half-written).
@@ -391,6 +444,7 @@ install_agent() {
 		say "linkmesh-agent $VERSION is already installed"
 		CHANGED=0
 	else
+		keep_previous
 		run install -m 0755 "$WORK/$NAME" "$PREFIX_BIN/.linkmesh-agent.new"
 		run mv -f "$PREFIX_BIN/.linkmesh-agent.new" "$PREFIX_BIN/linkmesh-agent"
 		CHANGED=1
@@ -489,11 +543,39 @@ start_service() {
 		run systemctl daemon-reload
 		CHANGED=1
 	fi
+	if [ "$METHOD" = binary ] && ! cmp -s "$WORK/linkmesh-upgrade.service" "$UPGRADE_UNIT_PATH" 2>/dev/null; then
+		run install -m 0644 "$WORK/linkmesh-upgrade.service" "$UPGRADE_UNIT_PATH"
+		run systemctl daemon-reload
+		run systemctl enable --quiet linkmesh-upgrade.service
+	fi
 	run systemctl enable --quiet linkmesh-agent.service
 	if [ "$CHANGED" -eq 1 ] || ! systemctl is-active --quiet linkmesh-agent.service; then
-		run systemctl restart linkmesh-agent.service ||
-			die 10 "linkmesh-agent.service failed to start: journalctl -u linkmesh-agent"
+		# The watcher first, so its window covers the new agent's start.
+		watch_upgrade
+		started=0
+		run systemctl restart linkmesh-agent.service && started=1
+		if [ "$started" -ne 1 ]; then
+			if rolled_back_during_run; then
+				"$PREFIX_BIN/linkmesh-agent" upgrade status >&2 || true
+				die 13 "linkmesh-agent $VERSION failed its probation and was rolled back (above); the previous version runs, with its identity"
+			fi
+			die 10 "linkmesh-agent.service failed to start: journalctl -u linkmesh-agent$(rollback_note)"
+		fi
 	fi
+}
+
+# What to add to a failure while an upgrade is on probation.
+rollback_note() {
+	[ -f "$PROBATION" ] || return 0
+	printf '; the upgrade is on probation: linkmesh-upgrade.service puts the previous version back if the new one does not recover (linkmesh-agent upgrade status)'
+}
+
+# After the new agent was started: its probation's watcher takes over (the
+# package scripts start it themselves).
+watch_upgrade() {
+	[ -f "$PROBATION" ] && [ "$DRY_RUN" -ne 1 ] && [ "$METHOD" = binary ] || return 0
+	run systemctl start --no-block linkmesh-upgrade.service ||
+		say "warning: could not start linkmesh-upgrade.service: a failing upgrade will not be rolled back"
 }
 
 # Step 8: say how it went.
@@ -502,13 +584,18 @@ final_check() {
 		say "dry run: nothing was changed"
 		return 0
 	fi
-	"$PREFIX_BIN/linkmesh-agent" check || die 11 "installed, but 'linkmesh-agent check' reports problems (above)"
+	if rolled_back_during_run; then
+		"$PREFIX_BIN/linkmesh-agent" upgrade status >&2 || true
+		die 13 "linkmesh-agent $VERSION failed its probation and was rolled back (above); the previous version runs, with its identity"
+	fi
+	"$PREFIX_BIN/linkmesh-agent" check || die 11 "installed, but 'linkmesh-agent check' reports problems (above)$(rollback_note)"
 }
 
 main() {
 	parse_args "$@"
 	detect_system
 	check_root
+	finish_open_upgrade
 	establish_trust
 	download_agent
 	server_first

@@ -104,6 +104,21 @@ pub async fn run(
         ));
     };
     tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
+    let fault = crate::fault::active();
+    match fault {
+        Some(crate::fault::Fault::ExitAtStart) => {
+            tracing::error!("Injected fault: exiting 1 at start (a test build)");
+            std::process::exit(1);
+        }
+        Some(crate::fault::Fault::CrashAfter(after)) => {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                tracing::error!("Injected fault: aborting (a test build)");
+                std::process::abort();
+            });
+        }
+        Some(crate::fault::Fault::NeverReady) | None => {}
+    }
     let this_host = ThisHost {
         server: identity.server.clone(),
         host_id: identity.host_id.clone(),
@@ -135,7 +150,11 @@ pub async fn run(
     let state_dir = settings.state_dir.clone();
     publish_now(&mut report_rx, &mut reporter_rx, &state_dir);
     let publisher = tokio::spawn(publish(report_rx, reporter_rx, state_dir));
-    notifier.ready(&summary);
+    if fault == Some(crate::fault::Fault::NeverReady) {
+        tracing::error!("Injected fault: never telling systemd READY (a test build)");
+    } else {
+        notifier.ready(&summary);
+    }
     tracing::info!(startup_ms = started.elapsed().as_millis() as u64, status = %summary, "Agent ready");
 
     let watchdog = watchdog_interval_from_env().map(|every| {

@@ -99,6 +99,10 @@ enum Command {
     /// Stop or start the collector runtime (it otherwise outlives the agent).
     #[command(subcommand)]
     Runtime(RuntimeCommand),
+    /// Upgrade probation and rollback (run by install.sh, the package
+    /// scripts and linkmesh-upgrade.service).
+    #[command(subcommand)]
+    Upgrade(UpgradeCommand),
     /// Print the agent's version, git revision and API version.
     Version {
         /// Print stable JSON.
@@ -131,11 +135,69 @@ struct ServerFirstArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum UpgradeCommand {
+    /// Before VERSION's files land: keep this (installed) agent as the
+    /// watcher and its package or binary for a rollback, and open the
+    /// probation.
+    Keep {
+        /// The version being installed.
+        #[arg(long, value_name = "X.Y.Z")]
+        to: String,
+        /// How it is installed [default: the recorded install method].
+        #[arg(long, value_name = "deb|rpm|binary")]
+        method: Option<String>,
+    },
+    /// Keep FILE (the package just installed) for a later rollback to it.
+    KeepPackage {
+        /// The package file.
+        file: PathBuf,
+    },
+    /// Watch the open probation to its verdict; roll back a failing upgrade.
+    Watch,
+    /// Print the open probation and the last outcome.
+    Status {
+        /// Print stable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum RuntimeCommand {
     /// Stop the collector runtime and keep it stopped (across agent restarts and reboots).
     Stop,
     /// Start it again after `runtime stop`.
     Start,
+    /// Watch newly installed runtime binaries for WINDOW (install-opamp.sh
+    /// runs it): exit 0 and record `confirmed` when the collector stays up,
+    /// exit 1 with the reason on stdout when it should be rolled back.
+    Probation {
+        /// The versions before (`otelcol-contrib X`), for the record.
+        #[arg(long)]
+        from: String,
+        /// The versions installed.
+        #[arg(long)]
+        to: String,
+        /// How long the new runtime must stay healthy.
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        window: String,
+    },
+    /// Record how a runtime upgrade ended (install-opamp.sh, after it put
+    /// the previous binaries back).
+    Outcome {
+        /// confirmed, rolled_back, rollback_failed.
+        #[arg(long)]
+        outcome: String,
+        /// The version upgraded from (for a rollback: the one that failed).
+        #[arg(long)]
+        from: String,
+        /// The version upgraded to (for a rollback: the one put back).
+        #[arg(long)]
+        to: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -363,10 +425,41 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Enroll(args) => enroll(&settings, args),
+        Command::Runtime(RuntimeCommand::Probation { from, to, window }) => {
+            let window = config::parse_duration(&window)
+                .map_err(|e| Failure::usage(format!("--window: {e}")))?;
+            runtime_probation(&settings, &from, &to, window)
+        }
+        Command::Runtime(RuntimeCommand::Outcome {
+            outcome,
+            from,
+            to,
+            reason,
+        }) => {
+            if !["confirmed", "rolled_back", "rollback_failed"].contains(&outcome.as_str()) {
+                return Err(Failure::usage(format!(
+                    "--outcome must be confirmed, rolled_back or rollback_failed, got {outcome:?}"
+                )));
+            }
+            crate::upgrade::runtime::write_outcome(
+                &settings.state_dir,
+                &crate::upgrade::probation::Outcome {
+                    outcome,
+                    from,
+                    to,
+                    reason,
+                    at_unix_ms: crate::clock::now_unix_ms(),
+                },
+            )
+            .map_err(|e| Failure::from(anyhow::Error::new(e)))
+        }
         Command::Runtime(cmd) => {
             let outcome = match cmd {
                 RuntimeCommand::Stop => crate::control::stop(&settings),
                 RuntimeCommand::Start => crate::control::start(&settings),
+                RuntimeCommand::Probation { .. } | RuntimeCommand::Outcome { .. } => {
+                    return Ok(());
+                }
             }
             .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
             for line in outcome.lines {
@@ -375,6 +468,166 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Status { json } => status(&settings, json),
+        Command::Upgrade(cmd) => upgrade(&settings, cmd),
+    }
+}
+
+fn runtime_probation(
+    settings: &Settings,
+    from: &str,
+    to: &str,
+    window: std::time::Duration,
+) -> Result<(), Failure> {
+    use crate::upgrade::probation::{Outcome, Verdict};
+    let verdict = crate::upgrade::runtime::probation(
+        &settings.state_dir,
+        window,
+        std::time::Duration::from_millis(500),
+    );
+    let (outcome, reason, ok) = match verdict {
+        Verdict::Healthy(n) => ("confirmed", n, true),
+        Verdict::Unjudged(n) => ("unverified", n, true),
+        Verdict::RollBack(r) => ("", r, false),
+        Verdict::Wait => ("", String::new(), true),
+    };
+    println!("{reason}");
+    if !ok {
+        return Err(Failure {
+            code: EXIT_FAILURE,
+            error: anyhow::anyhow!("the new runtime failed its probation"),
+        });
+    }
+    crate::upgrade::runtime::write_outcome(
+        &settings.state_dir,
+        &Outcome {
+            outcome: outcome.into(),
+            from: from.into(),
+            to: to.into(),
+            reason,
+            at_unix_ms: crate::clock::now_unix_ms(),
+        },
+    )
+    .map_err(|e| Failure::from(anyhow::Error::new(e)))
+}
+
+fn upgrade(settings: &Settings, cmd: UpgradeCommand) -> Result<(), Failure> {
+    use crate::upgrade::{probation::Method, watch};
+    let fail = |e: watch::UpgradeError| Failure::from(anyhow::Error::new(e));
+    match cmd {
+        UpgradeCommand::Keep { to, method } => {
+            let to = to
+                .parse::<version::Version>()
+                .map_err(|e| Failure::usage(format!("--to: {e}")))?;
+            let method = match method.as_deref() {
+                None => {
+                    Method::from_install_method(&crate::app::install_method(&settings.state_dir))
+                }
+                Some("deb") => Method::Deb,
+                Some("rpm") => Method::Rpm,
+                Some("binary" | "script") => Method::Binary,
+                Some(other) => {
+                    return Err(Failure::usage(format!(
+                        "--method must be deb, rpm or binary, got {other:?}"
+                    )));
+                }
+            };
+            let ask = crate::upgrade::gate::ask_from_identity(&settings.state_dir)
+                .ok()
+                .flatten();
+            let proxy = settings.proxy_url.clone();
+            let fetch = |name: &str, dest: &std::path::Path| -> Result<(), String> {
+                let ask = ask
+                    .as_ref()
+                    .ok_or("this host is not enrolled: no server to fetch from")?;
+                let tls = crate::tls::enrol_client_config(&ask.trust).map_err(|e| e.to_string())?;
+                crate::upgrade::watch::fetch_artifact(
+                    &ask.server,
+                    std::sync::Arc::new(tls),
+                    proxy.as_deref(),
+                    name,
+                    dest,
+                )
+            };
+            match watch::keep(
+                &settings.state_dir,
+                &to,
+                method,
+                settings.probation,
+                &fetch,
+                &watch::stop_watcher,
+            )
+            .map_err(fail)?
+            {
+                watch::Kept::Armed(Some(copy)) => eprintln!(
+                    "linkmesh-agent: {} -> {to} on probation for {} s; rollback copy {}",
+                    version::AGENT_VERSION,
+                    settings.probation.as_secs(),
+                    copy.display()
+                ),
+                watch::Kept::Armed(None) => eprintln!(
+                    "linkmesh-agent: warning: {} -> {to} on probation for {} s, but no copy of {} could be kept: a failing upgrade is reported, not rolled back",
+                    version::AGENT_VERSION,
+                    settings.probation.as_secs(),
+                    version::AGENT_VERSION
+                ),
+                watch::Kept::NotArmed(why) => eprintln!("linkmesh-agent: no probation: {why}"),
+            }
+            Ok(())
+        }
+        UpgradeCommand::KeepPackage { file } => {
+            watch::keep_installed_package(&settings.state_dir, &file).map_err(fail)
+        }
+        UpgradeCommand::Watch => {
+            match watch::watch(&settings.state_dir, std::time::Duration::from_millis(500))
+                .map_err(fail)?
+            {
+                None => println!("no upgrade on probation"),
+                Some(o) => println!(
+                    "{}: {} -> {}{}",
+                    o.outcome,
+                    o.from,
+                    o.to,
+                    if o.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", o.reason)
+                    }
+                ),
+            }
+            Ok(())
+        }
+        UpgradeCommand::Status { json } => {
+            let open = watch::read_probation(&settings.state_dir).map_err(fail)?;
+            let last = watch::read_outcome(&settings.state_dir).map_err(fail)?;
+            if json {
+                println!("{}", serde_json::json!({ "probation": open, "last": last }));
+            } else {
+                match &open {
+                    Some(p) => println!(
+                        "on probation: {} -> {} ({})",
+                        p.from,
+                        p.to,
+                        p.method.as_str()
+                    ),
+                    None => println!("no upgrade on probation"),
+                }
+                if let Some(o) = &last {
+                    println!(
+                        "last upgrade: {} {} -> {} at {}{}",
+                        o.outcome,
+                        o.from,
+                        o.to,
+                        crate::clock::rfc3339_unix_ms(o.at_unix_ms),
+                        if o.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", o.reason)
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
     }
 }
 

@@ -36,6 +36,9 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(30);
 pub const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest accepted report interval.
 pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Shortest and longest accepted upgrade probation.
+pub const PROBATION_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(5)..=Duration::from_secs(3600);
 /// Default log level.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -55,6 +58,9 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     /// Report cadence.
     pub report_interval: Duration,
+    /// How long a newly installed agent is on probation before an upgrade
+    /// counts as good (`[upgrade] probation`).
+    pub probation: Duration,
     /// HTTP CONNECT proxy for connections to the server, when configured.
     pub proxy_url: Option<String>,
     /// Log filter: a level name or `tracing` filter directives.
@@ -291,6 +297,7 @@ const SCHEMA: &[(&str, Ty)] = &[
         ]),
     ),
     ("report", Ty::Table(&[("interval", Ty::Str)])),
+    ("upgrade", Ty::Table(&[("probation", Ty::Str)])),
     ("proxy", Ty::Table(&[("url", Ty::Str)])),
     ("log", Ty::Table(&[("level", Ty::Str)])),
 ];
@@ -437,6 +444,26 @@ fn validate(
         },
     };
 
+    let default_probation = crate::upgrade::probation::DEFAULT_PROBATION;
+    let probation = match get("upgrade.probation") {
+        None => default_probation,
+        Some((v, src)) => match parse_duration(v) {
+            Ok(d) if PROBATION_RANGE.contains(&d) => d,
+            Ok(_) => {
+                bad(
+                    src,
+                    "upgrade.probation",
+                    format!("{} is outside 5s..1h", shown(v)),
+                );
+                default_probation
+            }
+            Err(e) => {
+                bad(src, "upgrade.probation", e.to_string());
+                default_probation
+            }
+        },
+    };
+
     let proxy_url = match get("proxy.url") {
         None | Some(("", _)) => None,
         Some((v, src)) => {
@@ -494,6 +521,7 @@ fn validate(
             alloy,
         },
         report_interval,
+        probation,
         proxy_url,
         log_level,
         sources,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod enrollment;
+pub mod fault;
 pub mod fs;
 pub mod hex;
 pub mod host;

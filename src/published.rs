@@ -69,6 +69,9 @@ pub struct ReporterStatus {
     pub consecutive_failures: u32,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
+    /// The last failure was the server refusing the report (not the server
+    /// being unreachable): what an upgrade's probation rolls back on.
+    pub last_error_rejected: bool,
     /// The server's version, as it last said.
     pub server_version: Option<String>,
     /// This agent against the server (`in_window`, `behind`, `ahead`, `incompatible`).

@@ -193,6 +193,16 @@ pub fn runtime_status(r: Option<&RuntimeReport>) -> proto::RuntimeStatus {
     s
 }
 
+/// How the host's last agent and runtime upgrades ended, as recorded by the
+/// upgrade watcher and install-opamp.sh.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Upgrades<'a> {
+    /// The agent's (`STATE/upgrade/outcome.json`).
+    pub agent: Option<&'a crate::upgrade::probation::Outcome>,
+    /// The runtime's (`STATE/runtime/outcome.json`).
+    pub runtime: Option<&'a crate::upgrade::probation::Outcome>,
+}
+
 /// A full report (sequence and times left for the caller).
 pub fn full_report(
     identity: &Identity,
@@ -200,7 +210,15 @@ pub fn full_report(
     host: &HostFacts,
     runtime: proto::RuntimeStatus,
     verdict: Option<SkewVerdict>,
+    upgrades: Upgrades<'_>,
 ) -> proto::ReportRequest {
+    let outcome = |o: &crate::upgrade::probation::Outcome| proto::UpgradeOutcome {
+        outcome: o.outcome.clone(),
+        from_version: o.from.clone(),
+        to_version: o.to.clone(),
+        reason: o.reason.clone(),
+        at_unix_ms: i64::try_from(o.at_unix_ms).unwrap_or(i64::MAX),
+    };
     let mut r = proto::ReportRequest {
         full: true,
         host_id: identity.host_id.to_string(),
@@ -210,6 +228,8 @@ pub fn full_report(
         runtime: Some(runtime),
         host: Some(host.into()),
         skew_verdict: verdict.map(|v| v.as_str().to_owned()).unwrap_or_default(),
+        last_upgrade: upgrades.agent.map(outcome),
+        last_runtime_upgrade: upgrades.runtime.map(outcome),
         ..Default::default()
     };
     r.state_digest = digest(&r);
@@ -339,6 +359,18 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
             &ctx.host,
             runtime_status(runtime.as_ref()),
             verdict,
+            // Written by the upgrade watcher and install-opamp.sh, which
+            // decide while this agent runs; two small files read per report.
+            Upgrades {
+                agent: crate::upgrade::watch::read_outcome(ctx.store.state_dir())
+                    .ok()
+                    .flatten()
+                    .as_ref(),
+                runtime: crate::upgrade::runtime::read_outcome(ctx.store.state_dir())
+                    .ok()
+                    .flatten()
+                    .as_ref(),
+            },
         );
         let send_full = want_full || sent_digest != Some(full.state_digest);
         let mut request = if send_full {
@@ -424,6 +456,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     s.reports += 1;
                     s.consecutive_failures = 0;
                     s.last_error = None;
+                    s.last_error_rejected = false;
                     s.server_version = Some(resp.server_version.clone());
                     s.skew_verdict = verdict;
                     s.clock_offset_ms = Some(offset);
@@ -456,6 +489,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                 status.send_modify(|st| {
                     st.consecutive_failures = failures;
                     st.last_error = Some(message.clone());
+                    st.last_error_rejected = failure == Failure::Rejected;
                 });
                 None
             }
@@ -470,6 +504,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                 status.send_modify(|st| {
                     st.consecutive_failures = schedule.failures;
                     st.last_error = Some(format!("no answer within {EXCHANGE_TIMEOUT:?}"));
+                    st.last_error_rejected = false;
                 });
             }
             Some(e) => schedule.record(e, crate::clock::jitter()),

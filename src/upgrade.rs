@@ -9,6 +9,9 @@
 //! before the package's files are unpacked). See [`gate`] for the I/O.
 
 pub mod gate;
+pub mod probation;
+pub mod runtime;
+pub mod watch;
 
 use std::path::Path;
 

@@ -45,6 +45,38 @@ pub struct DriftRow {
     pub stale: bool,
     /// What to run to bring it into the window.
     pub action: Option<String>,
+    /// How the host's last agent upgrade ended: a rollback, its reason and
+    /// time, shows here.
+    pub last_upgrade: Option<UpgradeView>,
+    /// How the host's last collector runtime upgrade ended.
+    pub last_runtime_upgrade: Option<UpgradeView>,
+}
+
+/// The last agent upgrade of a host, for the report.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct UpgradeView {
+    /// confirmed, rolled_back, rollback_failed, not_rolled_back.
+    pub outcome: String,
+    /// For a rollback: the version that failed.
+    pub from: String,
+    /// For a rollback: the version put back.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+    /// When, RFC 3339.
+    pub at: String,
+}
+
+impl UpgradeView {
+    fn of(u: &crate::state::UpgradeRecord) -> Self {
+        Self {
+            outcome: u.outcome.clone(),
+            from: u.from.clone(),
+            to: u.to.clone(),
+            reason: u.reason.clone(),
+            at: rfc3339(u.at_unix_ms.div_euclid(1000)),
+        }
+    }
 }
 
 /// Builds the rows. Pure.
@@ -95,6 +127,8 @@ pub fn rows(
                 last_seen: rfc3339(h.last_seen),
                 stale,
                 action,
+                last_upgrade: report.last_upgrade.as_ref().map(UpgradeView::of),
+                last_runtime_upgrade: report.last_runtime_upgrade.as_ref().map(UpgradeView::of),
             }
         })
         .collect()
@@ -182,6 +216,21 @@ pub fn print(state: &State, json: bool) -> anyhow::Result<()> {
         );
         if let Some(a) = &r.action {
             println!("    -> {}", safe(a));
+        }
+        for (what, u) in [
+            ("agent", &r.last_upgrade),
+            ("runtime", &r.last_runtime_upgrade),
+        ] {
+            if let Some(u) = u.as_ref().filter(|u| u.outcome != "confirmed") {
+                println!(
+                    "    last {what} upgrade {} {} -> {} at {}: {}",
+                    safe(&u.outcome),
+                    safe(&u.from),
+                    safe(&u.to),
+                    u.at,
+                    safe(&u.reason)
+                );
+            }
         }
     }
     Ok(())

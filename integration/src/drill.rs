@@ -173,6 +173,15 @@ impl Drill {
                 "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:4318\nexporters:\n  file:\n    path: {SINK}\n    flush_interval: 100ms\n    append: true\nservice:\n  pipelines:\n    logs: {{receivers: [otlp], exporters: [file]}}\n"
             ),
         )?;
+        // Each agent step opens an upgrade probation (the next step
+        // supersedes it); a short one lets the drill wait for the last to
+        // close before it kills the agent, which a watcher would take for
+        // the new version crashing.
+        std::fs::create_dir_all(host.path("/etc/linkmesh/agent.d"))?;
+        std::fs::write(
+            host.path("/etc/linkmesh/agent.d/90-probation.toml"),
+            "[upgrade]\nprobation = \"5s\"\n",
+        )?;
         let t = fleet.token(1, "1h")?;
         std::fs::write(host.path("/root/token"), &t.token)?;
         let (code, text) = install_one_liner(
@@ -455,6 +464,19 @@ impl Drill {
             false,
             Some((current, "rpm")),
             |d| {
+                // The last upgrade's probation closes first (5 s, above).
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while d
+                    .host
+                    .path("/var/lib/linkmesh-agent/upgrade/probation.json")
+                    .exists()
+                {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "the last upgrade's probation did not close"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
                 let pid = d
                     .host
                     .sh("systemctl show -p MainPID --value linkmesh-agent")?;

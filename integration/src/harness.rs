@@ -912,6 +912,29 @@ pub fn older_agent() -> anyhow::Result<(PathBuf, &'static str)> {
     Ok((path, VERSION))
 }
 
+/// The bad release the rollback tests upgrade to: a build of this tree as
+/// 0.1.1 with fault injection (`target/faulty/linkmesh-agent-0.1.1`;
+/// scripts/test builds it with `LINKMESH_VERSION=0.1.1
+/// LINKMESH_FAULT_INJECTION=1`). Which fault it shows is chosen by
+/// `LINKMESH_FAULT` in its unit's environment (src/fault.rs).
+///
+/// # Errors
+/// When it does not exist, with the command that builds it.
+pub fn faulty_agent() -> anyhow::Result<(PathBuf, &'static str)> {
+    const VERSION: &str = "0.1.1";
+    let path = target_dir()
+        .parent()
+        .map(|t| t.join("faulty").join(format!("linkmesh-agent-{VERSION}")))
+        .unwrap_or_default();
+    if !path.is_file() {
+        bail!(
+            "no faulty agent build at {}: scripts/test builds it (LINKMESH_VERSION={VERSION} LINKMESH_FAULT_INJECTION=1 cargo build -p linkmesh-agent --bin linkmesh-agent, then copy to target/faulty/linkmesh-agent-{VERSION})",
+            path.display()
+        );
+    }
+    Ok((path, VERSION))
+}
+
 /// An rpm standing for the base system of an RPM-based host. On RHEL the
 /// rpm database lists bash (which provides /bin/sh) and glibc; a throw-away
 /// host is Debian underneath, so its fresh rpm database is told what the

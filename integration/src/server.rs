@@ -321,6 +321,8 @@ pub struct Downloads {
 pub const INSTALL_SH: &str = include_str!("../../install/install.sh");
 /// The systemd unit the installer puts in place.
 pub const AGENT_UNIT: &str = include_str!("../../systemd/linkmesh-agent.service");
+/// The upgrade watcher's unit the installer's binary method puts in place.
+pub const UPGRADE_UNIT: &str = include_str!("../../systemd/linkmesh-upgrade.service");
 /// The default local collector configuration the installer puts in place.
 pub const COLLECTOR_YAML: &str = include_str!("../../packaging/collector.yaml");
 /// The collector-runtime installer.
@@ -354,6 +356,10 @@ fn download_routes(d: Downloads) -> axum::Router {
         .route(
             "/linkmesh-agent.service",
             get(move || async move { text(AGENT_UNIT.to_owned()) }),
+        )
+        .route(
+            "/linkmesh-upgrade.service",
+            get(move || async move { text(UPGRADE_UNIT.to_owned()) }),
         )
         .route(
             "/collector.yaml",

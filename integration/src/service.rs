@@ -220,6 +220,16 @@ impl FleetService {
     }
 }
 
+fn upgrade_record(u: &proto::UpgradeOutcome) -> crate::state::UpgradeRecord {
+    crate::state::UpgradeRecord {
+        outcome: u.outcome.clone(),
+        from: u.from_version.clone(),
+        to: u.to_version.clone(),
+        reason: bounded(&u.reason),
+        at_unix_ms: u.at_unix_ms,
+    }
+}
+
 #[tonic::async_trait]
 impl proto::Fleet for FleetService {
     async fn server_info(
@@ -345,6 +355,8 @@ impl proto::Fleet for FleetService {
                                 .collect(),
                         }
                     }),
+                    last_upgrade: req.last_upgrade.as_ref().map(upgrade_record),
+                    last_runtime_upgrade: req.last_runtime_upgrade.as_ref().map(upgrade_record),
                 };
                 if !report.hostname.is_empty() {
                     rec.hostname = report.hostname.clone();

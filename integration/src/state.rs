@@ -181,6 +181,27 @@ pub struct ReportRecord {
     /// reported it.
     #[serde(default)]
     pub collector_problem: Option<CollectorProblemRecord>,
+    /// How the host's last agent upgrade ended (its probation).
+    #[serde(default)]
+    pub last_upgrade: Option<UpgradeRecord>,
+    /// How the host's last collector runtime upgrade ended.
+    #[serde(default)]
+    pub last_runtime_upgrade: Option<UpgradeRecord>,
+}
+
+/// An agent upgrade's outcome, as the agent reported it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpgradeRecord {
+    /// confirmed, rolled_back, rollback_failed, not_rolled_back.
+    pub outcome: String,
+    /// For a rollback: the version that failed.
+    pub from: String,
+    /// For a rollback: the version put back.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+    /// When it was decided, Unix ms.
+    pub at_unix_ms: i64,
 }
 
 /// A collector problem as reported by the agent.

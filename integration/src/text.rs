@@ -100,6 +100,17 @@ pub fn check_report(r: &proto::ReportRequest) -> Result<(), TooLong> {
         check("runtime.error", &rt.error, ERROR)?;
         check("runtime.running_version", &rt.running_version, VERSION)?;
     }
+    for (field, u) in [
+        ("last_upgrade", &r.last_upgrade),
+        ("last_runtime_upgrade", &r.last_runtime_upgrade),
+    ] {
+        if let Some(u) = u {
+            check(field, &u.outcome, WORD)?;
+            check(field, &u.from_version, VERSION)?;
+            check(field, &u.to_version, VERSION)?;
+            check(field, &u.reason, ERROR)?;
+        }
+    }
     Ok(())
 }
 

@@ -16,6 +16,9 @@ LM_IDENTITY=$LM_STATE/identity/identity.toml
 # Where install.sh's binary method puts its copy of the unit. Under /etc it
 # would shadow the packaged unit in /usr/lib.
 LM_SCRIPT_UNIT=/etc/systemd/system/linkmesh-agent.service
+# The upgrade watcher's unit and its open probation.
+LM_UPGRADE_UNIT=linkmesh-upgrade.service
+LM_PROBATION=$LM_STATE/upgrade/probation.json
 # The collector runtime's unit, written by the agent.
 LM_COLLECTOR_UNIT=linkmesh-collector.service
 LM_COLLECTOR_UNIT_PATH=/etc/systemd/system/$LM_COLLECTOR_UNIT
@@ -36,6 +39,9 @@ lm_have_systemd() {
 # or the host is not enrolled yet (the server refuses an agent ahead of it
 # at enrolment).
 lm_server_first() {
+	# A rollback puts back a version the failed one judged already; the
+	# installed (failed) binary is not asked anything.
+	[ -z "${LINKMESH_ROLLBACK:-}" ] || return 0
 	lm_agent=/usr/bin/linkmesh-agent
 	if [ ! -x "$lm_agent" ]; then
 		if [ -f "$LM_IDENTITY" ]; then
@@ -54,6 +60,28 @@ lm_server_first() {
 	2) lm_say "warning: the installed agent predates the server-first check; installing linkmesh-agent $LM_VERSION unchecked" ;;
 	*) lm_say "warning: the server-first check did not run (exit $lm_rc); installing linkmesh-agent $LM_VERSION unchecked" ;;
 	esac
+}
+
+# Before the package's files are unpacked, after lm_server_first: the
+# installed agent keeps itself (the watcher, and its package for a rollback)
+# and opens the probation of $LM_VERSION. $1 is deb or rpm. Only on an
+# enrolled systemd host with an agent installed; never for a rollback.
+lm_keep_previous() {
+	[ -z "${LINKMESH_ROLLBACK:-}" ] || return 0
+	[ -x /usr/bin/linkmesh-agent ] && [ -f "$LM_IDENTITY" ] || return 0
+	lm_have_systemd || return 0
+	/usr/bin/linkmesh-agent upgrade keep --to "$LM_VERSION" --method "$1" ||
+		lm_say "warning: could not open the upgrade probation; linkmesh-agent $LM_VERSION is installed unwatched"
+}
+
+# After the new agent was (re)started: the watcher takes the probation.
+lm_watch() {
+	lm_have_systemd || return 0
+	systemctl enable --quiet "$LM_UPGRADE_UNIT" 2>/dev/null || true
+	[ -z "${LINKMESH_ROLLBACK:-}" ] && [ -f "$LM_PROBATION" ] || return 0
+	systemctl start --no-block "$LM_UPGRADE_UNIT" ||
+		lm_say "could not start $LM_UPGRADE_UNIT: a failing upgrade will not be rolled back"
+	lm_say "linkmesh-agent $LM_VERSION is on probation; a failing start is rolled back (linkmesh-agent upgrade status)"
 }
 
 # After the package's files are in place: fresh install, upgrade, downgrade,
@@ -83,6 +111,10 @@ lm_configure() {
 	if [ -f "$LM_IDENTITY" ]; then
 		# restart also starts a stopped unit: after an upgrade the new binary
 		# runs; after a reinstall the agent is back.
+		# The watcher first: its window is open while the new agent starts
+		# (a start that never reaches READY blocks this restart for up to
+		# the unit's TimeoutStartSec).
+		lm_watch
 		systemctl restart "$LM_UNIT" ||
 			lm_say "$LM_UNIT did not start: see journalctl -u linkmesh-agent"
 	else
@@ -95,6 +127,12 @@ lm_configure() {
 # Before the package's files go away for good (not on upgrade).
 lm_stop() {
 	lm_have_systemd || return 0
+	# Removing the package ends an open probation: nothing is rolled back.
+	if [ -z "${LINKMESH_ROLLBACK:-}" ]; then
+		systemctl stop "$LM_UPGRADE_UNIT" 2>/dev/null || true
+		rm -f "$LM_PROBATION"
+	fi
+	systemctl disable --quiet "$LM_UPGRADE_UNIT" 2>/dev/null || true
 	systemctl stop "$LM_UNIT" 2>/dev/null || true
 	systemctl disable --quiet "$LM_UNIT" 2>/dev/null || true
 }

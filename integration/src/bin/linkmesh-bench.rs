@@ -844,6 +844,7 @@ fn report_figures(
         &host::collect(),
         rt_status,
         Some(linkmesh_agent::version::SkewVerdict::InWindow),
+        reporter::Upgrades::default(),
     );
     let mut hb = reporter::heartbeat(full.state_digest);
     hb.sequence = 86_400;
@@ -1060,8 +1061,14 @@ fn fleet_figures(
                     return;
                 };
                 let mut client = proto::Client::new(channel);
-                let full =
-                    reporter::full_report(&id, "deb", &facts, reporter::runtime_status(None), None);
+                let full = reporter::full_report(
+                    &id,
+                    "deb",
+                    &facts,
+                    reporter::runtime_status(None),
+                    None,
+                    reporter::Upgrades::default(),
+                );
                 let mut request = full.clone();
                 tokio::time::sleep(offset).await;
                 let mut seq = 0;

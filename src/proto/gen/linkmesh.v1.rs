@@ -138,6 +138,30 @@ pub struct ReportRequest {
     /// Measured offset of the host's clock from the server's, ms (host - server).
     #[prost(int64, tag = "12")]
     pub clock_offset_ms: i64,
+    /// How the last agent upgrade on this host ended (its probation), if any.
+    #[prost(message, optional, tag = "13")]
+    pub last_upgrade: ::core::option::Option<UpgradeOutcome>,
+    /// How the last collector runtime upgrade (install-opamp.sh) ended.
+    #[prost(message, optional, tag = "14")]
+    pub last_runtime_upgrade: ::core::option::Option<UpgradeOutcome>,
+}
+/// The verdict of an agent upgrade's probation on the host.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpgradeOutcome {
+    /// "confirmed", "rolled_back", "rollback_failed", "not_rolled_back"
+    /// (failed with no copy of the previous version kept) or "unverified"
+    /// (nothing could watch it).
+    #[prost(string, tag = "1")]
+    pub outcome: ::prost::alloc::string::String,
+    /// For a rollback: the version that failed (from) and the one put back (to).
+    #[prost(string, tag = "2")]
+    pub from_version: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub to_version: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(int64, tag = "5")]
+    pub at_unix_ms: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RuntimeStatus {
