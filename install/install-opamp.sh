@@ -15,8 +15,15 @@
 # and reloads the agent (or restarts an agent that runs it as a child). The supervisor's storage (the collector's
 # instance id) lives in the agent's state directory and is never touched.
 #
+# An upgrade is on probation (--probation, 60 s by default): the previous
+# binaries are kept in /var/lib/linkmesh-agent/runtime/previous/, and when
+# the new collector does not stay up (it crashes, its supervisor fails, or
+# the server sees it unhealthy over OpAMP) they are put back, the runtime is
+# restarted on them, and the outcome is recorded for the agent to report.
+#
 # Exit codes: 0 done, 2 usage, 3 unsupported system or missing tool, 4 not
-# root, 5 download failed, 6 CA does not match the pin, 7 checksum mismatch.
+# root, 5 download failed, 6 CA does not match the pin, 7 checksum mismatch,
+# 8 the new runtime failed its probation and the previous one was put back.
 set -eu
 
 BIN_DIR=/usr/bin
@@ -29,6 +36,9 @@ SUPERVISOR_VERSION=""
 DRY_RUN=0
 WORK=""
 CHANGED=0
+PROBATION=60s
+PREVIOUS=$STATE_DIR/runtime/previous
+KEPT=0
 
 say() { printf 'linkmesh-install-opamp: %s\n' "$*" >&2; }
 die() {
@@ -60,9 +70,11 @@ parse_args() {
 		--otelcol-version=*) OTELCOL_VERSION=${1#*=}; shift ;;
 		--supervisor-version) SUPERVISOR_VERSION=${2:-}; shift 2 ;;
 		--supervisor-version=*) SUPERVISOR_VERSION=${1#*=}; shift ;;
+		--probation) PROBATION=${2:-}; shift 2 ;;
+		--probation=*) PROBATION=${1#*=}; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
 		-h | --help)
-			say "usage: install-opamp.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE) [--otelcol-version X] [--supervisor-version X] [--dry-run]"
+			say "usage: install-opamp.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE) [--otelcol-version X] [--supervisor-version X] [--probation 60s] [--dry-run]"
 			exit 2
 			;;
 		*) die 2 "unknown option $1 (see --help)" ;;
@@ -166,8 +178,78 @@ place() {
 	CHANGED=1
 }
 
+# The installed runtime, kept before it is replaced: the binaries and the
+# versions record, for a rollback. Only a runtime the agent recorded
+# (versions.toml) is kept; a first install has nothing to go back to.
+keep_previous() {
+	[ -f "$STATE_DIR/runtime/versions.toml" ] && [ -x "$BIN_DIR/otelcol-contrib" ] && [ -x "$BIN_DIR/opampsupervisor" ] || return 0
+	if cmp -s "$WORK/col/otelcol-contrib" "$BIN_DIR/otelcol-contrib" && cmp -s "$WORK/$SUP_BINARY" "$BIN_DIR/opampsupervisor"; then
+		return 0
+	fi
+	run install -d -m 0700 "$PREVIOUS"
+	for b in otelcol-contrib opampsupervisor; do
+		run install -m 0755 "$BIN_DIR/$b" "$PREVIOUS/.$b.new"
+		run mv -f "$PREVIOUS/.$b.new" "$PREVIOUS/$b"
+	done
+	run install -m 0600 "$STATE_DIR/runtime/versions.toml" "$PREVIOUS/.versions.toml.new"
+	run mv -f "$PREVIOUS/.versions.toml.new" "$PREVIOUS/versions.toml"
+	KEPT=1
+}
+
+# The runtime restarted on what is in $BIN_DIR, and the agent told.
+reapply() {
+	if [ -f /etc/systemd/system/linkmesh-collector.service ]; then
+		# The runtime has a unit of its own: restart it on the new binaries,
+		# then let the agent re-read its versions without restarting.
+		run systemctl try-restart linkmesh-collector.service
+		if systemctl is-active --quiet linkmesh-agent.service 2>/dev/null; then
+			run systemctl reload linkmesh-agent.service
+		fi
+	elif systemctl is-enabled --quiet linkmesh-agent.service 2>/dev/null; then
+		run systemctl restart linkmesh-agent.service
+	fi
+}
+
+# Step 6: probation. The agent watches the new runtime; a failure puts the
+# kept binaries back.
+probation() {
+	[ "$KEPT" -eq 1 ] && [ "$DRY_RUN" -ne 1 ] && [ -x "$BIN_DIR/linkmesh-agent" ] || return 0
+	[ ! -f "$STATE_DIR/runtime-stopped" ] || return 0 # stopped on purpose: nothing to watch
+	systemctl is-active --quiet linkmesh-agent.service 2>/dev/null || {
+		say "warning: linkmesh-agent is not running, so the new runtime is not watched"
+		return 0
+	}
+	from=$(sed -n 's/^otelcol-contrib = "\(.*\)"$/\1/p' "$PREVIOUS/versions.toml")
+	say "otelcol-contrib $OTELCOL_VERSION is on probation for $PROBATION (the previous $from is kept)"
+	rc=0
+	reason=$("$BIN_DIR/linkmesh-agent" runtime probation --from "$from" --to "$OTELCOL_VERSION" --window "$PROBATION") || rc=$?
+	case $rc in
+	0)
+		say "probation passed: $reason"
+		return 0
+		;;
+	1) ;;
+	*)
+		say "warning: the runtime probation could not run (exit $rc); the new runtime stays, unwatched"
+		return 0
+		;;
+	esac
+	say "the new runtime failed its probation: $reason"
+	for b in otelcol-contrib opampsupervisor; do
+		run install -m 0755 "$PREVIOUS/$b" "$BIN_DIR/.$b.new"
+		run mv -f "$BIN_DIR/.$b.new" "$BIN_DIR/$b"
+	done
+	run install -m 0600 "$PREVIOUS/versions.toml" "$STATE_DIR/runtime/.versions.toml.new"
+	run mv -f "$STATE_DIR/runtime/.versions.toml.new" "$STATE_DIR/runtime/versions.toml"
+	reapply
+	"$BIN_DIR/linkmesh-agent" runtime outcome --outcome rolled_back --from "$OTELCOL_VERSION" --to "$from" --reason "$reason" ||
+		say "warning: could not record the rollback"
+	die 8 "otelcol-contrib $OTELCOL_VERSION failed its probation ($reason); $from was put back and runs again"
+}
+
 # Step 5: install, record, disable the standalone collector, re-apply.
 install_runtime() {
+	keep_previous
 	place "$WORK/col/otelcol-contrib" otelcol-contrib
 	place "$WORK/$SUP_BINARY" opampsupervisor
 	record="otelcol-contrib = \"$OTELCOL_VERSION\"
@@ -188,16 +270,8 @@ opampsupervisor = \"$SUPERVISOR_VERSION\""
 		fi
 	done
 	[ "$CHANGED" -eq 1 ] || return 0
-	if [ -f /etc/systemd/system/linkmesh-collector.service ]; then
-		# The runtime has a unit of its own: restart it on the new binaries,
-		# then let the agent re-read its versions without restarting.
-		run systemctl try-restart linkmesh-collector.service
-		if systemctl is-active --quiet linkmesh-agent.service 2>/dev/null; then
-			run systemctl reload linkmesh-agent.service
-		fi
-	elif systemctl is-enabled --quiet linkmesh-agent.service 2>/dev/null; then
-		run systemctl restart linkmesh-agent.service
-	fi
+	reapply
+	probation
 }
 
 main() {

@@ -226,7 +226,7 @@ impl Drill {
 
     fn install_opamp(&self) -> anyhow::Result<String> {
         self.host.sh(&format!(
-            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1}",
+            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} --probation 5s",
             self.fleet.url, self.ca_pin
         ))
     }

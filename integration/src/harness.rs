@@ -1039,14 +1039,38 @@ pub fn enrol_in_host(host: &crate::testhost::TestHost, serve_args: &str) -> anyh
 /// # Errors
 /// When the files cannot be written.
 pub fn publish_runtime(dir: &Path, version: &str, split_sums: bool) -> anyhow::Result<()> {
+    publish_runtime_release(dir, version, split_sums, true)
+}
+
+/// A release whose collector cannot run: it answers `--version` (so the
+/// agent's detection still reads it) and exits 1 otherwise, as a broken
+/// build would. The runtime-rollback test pins it.
+///
+/// # Errors
+/// When the files cannot be written.
+pub fn publish_broken_runtime(dir: &Path, version: &str) -> anyhow::Result<()> {
+    publish_runtime_release(dir, version, true, false)
+}
+
+fn publish_runtime_release(
+    dir: &Path,
+    version: &str,
+    split_sums: bool,
+    works: bool,
+) -> anyhow::Result<()> {
     let work = dir.join(format!("build-{version}"));
     std::fs::create_dir_all(&work)?;
     let col = work.join("otelcol-contrib");
+    let body = if works {
+        format!("exec /usr/local/lib/real/{COLLECTOR} \"$@\"\n")
+    } else {
+        format!(
+            "[ \"$1\" = --version ] && exec /usr/local/lib/real/{COLLECTOR} --version\necho 'broken build: cannot start' >&2\nexit 1\n"
+        )
+    };
     std::fs::write(
         &col,
-        format!(
-            "#!/bin/sh\n# otelcol-contrib release {version}\nexec /usr/local/lib/real/{COLLECTOR} \"$@\"\n"
-        ),
+        format!("#!/bin/sh\n# otelcol-contrib release {version}\n{body}"),
     )?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o755))?;

@@ -363,7 +363,7 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
 
     let opamp = |args: &str| -> anyhow::Result<(i32, String)> {
         let out = host.exec(&format!(
-            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} {args}",
+            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} --probation 5s {args}",
             bed.fleet.url, t.ca_pin
         ))?;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned()

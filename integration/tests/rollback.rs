@@ -105,7 +105,9 @@ fn kept(host: &TestHost) -> String {
 }
 
 fn runtime_pids(host: &TestHost) -> String {
-    host.exec("echo $(pgrep -x opampsupervisor) $(pgrep -x otelcol-contrib)")
+    // The collector is the supervisor's child, whatever its name (the
+    // release wrappers exec the real binary).
+    host.exec("s=$(pgrep -x opampsupervisor); echo $s $(pgrep -P \"${s:-0}\")")
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
 }
@@ -119,7 +121,9 @@ fn wait_runtime(host: &TestHost) -> anyhow::Result<String> {
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the runtime did not come up: {pids}"
+            "the runtime did not come up: {pids}\n{}\n{}",
+            host.journal(Some("linkmesh-collector"), "-n 15"),
+            host.journal(Some("linkmesh-agent"), "-n 15")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -431,7 +435,12 @@ fn a_rollback_cut_by_a_power_loss_is_finished_at_boot() -> R {
         "restarted by systemd",
         "dpkg-query -W -f='${Version}\\n' linkmesh-agent",
     )?;
-    eprintln!("after the power cut the record was: {record}");
+    // It was this boot's watcher that put the previous version back.
+    let journal = host.journal(Some("linkmesh-upgrade"), "-b");
+    assert!(
+        journal.contains("Rolled back"),
+        "not finished at boot (record after boot: {record}):\n{journal}"
+    );
     assert_eq!(host.sh("dpkg --audit")?.trim(), "", "dpkg left half-done");
     assert_eq!(kept(&host), before, "the identity or configuration changed");
     Ok(())
@@ -466,5 +475,95 @@ fn a_rollback_whose_watcher_was_killed_is_finished_by_the_one_liner() -> R {
     )?;
     assert_eq!(host.sh("dpkg --audit")?.trim(), "", "dpkg left half-done");
     assert_eq!(kept(&host), before, "the identity or configuration changed");
+    Ok(())
+}
+
+/// install-opamp.sh to a new pin whose collector cannot start: the previous
+/// runtime binaries are put back within the probation, the collector runs
+/// on them again, and the server shows the runtime rollback.
+#[test]
+fn a_runtime_upgrade_whose_collector_cannot_start_is_rolled_back() -> R {
+    let mut bed = bed("rb-runtime")?;
+    let artifacts = bed.dir.path().join("artifacts");
+    linkmesh_integration::harness::publish_runtime(&artifacts, "0.157.0", true)?;
+    // The server pins 0.158.0 (its default); that release is broken.
+    linkmesh_integration::harness::publish_broken_runtime(&artifacts, "0.158.0")?;
+    let host = TestHost::boot("lm-rb-runtime")?;
+    bed.net.attach(&host)?;
+    linkmesh_integration::harness::install_real_runtime_for_releases(&host)?;
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let (code, text) = install_one_liner(
+        &host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    let opamp = |args: &str| -> anyhow::Result<(i32, String)> {
+        let out = host.exec(&format!(
+            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} {args}",
+            bed.fleet.url, t.ca_pin
+        ))?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    };
+    let (code, text) = opamp("--otelcol-version 0.157.0 --supervisor-version 0.157.0")?;
+    assert_eq!(code, 0, "{text}");
+    wait_runtime(&host)?;
+    let good = std::fs::read(host.path("/usr/bin/otelcol-contrib"))?;
+    let instance_id = std::fs::read_to_string(
+        host.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml"),
+    )?;
+
+    let started = Instant::now();
+    let (code, text) = opamp("--probation 30s")?;
+    eprintln!(
+        "runtime: rolled back {:?} after install-opamp.sh began",
+        started.elapsed()
+    );
+    assert_eq!(code, 8, "{text}");
+    assert!(text.contains("failed its probation"), "{text}");
+    assert_eq!(
+        std::fs::read(host.path("/usr/bin/otelcol-contrib"))?,
+        good,
+        "not restored"
+    );
+    let versions = host.sh("cat /var/lib/linkmesh-agent/runtime/versions.toml")?;
+    assert!(
+        versions.contains("otelcol-contrib = \"0.157.0\""),
+        "{versions}"
+    );
+    wait_runtime(&host)?;
+    assert_eq!(
+        std::fs::read_to_string(
+            host.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml")
+        )?,
+        instance_id,
+        "the collector's instance id changed"
+    );
+    let outcome: serde_json::Value =
+        serde_json::from_str(&host.sh("cat /var/lib/linkmesh-agent/runtime/outcome.json")?)?;
+    eprintln!("runtime outcome: {outcome}");
+    assert_eq!(outcome["outcome"], "rolled_back", "{outcome}");
+    assert_eq!(
+        (outcome["from"].as_str(), outcome["to"].as_str()),
+        (Some("0.158.0"), Some("0.157.0"))
+    );
+    let d = bed
+        .fleet
+        .wait_drift(Duration::from_secs(30), "the runtime rollback", |h| {
+            h["last_runtime_upgrade"]["outcome"] == "rolled_back"
+        })?;
+    assert!(
+        d["hosts"][0]["last_runtime_upgrade"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .len()
+            > 5,
+        "{d}"
+    );
     Ok(())
 }
