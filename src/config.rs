@@ -667,6 +667,36 @@ mod tests {
     }
 
     #[test]
+    fn the_upgrade_probation() {
+        let s = from_texts(&[], no_env).unwrap();
+        assert_eq!(s.probation, Duration::from_secs(60));
+        let s = from_texts(
+            &[frag(
+                "/etc/linkmesh/agent.d/90-p.toml",
+                "[upgrade]\nprobation = \"15s\"\n",
+            )],
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.probation, Duration::from_secs(15));
+        for bad in ["1s", "2h", "soon"] {
+            let err = from_texts(
+                &[frag(
+                    "/etc/a.toml",
+                    &format!("[upgrade]\nprobation = \"{bad}\"\n"),
+                )],
+                no_env,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("/etc/a.toml") && err.contains("upgrade.probation"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn dropins_override_single_keys_in_order() {
         let s = from_texts(
             &[

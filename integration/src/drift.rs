@@ -274,6 +274,36 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_shows_with_its_reason_and_time() {
+        let mut h = host("a", "1.4.0", "deb", "otelcol", "0.159.0", 1000);
+        if let Some(r) = h.report.as_mut() {
+            r.last_upgrade = Some(crate::state::UpgradeRecord {
+                outcome: "rolled_back".into(),
+                from: "1.5.0".into(),
+                to: "1.4.0".into(),
+                reason: "the new agent did not reach READY within 60 s".into(),
+                at_unix_ms: 1_796_136_812_164,
+            });
+        }
+        let rows = rows(
+            &[h],
+            &"1.5.0".parse().unwrap(),
+            1,
+            &BTreeMap::new(),
+            30,
+            1000,
+            "",
+        );
+        let u = rows[0].last_upgrade.as_ref().unwrap();
+        assert_eq!(
+            (u.outcome.as_str(), u.from.as_str(), u.to.as_str()),
+            ("rolled_back", "1.5.0", "1.4.0")
+        );
+        assert_eq!(u.at, "2026-12-01T14:53:32Z");
+        assert!(rows[0].last_runtime_upgrade.is_none());
+    }
+
+    #[test]
     fn verdicts_pins_staleness_and_commands() {
         let pins: BTreeMap<String, String> = [
             ("otelcol".to_owned(), "0.159.0".to_owned()),

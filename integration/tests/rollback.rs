@@ -79,6 +79,32 @@ fn host(bed: &mut Bed, name: &str) -> anyhow::Result<TestHost> {
     Ok(host)
 }
 
+/// The one-liner on a fresh host with a new token and `extra` arguments;
+/// the CA pin, for later runs.
+fn enrolled_by_one_liner(bed: &Bed, host: &TestHost, extra: &str) -> anyhow::Result<String> {
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let (code, text) = install_one_liner(
+        host,
+        &bed.fleet,
+        &format!("--ca-pin {} --token-file /root/token {extra}", t.ca_pin),
+    )?;
+    anyhow::ensure!(code == 0, "the first install failed ({code}):\n{text}");
+    Ok(t.ca_pin)
+}
+
+/// Runs `script` in the host: its exit code and stdout+stderr.
+fn run(host: &TestHost, script: &str) -> anyhow::Result<(i32, String)> {
+    let out = host.exec(script)?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+const APT_INSTALL: &str =
+    "DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold";
+
 fn short_probation(host: &TestHost) -> R {
     host.sh(&format!(
         "mkdir -p /etc/linkmesh/agent.d && printf '[upgrade]\\nprobation = \"{PROBATION}\"\\n' > /etc/linkmesh/agent.d/90-probation.toml"
@@ -199,30 +225,14 @@ fn assert_rolled_back(
 fn a_deb_upgrade_that_exits_at_start_is_rolled_back() -> R {
     let mut bed = bed("rb-deb")?;
     let host = host(&mut bed, "lm-rb-deb")?;
-    let t = bed.fleet.token(1, "1h")?;
-    std::fs::write(host.path("/root/token"), &t.token)?;
-    let (code, text) = install_one_liner(
-        &host,
-        &bed.fleet,
-        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
-    )?;
-    assert_eq!(code, 0, "{text}");
+    enrolled_by_one_liner(&bed, &host, "")?;
     short_probation(&host)?;
     inject(&host, "exit-at-start")?;
     let pids = wait_runtime(&host)?;
     let before = kept(&host);
 
     let started = Instant::now();
-    let (code, text) = (|| -> anyhow::Result<(i32, String)> {
-        let out = host.exec(
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold /root/faulty.deb",
-        )?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        ))
-    })()?;
+    let (code, text) = run(&host, &format!("{APT_INSTALL} /root/faulty.deb"))?;
     assert_eq!(code, 0, "the package manager itself succeeds:\n{text}");
     assert!(text.contains("is on probation"), "{text}");
     let outcome = wait_outcome(&host, Duration::from_secs(90))?;
@@ -250,15 +260,8 @@ fn a_deb_upgrade_that_exits_at_start_is_rolled_back() -> R {
 fn a_binary_upgrade_that_never_reaches_ready_is_rolled_back() -> R {
     let mut bed = bed("rb-bin")?;
     let host = host(&mut bed, "lm-rb-bin")?;
-    let t = bed.fleet.token(1, "1h")?;
-    std::fs::write(host.path("/root/token"), &t.token)?;
-    let args = format!("--ca-pin {} --method binary", t.ca_pin);
-    let (code, text) = install_one_liner(
-        &host,
-        &bed.fleet,
-        &format!("{args} --token-file /root/token"),
-    )?;
-    assert_eq!(code, 0, "{text}");
+    let pin = enrolled_by_one_liner(&bed, &host, "--method binary")?;
+    let args = format!("--ca-pin {pin} --method binary");
     short_probation(&host)?;
     inject(&host, "never-ready")?;
     let pids = wait_runtime(&host)?;
@@ -344,23 +347,11 @@ fn an_rpm_upgrade_that_crashes_after_five_seconds_is_rolled_back() -> R {
 fn a_good_upgrade_with_the_server_away_is_confirmed() -> R {
     let mut bed = bed("rb-away")?;
     let host = host(&mut bed, "lm-rb-away")?;
-    let t = bed.fleet.token(1, "1h")?;
-    std::fs::write(host.path("/root/token"), &t.token)?;
-    let (code, text) = install_one_liner(
-        &host,
-        &bed.fleet,
-        &format!(
-            "--ca-pin {} --token-file /root/token --version {}",
-            t.ca_pin, bed.older_version
-        ),
-    )?;
-    assert_eq!(code, 0, "{text}");
+    enrolled_by_one_liner(&bed, &host, &format!("--version {}", bed.older_version))?;
     short_probation(&host)?;
     wait_runtime(&host)?;
     bed.fleet.stop();
-    let out = host.sh(
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold /root/current.deb 2>&1",
-    )?;
+    let out = host.sh(&format!("{APT_INSTALL} /root/current.deb 2>&1"))?;
     assert!(out.contains("is on probation"), "{out}");
     let outcome = wait_outcome(&host, Duration::from_secs(90))?;
     assert_eq!(outcome["outcome"], "confirmed", "{outcome}");
@@ -386,22 +377,13 @@ fn a_good_upgrade_with_the_server_away_is_confirmed() -> R {
 /// upgrade to the bad build (exit at start) begun; returns when the
 /// watcher has started putting the previous version back, with what the
 /// rollback must keep.
-fn begin_bad_deb_upgrade(bed: &mut Bed, host: &TestHost) -> anyhow::Result<(String, String)> {
-    let t = bed.fleet.token(1, "1h")?;
-    std::fs::write(host.path("/root/token"), &t.token)?;
-    let (code, text) = install_one_liner(
-        host,
-        &bed.fleet,
-        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
-    )?;
-    assert_eq!(code, 0, "{text}");
+fn begin_bad_deb_upgrade(bed: &Bed, host: &TestHost) -> anyhow::Result<(String, String)> {
+    enrolled_by_one_liner(bed, host, "")?;
     short_probation(host)?;
     inject(host, "exit-at-start")?;
     let pids = wait_runtime(host)?;
     let before = kept(host);
-    host.sh(
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold /root/faulty.deb",
-    )?;
+    host.sh(&format!("{APT_INSTALL} /root/faulty.deb"))?;
     let record = host.path("/var/lib/linkmesh-agent/upgrade/probation.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains("rolling_back")) {
@@ -421,7 +403,7 @@ fn begin_bad_deb_upgrade(bed: &mut Bed, host: &TestHost) -> anyhow::Result<(Stri
 fn a_rollback_cut_by_a_power_loss_is_finished_at_boot() -> R {
     let mut bed = bed("rb-boot")?;
     let mut host = host(&mut bed, "lm-rb-boot")?;
-    let (before, _) = begin_bad_deb_upgrade(&mut bed, &host)?;
+    let (before, _) = begin_bad_deb_upgrade(&bed, &host)?;
     host.reboot()?;
     bed.net.attach(&host)?;
     let record =
@@ -452,7 +434,7 @@ fn a_rollback_cut_by_a_power_loss_is_finished_at_boot() -> R {
 fn a_rollback_whose_watcher_was_killed_is_finished_by_the_one_liner() -> R {
     let mut bed = bed("rb-rerun")?;
     let host = host(&mut bed, "lm-rb-rerun")?;
-    let (before, _) = begin_bad_deb_upgrade(&mut bed, &host)?;
+    let (before, _) = begin_bad_deb_upgrade(&bed, &host)?;
     host.sh("systemctl kill -s SIGKILL linkmesh-upgrade.service; sleep 0.5")?;
     let record =
         std::fs::read_to_string(host.path("/var/lib/linkmesh-agent/upgrade/probation.json"))
@@ -491,24 +473,15 @@ fn a_runtime_upgrade_whose_collector_cannot_start_is_rolled_back() -> R {
     let host = TestHost::boot("lm-rb-runtime")?;
     bed.net.attach(&host)?;
     linkmesh_integration::harness::install_real_runtime_for_releases(&host)?;
-    let t = bed.fleet.token(1, "1h")?;
-    std::fs::write(host.path("/root/token"), &t.token)?;
-    let (code, text) = install_one_liner(
-        &host,
-        &bed.fleet,
-        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
-    )?;
-    assert_eq!(code, 0, "{text}");
-    let opamp = |args: &str| -> anyhow::Result<(i32, String)> {
-        let out = host.exec(&format!(
-            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} {args}",
-            bed.fleet.url, t.ca_pin
-        ))?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        ))
+    let pin = enrolled_by_one_liner(&bed, &host, "")?;
+    let opamp = |args: &str| {
+        run(
+            &host,
+            &format!(
+                "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {pin} {args}",
+                bed.fleet.url
+            ),
+        )
     };
     let (code, text) = opamp("--otelcol-version 0.157.0 --supervisor-version 0.157.0")?;
     assert_eq!(code, 0, "{text}");

@@ -26,20 +26,7 @@ pub fn outcome_path(state_dir: &Path) -> PathBuf {
 /// # Errors
 /// When it cannot be read or parsed.
 pub fn read_outcome(state_dir: &Path) -> Result<Option<Outcome>, UpgradeError> {
-    let path = outcome_path(state_dir);
-    match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| UpgradeError::Record {
-                path: path.display().to_string(),
-                reason: format!("not a valid record ({e})"),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(UpgradeError::Record {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
-    }
+    super::watch::read_json(&outcome_path(state_dir))
 }
 
 /// Records the outcome (atomically).
@@ -49,10 +36,7 @@ pub fn read_outcome(state_dir: &Path) -> Result<Option<Outcome>, UpgradeError> {
 pub fn write_outcome(state_dir: &Path, o: &Outcome) -> Result<(), UpgradeError> {
     let path = outcome_path(state_dir);
     crate::fs::ensure_private_dir(path.parent().unwrap_or(state_dir), 0o700)?;
-    let mut b = serde_json::to_vec_pretty(o).unwrap_or_default();
-    b.push(b'\n');
-    crate::fs::write_atomic(&path, &b, 0o600)?;
-    Ok(())
+    super::watch::write_json(&path, o)
 }
 
 /// One look, from the status file the agent publishes.

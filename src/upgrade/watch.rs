@@ -80,7 +80,10 @@ pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join(UPGRADE_DIR)
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, UpgradeError> {
+/// Reads a JSON record; `None` when the file does not exist.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, UpgradeError> {
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
@@ -96,7 +99,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, U
     }
 }
 
-fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), UpgradeError> {
+/// Writes a JSON record atomically (0600).
+pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), UpgradeError> {
     let mut b = serde_json::to_vec_pretty(value).unwrap_or_default();
     b.push(b'\n');
     write_atomic(path, &b, 0o600)?;
