@@ -376,6 +376,28 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         // Judged with a broken configuration too (a package upgrade may be
         // what fixes it): its errors become a note.
         Command::ServerFirst(args) => return server_first(&paths, args),
+        // The watcher is the previous agent: a configuration the new one
+        // brought (a key the old one does not know) must not stop the
+        // rollback of the new one.
+        Command::Upgrade(UpgradeCommand::Watch) => {
+            let settings = match config::load(&paths, |k| std::env::var(k).ok()) {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::telemetry::init(config::DEFAULT_LOG_LEVEL);
+                    tracing::warn!(error = %e, "The configuration does not load; watching with the default state directory");
+                    let defaults =
+                        config::from_texts(&[], |k| std::env::var(k).ok()).map_err(|e| {
+                            Failure {
+                                code: EXIT_CONFIG,
+                                error: e.into(),
+                            }
+                        })?;
+                    return upgrade(&defaults, UpgradeCommand::Watch);
+                }
+            };
+            crate::telemetry::init(&settings.log_level);
+            return upgrade(&settings, UpgradeCommand::Watch);
+        }
         _ => {}
     }
     let settings = config::load(&paths, |k| std::env::var(k).ok()).map_err(|e| Failure {

@@ -139,3 +139,23 @@ fn version_and_status_json_are_stable() -> R {
     assert!(!agent.state.exists());
     Ok(())
 }
+
+/// The upgrade watcher is the previous agent: a key only the new version
+/// knows must not keep it from judging (and rolling back) the new one.
+#[test]
+fn the_upgrade_watcher_runs_with_a_configuration_it_does_not_understand() -> R {
+    let dir = scratch("watch-cfg")?;
+    let agent = AgentEnv::new(dir.path())?;
+    std::fs::create_dir_all(agent.config.parent().unwrap_or(dir.path()))?;
+    std::fs::write(&agent.config, "[future]\nsetting = 1\n")?;
+    let out = agent.cmd()?.args(["status"]).output()?;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let out = agent.cmd()?.args(["upgrade", "watch"]).output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no upgrade on probation"),
+        "{}",
+        text(&out)
+    );
+    Ok(())
+}

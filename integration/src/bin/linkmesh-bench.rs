@@ -109,9 +109,10 @@ struct Args {
     /// Whole runs of every measurement; the table shows the spread over them.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Run only this measurement: `continuity` (the upgrade drill) or
-    /// `idle-conns` (the server holding idle TLS connections).
-    #[arg(long, value_parser = ["continuity", "idle-conns"])]
+    /// Run only this measurement: `continuity` (the upgrade drill),
+    /// `idle-conns` (the server holding idle TLS connections) or `rollback`
+    /// (bad agent upgrades put back by the watcher, `--upgrades` of them).
+    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback"])]
     only: Option<String>,
     /// Idle TLS connections the server is made to hold (0 skips it).
     #[arg(long, default_value_t = 1000)]
@@ -223,10 +224,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         runs.push(match args.only.as_deref() {
             Some("continuity") => continuity()?,
             Some("idle-conns") => idle_connections(&args)?,
+            Some("rollback") => rollback(&args)?,
             _ => {
                 let mut figures = one_run(&args, &agent_bin)?;
                 figures.extend(idle_connections(&args)?);
                 figures.extend(continuity()?);
+                figures.extend(rollback(&args)?);
                 figures
             }
         });
@@ -339,6 +342,78 @@ fn idle_connections(args: &Args) -> anyhow::Result<Vec<Figure>> {
             enrol_ms,
         ),
     ])
+}
+
+/// Bad agent upgrades put back by the watcher: a deb host on this build,
+/// then `--upgrades` times `apt-get install` of the fault-injection build
+/// (0.1.1, exit 1 at start), timed to the previous version active again.
+/// Between rounds the outcome record is removed, so the same bad version
+/// is watched again (a host otherwise never watches a version it rolled
+/// back once). Default probation (60 s): a start that exits is decided at
+/// the first restart, not at the end of the window.
+fn rollback(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    use linkmesh_integration::{
+        harness::{build_packages, faulty_agent, install_one_liner, install_runtime},
+        testhost::{TestHost, TestNet},
+    };
+    if args.upgrades == 0 {
+        return Ok(Vec::new());
+    }
+    let dir = scratch("bench-rollback")?;
+    let artifacts = dir.path().join("artifacts");
+    let (faulty, _) = faulty_agent()?;
+    // This build's packages are what the one-liner installs first.
+    build_packages(&binary("linkmesh-agent")?, &artifacts, 6)?;
+    let bad = build_packages(&faulty, &artifacts, 6)?;
+    let mut net = TestNet::new()?;
+    let fleet = Fleet::start_for_hosts(&dir.path().join("fleet"), net.netns(), &artifacts)?;
+    let host = TestHost::boot("lm-bench-rollback")?;
+    net.attach(&host)?;
+    install_runtime(&host)?;
+    host.copy_in(&bad.deb, "/root/bad.deb", 0o644)?;
+    let t = fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let (code, text) = install_one_liner(
+        &host,
+        &fleet,
+        &format!("--ca-pin {} --token-file /root/token", t.ca_pin),
+    )?;
+    if code != 0 {
+        bail!("install failed: {text}");
+    }
+    host.sh(
+        "mkdir -p /etc/systemd/system/linkmesh-agent.service.d && printf '[Service]\nEnvironment=LINKMESH_FAULT=exit-at-start\n' > /etc/systemd/system/linkmesh-agent.service.d/90-fault.conf && systemctl daemon-reload",
+    )?;
+    let version = linkmesh_agent::version::AGENT_VERSION;
+    let mut secs = Vec::with_capacity(args.upgrades);
+    for i in 0..args.upgrades {
+        host.sh("rm -f /var/lib/linkmesh-agent/upgrade/outcome.json")?;
+        let start = Instant::now();
+        host.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold /root/bad.deb")?;
+        let deadline = start + Duration::from_secs(180);
+        loop {
+            let out = host.exec(
+                "test ! -e /var/lib/linkmesh-agent/upgrade/probation.json && grep -q '\"rolled_back\"' /var/lib/linkmesh-agent/upgrade/outcome.json && systemctl is-active --quiet linkmesh-agent && linkmesh-agent --version",
+            )?;
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(version) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "round {i}: not rolled back within 180 s:\n{}",
+                    host.journal(Some("linkmesh-upgrade"), "-n 30")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        secs.push(start.elapsed().as_secs_f64());
+    }
+    Ok(vec![figure(
+        "rollback_bad_upgrade",
+        "s",
+        "`apt-get install` of a release that exits 1 at start, to the previous version active again (deb, default 60 s probation; the watcher decides at the first systemd restart)",
+        secs,
+    )])
 }
 
 /// The upgrade drill once (linkmesh_integration::drill): one figure per
