@@ -238,7 +238,62 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
     let view = published.and_then(|s| s.state.reporter.opamp);
     checks.push(opamp_check(detection.kind, view.as_ref()));
     checks.push(conflicts_check(&detection));
+    checks.push(upgrade_check(
+        crate::upgrade::watch::read_probation(&settings.state_dir)
+            .ok()
+            .flatten()
+            .as_ref(),
+        crate::upgrade::watch::read_outcome(&settings.state_dir)
+            .ok()
+            .flatten()
+            .as_ref(),
+    ));
     checks
+}
+
+/// The last agent upgrade: on probation, confirmed, or rolled back (a
+/// warning: the host runs the previous version, which works; a rollback
+/// that failed is a failure).
+pub fn upgrade_check(
+    open: Option<&crate::upgrade::probation::Probation>,
+    last: Option<&crate::upgrade::probation::Outcome>,
+) -> Check {
+    const ID: &str = "upgrade";
+    const TITLE: &str = "the last agent upgrade passed its probation";
+    if let Some(p) = open {
+        return ok(ID, TITLE, format!("{} -> {} is on probation", p.from, p.to));
+    }
+    match last {
+        None => ok(ID, TITLE, "no upgrade watched on this host yet"),
+        Some(o) if o.outcome == "confirmed" => {
+            ok(ID, TITLE, format!("{} -> {}: {}", o.from, o.to, o.reason))
+        }
+        Some(o) => bad(
+            ID,
+            TITLE,
+            if o.outcome == "rolled_back" {
+                Outcome::Warn
+            } else {
+                Outcome::Fail
+            },
+            format!(
+                "{} {} -> {} at {}: {}",
+                o.outcome,
+                o.from,
+                o.to,
+                crate::clock::rfc3339_unix_ms(o.at_unix_ms),
+                o.reason
+            ),
+            if o.outcome == "rolled_back" {
+                format!(
+                    "{} runs again; fix or skip {} before upgrading (journalctl -u linkmesh-upgrade)",
+                    o.to, o.from
+                )
+            } else {
+                "the previous version could not be put back: journalctl -u linkmesh-upgrade; reinstall a working version with the one-liner".to_owned()
+            },
+        ),
+    }
 }
 
 /// The collector as the server sees it over OpAMP (from the agent's last
@@ -765,6 +820,30 @@ mod tests {
             assert_eq!(version_check(&older, true).outcome, Outcome::Warn);
         }
         assert!(other.detail.contains("different major"));
+    }
+
+    #[test]
+    fn the_last_upgrade() {
+        use crate::upgrade::probation::Outcome as Done;
+        assert_eq!(upgrade_check(None, None).outcome, Outcome::Ok);
+        let o = |outcome: &str| Done {
+            outcome: outcome.into(),
+            from: "0.2.0".into(),
+            to: "0.1.0".into(),
+            reason: "exit status 1".into(),
+            at_unix_ms: 0,
+        };
+        let c = upgrade_check(None, Some(&o("rolled_back")));
+        assert_eq!(c.outcome, Outcome::Warn);
+        assert!(c.detail.contains("exit status 1") && c.hint.unwrap().contains("0.1.0 runs again"));
+        assert_eq!(
+            upgrade_check(None, Some(&o("rollback_failed"))).outcome,
+            Outcome::Fail
+        );
+        assert_eq!(
+            upgrade_check(None, Some(&o("confirmed"))).outcome,
+            Outcome::Ok
+        );
     }
 
     #[test]
