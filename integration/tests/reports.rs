@@ -667,7 +667,8 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
             "runtime_version",
             "supervisor",
             "opamp",
-            "conflicts"
+            "conflicts",
+            "upgrade"
         ]
     );
     let server = doc["checks"]
