@@ -188,7 +188,13 @@ fn assert_rolled_back(
     packaged: &str,
 ) -> R {
     let current = linkmesh_agent::version::AGENT_VERSION;
-    assert_eq!(outcome["outcome"], "rolled_back", "{outcome}");
+    assert_eq!(
+        outcome["outcome"],
+        "rolled_back",
+        "{outcome}\nagent:\n{}\nwatcher:\n{}",
+        host.journal(Some("linkmesh-agent"), "-n 40"),
+        host.journal(Some("linkmesh-upgrade"), "-n 20")
+    );
     assert_eq!(outcome["from"], bed.faulty_version, "{outcome}");
     assert_eq!(outcome["to"], current, "{outcome}");
     assert!(

@@ -422,6 +422,11 @@ pub fn watch(state_dir: &Path, poll: Duration) -> Result<Option<Outcome>, Upgrad
                 // A watcher started again (boot, re-run) counts from its
                 // own start: the window is about this run of the agent.
                 let started = Instant::now();
+                // The window is the new agent's: it runs from the first
+                // look that sees it started (a slow package manager or a
+                // slow stop of the old agent must not eat into it), and
+                // from the watcher's start while it has not started.
+                let mut new_started: Option<Instant> = None;
                 let mut prev = restarts;
                 let verdict = loop {
                     // A newer install took over the probation (or the
@@ -433,7 +438,11 @@ pub fn watch(state_dir: &Path, poll: Duration) -> Result<Option<Outcome>, Upgrad
                         return Ok(None);
                     }
                     let obs = observe(state_dir, since_unix_ms);
-                    let (v, next) = probation::assess(&obs, prev, started.elapsed(), window);
+                    if obs.started_in_window && new_started.is_none() {
+                        new_started = Some(Instant::now());
+                    }
+                    let elapsed = new_started.unwrap_or(started).elapsed();
+                    let (v, next) = probation::assess(&obs, prev, elapsed, window);
                     prev = next;
                     match v {
                         Verdict::Wait => std::thread::sleep(poll),
