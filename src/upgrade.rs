@@ -49,7 +49,8 @@ pub struct ServerRecord {
     pub seen_unix_ms: u64,
 }
 
-/// A record that cannot be read.
+/// A JSON record of the upgrade machinery (the server's version, a
+/// probation, an outcome) that cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// The file exists but cannot be read.
@@ -60,8 +61,8 @@ pub enum RecordError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not a record.
-    #[error("{path} is not a server-version record ({reason}); it is rewritten at the next report")]
+    /// The file is not such a record.
+    #[error("{path} is not a valid record ({reason}); remove it to start over")]
     Corrupt {
         /// The file.
         path: String,
@@ -73,13 +74,12 @@ pub enum RecordError {
     Write(#[from] FsError),
 }
 
-/// Reads `STATE/server-version.json`; `None` when there is none.
+/// Reads a JSON record; `None` when the file does not exist.
 ///
 /// # Errors
 /// [`RecordError`] when it exists but cannot be read or parsed.
-pub fn read_record(state_dir: &Path) -> Result<Option<ServerRecord>, RecordError> {
-    let path = state_dir.join(SERVER_RECORD);
-    match std::fs::read(&path) {
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, RecordError> {
+    match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| RecordError::Corrupt {
@@ -94,15 +94,31 @@ pub fn read_record(state_dir: &Path) -> Result<Option<ServerRecord>, RecordError
     }
 }
 
+/// Writes a JSON record atomically (0600).
+///
+/// # Errors
+/// [`RecordError::Write`] when it cannot be written.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
+    bytes.push(b'\n');
+    write_atomic(path, &bytes, 0o600)?;
+    Ok(())
+}
+
+/// Reads `STATE/server-version.json`; `None` when there is none.
+///
+/// # Errors
+/// [`RecordError`] when it exists but cannot be read or parsed.
+pub fn read_record(state_dir: &Path) -> Result<Option<ServerRecord>, RecordError> {
+    read_json(&state_dir.join(SERVER_RECORD))
+}
+
 /// Writes the record atomically (0600).
 ///
 /// # Errors
 /// [`RecordError::Write`] when it cannot be written.
 pub fn write_record(state_dir: &Path, record: &ServerRecord) -> Result<(), RecordError> {
-    let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
-    bytes.push(b'\n');
-    write_atomic(&state_dir.join(SERVER_RECORD), &bytes, 0o600)?;
-    Ok(())
+    write_json(&state_dir.join(SERVER_RECORD), record)
 }
 
 /// The record to keep after hearing `version`/`window` from `server`:

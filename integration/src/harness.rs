@@ -628,16 +628,14 @@ pub fn install_one_liner(
     fleet: &Fleet,
     args: &str,
 ) -> anyhow::Result<(i32, String)> {
-    let out = host.exec(&format!(
+    let (code, mut text) = host.run(&format!(
         "curl -fsSk {0}/install.sh | sh -s -- --server {0} {args}",
         fleet.url
     ))?;
-    let mut text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(10) {
+    if code == 10 {
         text += &host.service_failure("linkmesh-agent");
     }
-    Ok((out.status.code().unwrap_or(-1), text))
+    Ok((code, text))
 }
 
 /// The .deb and .rpm of one agent build.

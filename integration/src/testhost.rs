@@ -274,6 +274,20 @@ impl TestHost {
             .output()?)
     }
 
+    /// Runs a shell command inside the host whatever it exits with: its
+    /// exit code (-1 for a signal) and its stdout followed by its stderr.
+    ///
+    /// # Errors
+    /// When nsenter cannot be run.
+    pub fn run(&self, script: &str) -> anyhow::Result<(i32, String)> {
+        let out = self.exec(script)?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
     /// This host's view of `path` (absolute, inside the host), from outside.
     pub fn path(&self, path: &str) -> PathBuf {
         PathBuf::from(format!("/proc/{}/root{}", self.pid1, path))

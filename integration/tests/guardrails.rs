@@ -77,15 +77,6 @@ fn host(bed: &mut Bed, name: &str) -> anyhow::Result<TestHost> {
     Ok(host)
 }
 
-/// Runs `script`; its exit code and stdout+stderr.
-fn run(host: &TestHost, script: &str) -> anyhow::Result<(i32, String)> {
-    let out = host.exec(script)?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
-}
-
 /// What must not change when an install is refused: the agent binary, the
 /// identity, the configuration, the package database's version, the
 /// running agent.
@@ -184,7 +175,7 @@ fn server_first_is_enforced_on_a_debian_host() -> R {
         "curl -fsSk https://192.0.2.1:8443/install.sh | sh -s -- --server https://192.0.2.1:8443 --ca-pin PIN"
             .replace("PIN", &pin),
     ] {
-        let (code, text) = run(&host, &cmd)?;
+        let (code, text) = host.run(&cmd)?;
         assert_ne!(code, 0, "`{cmd}` went ahead:\n{text}");
         assert_refusal(&text, bed.old_version);
         assert!(text.contains("asked https://"), "{text}");
@@ -193,7 +184,7 @@ fn server_first_is_enforced_on_a_debian_host() -> R {
 
     // The server away: the version the agent recorded judges.
     bed.fleet.stop();
-    let (code, text) = run(&host, "dpkg -i /root/new.deb")?;
+    let (code, text) = host.run("dpkg -i /root/new.deb")?;
     assert_ne!(code, 0, "{text}");
     assert_refusal(&text, bed.old_version);
     assert!(
@@ -394,7 +385,7 @@ fn server_first_is_enforced_on_an_rpm_host() -> R {
             bed.fleet.url, t.ca_pin
         ),
     ] {
-        let (code, text) = run(&host, &cmd)?;
+        let (code, text) = host.run(&cmd)?;
         assert_ne!(code, 0, "`{cmd}` went ahead:\n{text}");
         assert_refusal(&text, bed.old_version);
         assert_eq!(
@@ -403,7 +394,7 @@ fn server_first_is_enforced_on_an_rpm_host() -> R {
             "`{cmd}` changed the host"
         );
     }
-    let (code, text) = run(&host, "LINKMESH_ALLOW_AHEAD=1 rpm -U /root/new.rpm")?;
+    let (code, text) = host.run("LINKMESH_ALLOW_AHEAD=1 rpm -U /root/new.rpm")?;
     assert_eq!(code, 0, "{text}");
     let after = host.sh(rpmq)?;
     assert!(

@@ -93,15 +93,6 @@ fn enrolled_by_one_liner(bed: &Bed, host: &TestHost, extra: &str) -> anyhow::Res
     Ok(t.ca_pin)
 }
 
-/// Runs `script` in the host: its exit code and stdout+stderr.
-fn run(host: &TestHost, script: &str) -> anyhow::Result<(i32, String)> {
-    let out = host.exec(script)?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
-}
-
 const APT_INSTALL: &str =
     "DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold";
 
@@ -238,7 +229,7 @@ fn a_deb_upgrade_that_exits_at_start_is_rolled_back() -> R {
     let before = kept(&host);
 
     let started = Instant::now();
-    let (code, text) = run(&host, &format!("{APT_INSTALL} /root/faulty.deb"))?;
+    let (code, text) = host.run(&format!("{APT_INSTALL} /root/faulty.deb"))?;
     assert_eq!(code, 0, "the package manager itself succeeds:\n{text}");
     assert!(text.contains("is on probation"), "{text}");
     let outcome = wait_outcome(&host, Duration::from_secs(90))?;
@@ -481,13 +472,10 @@ fn a_runtime_upgrade_whose_collector_cannot_start_is_rolled_back() -> R {
     linkmesh_integration::harness::install_real_runtime_for_releases(&host)?;
     let pin = enrolled_by_one_liner(&bed, &host, "")?;
     let opamp = |args: &str| {
-        run(
-            &host,
-            &format!(
-                "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {pin} {args}",
-                bed.fleet.url
-            ),
-        )
+        host.run(&format!(
+            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {pin} {args}",
+            bed.fleet.url
+        ))
     };
     let (code, text) = opamp("--otelcol-version 0.157.0 --supervisor-version 0.157.0")?;
     assert_eq!(code, 0, "{text}");

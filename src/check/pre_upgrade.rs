@@ -19,7 +19,7 @@ use crate::{
     config::{ConfigPaths, RuntimeKind},
     identity::IdentityStore,
     runtime::{self, probe::HostProbes},
-    upgrade::{self, Admission, ServerSide, Source},
+    upgrade::{self, Admission, ServerSide},
     version::{self, Version},
 };
 
@@ -62,22 +62,7 @@ pub fn run(paths: &ConfigPaths, to: Option<&Version>) -> Vec<Check> {
                 "the fleet server is reachable",
                 format!("{server} runs {}", v.info.server_version),
             ));
-            v.info
-                .server_version
-                .parse::<Version>()
-                .ok()
-                .map(|sv| ServerSide {
-                    version: sv,
-                    minor_versions_behind: v
-                        .info
-                        .skew_policy
-                        .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
-                            p.minor_versions_behind
-                        }),
-                    source: Source::Asked {
-                        server: server.clone(),
-                    },
-                })
+            upgrade::gate::asked(&v.info, &server).ok()
         }
         Err(e) => {
             checks.push(bad(
@@ -87,21 +72,7 @@ pub fn run(paths: &ConfigPaths, to: Option<&Version>) -> Vec<Check> {
                 format!("{server}: {e}"),
                 "the fleet server is upgraded first and must be up for that: check it and the network path",
             ));
-            upgrade::read_record(&settings.state_dir)
-                .ok()
-                .flatten()
-                .filter(|r| r.server == server)
-                .and_then(|r| {
-                    Some(ServerSide {
-                        version: r.version.parse().ok()?,
-                        minor_versions_behind: r.minor_versions_behind,
-                        source: Source::Recorded {
-                            server: server.clone(),
-                            seen_at: crate::clock::rfc3339_unix_ms(r.seen_unix_ms),
-                            unreachable: e.clone(),
-                        },
-                    })
-                })
+            upgrade::gate::recorded(&settings.state_dir, &server, e.clone(), &mut Vec::new())
         }
     };
     let offered = view
@@ -361,6 +332,7 @@ pub fn rollback_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upgrade::Source;
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()

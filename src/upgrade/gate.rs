@@ -9,8 +9,9 @@ use super::{ServerSide, Source, read_record};
 use crate::{
     endpoint::ServerUrl,
     identity::IdentityStore,
+    proto,
     tls::{Trust, enrol_client_config},
-    version::{self, Version},
+    version::{self, Version, VersionError},
 };
 
 /// Whom to ask.
@@ -56,23 +57,8 @@ pub fn server_side(
     let unreachable = match enrol_client_config(&ask.trust) {
         Ok(tls) => {
             match crate::check::server_info(&ask.server, Arc::new(tls), proxy_url, timeout) {
-                Ok(view) => match view.info.server_version.parse::<Version>() {
-                    Ok(v) => {
-                        let window = view
-                            .info
-                            .skew_policy
-                            .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
-                                p.minor_versions_behind
-                            });
-                        return (
-                            Some(ServerSide {
-                                version: v,
-                                minor_versions_behind: window,
-                                source: Source::Asked { server },
-                            }),
-                            notes,
-                        );
-                    }
+                Ok(view) => match asked(&view.info, &server) {
+                    Ok(side) => return (Some(side), notes),
                     Err(e) => format!("{server} answered with {e}"),
                 },
                 Err(e) => e,
@@ -81,23 +67,51 @@ pub fn server_side(
         Err(e) => e.to_string(),
     };
     notes.push(format!("cannot ask {server}: {unreachable}"));
+    let side = recorded(state_dir, &server, unreachable, &mut notes);
+    (side, notes)
+}
+
+/// The server's side from its ServerInfo answer, asked just now.
+///
+/// # Errors
+/// When the server's version does not parse.
+pub fn asked(info: &proto::ServerInfoResponse, server: &str) -> Result<ServerSide, VersionError> {
+    Ok(ServerSide {
+        version: info.server_version.parse()?,
+        minor_versions_behind: info
+            .skew_policy
+            .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
+                p.minor_versions_behind
+            }),
+        source: Source::Asked {
+            server: server.to_owned(),
+        },
+    })
+}
+
+/// The server's side from the agent's record, when `server` could not be
+/// asked (`unreachable` says why) and the record is about that server; what
+/// kept it from being used goes to `notes`.
+pub fn recorded(
+    state_dir: &Path,
+    server: &str,
+    unreachable: String,
+    notes: &mut Vec<String>,
+) -> Option<ServerSide> {
     match read_record(state_dir) {
         Ok(Some(r)) if r.server == server => match r.version.parse::<Version>() {
-            Ok(v) => (
-                Some(ServerSide {
-                    version: v,
-                    minor_versions_behind: r.minor_versions_behind,
-                    source: Source::Recorded {
-                        server,
-                        seen_at: crate::clock::rfc3339_unix_ms(r.seen_unix_ms),
-                        unreachable,
-                    },
-                }),
-                notes,
-            ),
+            Ok(v) => Some(ServerSide {
+                version: v,
+                minor_versions_behind: r.minor_versions_behind,
+                source: Source::Recorded {
+                    server: server.to_owned(),
+                    seen_at: crate::clock::rfc3339_unix_ms(r.seen_unix_ms),
+                    unreachable,
+                },
+            }),
             Err(e) => {
                 notes.push(format!("the recorded server version is unusable: {e}"));
-                (None, notes)
+                None
             }
         },
         Ok(Some(r)) => {
@@ -105,12 +119,12 @@ pub fn server_side(
                 "the recorded server version is from {}, not {server}",
                 r.server
             ));
-            (None, notes)
+            None
         }
-        Ok(None) => (None, notes),
+        Ok(None) => None,
         Err(e) => {
             notes.push(e.to_string());
-            (None, notes)
+            None
         }
     }
 }

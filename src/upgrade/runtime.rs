@@ -26,7 +26,7 @@ pub fn outcome_path(state_dir: &Path) -> PathBuf {
 /// # Errors
 /// When it cannot be read or parsed.
 pub fn read_outcome(state_dir: &Path) -> Result<Option<Outcome>, UpgradeError> {
-    super::watch::read_json(&outcome_path(state_dir))
+    Ok(super::read_json(&outcome_path(state_dir))?)
 }
 
 /// Records the outcome (atomically).
@@ -36,7 +36,7 @@ pub fn read_outcome(state_dir: &Path) -> Result<Option<Outcome>, UpgradeError> {
 pub fn write_outcome(state_dir: &Path, o: &Outcome) -> Result<(), UpgradeError> {
     let path = outcome_path(state_dir);
     crate::fs::ensure_private_dir(path.parent().unwrap_or(state_dir), 0o700)?;
-    super::watch::write_json(&path, o)
+    Ok(super::write_json(&path, o)?)
 }
 
 /// One look, from the status file the agent publishes.

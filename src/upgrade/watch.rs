@@ -24,7 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::probation::{self, Method, Observation, Outcome, Phase, Probation, Verdict};
+use super::{
+    probation::{self, Method, Observation, Outcome, Phase, Probation, Verdict},
+    read_json, write_json,
+};
 use crate::{
     fs::{FsError, ensure_private_dir, write_atomic},
     version::{self, Version},
@@ -57,14 +60,9 @@ pub enum UpgradeError {
     /// A file could not be written.
     #[error(transparent)]
     Fs(#[from] FsError),
-    /// A record cannot be read or parsed.
-    #[error("{path}: {reason}")]
-    Record {
-        /// The file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    /// A record cannot be read, parsed or written.
+    #[error(transparent)]
+    Record(#[from] super::RecordError),
     /// A command failed.
     #[error("`{command}` failed: {detail}")]
     Command {
@@ -80,39 +78,12 @@ pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join(UPGRADE_DIR)
 }
 
-/// Reads a JSON record; `None` when the file does not exist.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
-    path: &Path,
-) -> Result<Option<T>, UpgradeError> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| UpgradeError::Record {
-                path: path.display().to_string(),
-                reason: format!("not a valid record ({e}); remove it to start over"),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(UpgradeError::Record {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
-    }
-}
-
-/// Writes a JSON record atomically (0600).
-pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), UpgradeError> {
-    let mut b = serde_json::to_vec_pretty(value).unwrap_or_default();
-    b.push(b'\n');
-    write_atomic(path, &b, 0o600)?;
-    Ok(())
-}
-
 /// The open probation, if any.
 ///
 /// # Errors
 /// When it cannot be read.
 pub fn read_probation(state_dir: &Path) -> Result<Option<Probation>, UpgradeError> {
-    read_json(&dir(state_dir).join(PROBATION_FILE))
+    Ok(read_json(&dir(state_dir).join(PROBATION_FILE))?)
 }
 
 /// The last outcome, if any.
@@ -120,11 +91,11 @@ pub fn read_probation(state_dir: &Path) -> Result<Option<Probation>, UpgradeErro
 /// # Errors
 /// When it cannot be read.
 pub fn read_outcome(state_dir: &Path) -> Result<Option<Outcome>, UpgradeError> {
-    read_json(&dir(state_dir).join(OUTCOME_FILE))
+    Ok(read_json(&dir(state_dir).join(OUTCOME_FILE))?)
 }
 
 fn write_probation(state_dir: &Path, p: &Probation) -> Result<(), UpgradeError> {
-    write_json(&dir(state_dir).join(PROBATION_FILE), p)
+    Ok(write_json(&dir(state_dir).join(PROBATION_FILE), p)?)
 }
 
 fn close(state_dir: &Path, outcome: &Outcome) -> Result<(), UpgradeError> {
