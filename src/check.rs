@@ -202,6 +202,10 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
                     None => format!("{} (no proxy)", id.server),
                 },
             ));
+            checks.push(standing_check(
+                Some(&view.info),
+                crate::reporter::read_revoked(&settings.state_dir, id.host_id.as_str()).as_ref(),
+            ));
             checks.push(clock_check(view.clock_offset_ms));
             checks.push(version_check(
                 &view.info,
@@ -215,6 +219,10 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
         }
         (Some(id), Some(Err(e))) => {
             checks.push(bad("server", "server is reachable and its TLS identity verifies", Outcome::Fail, format!("{}: {e}", id.server), "check the network path, the proxy settings ([proxy] url, HTTPS_PROXY, NO_PROXY) and the server"));
+            checks.push(standing_check(
+                None,
+                crate::reporter::read_revoked(&settings.state_dir, id.host_id.as_str()).as_ref(),
+            ));
             for (cid, title) in [
                 ("clock", "host clock agrees with the server's"),
                 ("version", "agent version is within the server's window"),
@@ -401,6 +409,58 @@ pub fn state_dir_check(dir: &Path, euid: u32) -> Check {
             format!("chown -R {euid} {}", dir.display()),
         ),
         Ok(_) => ok("state_dir", TITLE, format!("{} mode 0700", dir.display())),
+    }
+}
+
+/// How the server regards this host's certificate: what it says over
+/// ServerInfo when reachable, else what it said when it revoked the host.
+pub fn standing_check(
+    info: Option<&proto::ServerInfoResponse>,
+    revoked: Option<&crate::reporter::Revoked>,
+) -> Check {
+    use proto::Standing;
+    const ID: &str = "standing";
+    const TITLE: &str = "the server accepts this host's certificate";
+    const ENROL: &str = "enrol again with a new token: echo $TOKEN | linkmesh-agent enroll --force --server URL --ca-pin sha256:HEX --token-file /dev/stdin (the collector keeps running meanwhile)";
+    let Some(info) = info else {
+        return match revoked {
+            Some(r) => bad(ID, TITLE, Outcome::Fail, r.explain(), ENROL),
+            None => Check {
+                id: ID,
+                title: TITLE,
+                outcome: Outcome::Skipped,
+                detail: "server not reachable".into(),
+                hint: None,
+            },
+        };
+    };
+    let detail = info.client_standing_detail.clone();
+    match info.client_standing() {
+        Standing::Current => ok(ID, TITLE, detail),
+        Standing::Revoked => bad(
+            ID,
+            TITLE,
+            Outcome::Fail,
+            format!("revoked: {detail}"),
+            ENROL,
+        ),
+        Standing::Superseded | Standing::NotEnrolled => {
+            bad(ID, TITLE, Outcome::Fail, detail, ENROL)
+        }
+        Standing::Expired => bad(
+            ID,
+            TITLE,
+            Outcome::Warn,
+            detail,
+            "start the agent (`systemctl start linkmesh-agent`): it renews within the server's grace window",
+        ),
+        Standing::Unspecified => Check {
+            id: ID,
+            title: TITLE,
+            outcome: Outcome::Skipped,
+            detail: "the server does not say".into(),
+            hint: None,
+        },
     }
 }
 
@@ -791,6 +851,59 @@ pub fn print(checks: &[Check], json: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_standing_check_says_what_the_server_said() {
+        let info = |standing: proto::Standing, detail: &str| proto::ServerInfoResponse {
+            client_standing: standing as i32,
+            client_standing_detail: detail.into(),
+            ..Default::default()
+        };
+        let c = standing_check(Some(&info(proto::Standing::Current, "host h")), None);
+        assert_eq!(c.outcome, Outcome::Ok);
+        let c = standing_check(
+            Some(&info(proto::Standing::Revoked, "host h was revoked at t")),
+            None,
+        );
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.starts_with("revoked: host h"), "{}", c.detail);
+        assert!(
+            c.hint
+                .as_deref()
+                .unwrap_or_default()
+                .contains("enroll --force"),
+            "{c:?}"
+        );
+        for s in [proto::Standing::Superseded, proto::Standing::NotEnrolled] {
+            assert_eq!(
+                standing_check(Some(&info(s, "x")), None).outcome,
+                Outcome::Fail
+            );
+        }
+        assert_eq!(
+            standing_check(Some(&info(proto::Standing::Expired, "x")), None).outcome,
+            Outcome::Warn
+        );
+        assert_eq!(
+            standing_check(Some(&info(proto::Standing::Unspecified, "")), None).outcome,
+            Outcome::Skipped
+        );
+        // The server away: what it said when it revoked the host.
+        let r = crate::reporter::Revoked {
+            host_id: "h".into(),
+            at_unix_ms: 0,
+            message: "host h was revoked".into(),
+        };
+        let c = standing_check(None, Some(&r));
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(
+            c.detail
+                .starts_with("revoked: enrol again with a new token"),
+            "{}",
+            c.detail
+        );
+        assert_eq!(standing_check(None, None).outcome, Outcome::Skipped);
+    }
 
     #[test]
     fn clock_and_version_checks() {

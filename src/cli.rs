@@ -915,8 +915,17 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
         }),
     };
     let runtime = crate::published::read(&settings.state_dir);
+    let revoked = identity
+        .as_ref()
+        .and_then(|id| crate::reporter::read_revoked(&settings.state_dir, id.host_id.as_str()));
     let mut doc = doc;
     if let Some(obj) = doc.as_object_mut() {
+        if identity.is_some() {
+            obj.insert(
+                "revoked".into(),
+                serde_json::to_value(&revoked).unwrap_or_default(),
+            );
+        }
         let mut r = runtime
             .as_ref()
             .and_then(|s| serde_json::to_value(&s.state).ok())
@@ -941,6 +950,9 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
             rfc3339(id.validity.not_after)
         );
         println!("agent:        {}", version::AGENT_VERSION);
+        if let Some(r) = &revoked {
+            println!("standing:     {}", r.explain());
+        }
         match &runtime {
             Some(snap) if snap.agent_running => {
                 let r = &snap.state.runtime;

@@ -559,7 +559,7 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> String {
 }
 
 /// `s` cut after `max` characters, with its length said when cut.
-fn cut(s: &str, max: usize, show: impl Fn(&str) -> String) -> String {
+pub(crate) fn cut(s: &str, max: usize, show: impl Fn(&str) -> String) -> String {
     match s.char_indices().nth(max) {
         None => show(s),
         Some((at, _)) => format!("{}… ({} bytes)", show(&s[..at]), s.len()),

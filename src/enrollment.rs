@@ -295,6 +295,9 @@ pub async fn enroll(
     .map_err(|e: IdentityError| bad(e.to_string()))?;
     let not_after = identity.validity.not_after;
     store.commit(lock, &identity)?;
+    // A revocation recorded for the host this enrolment replaces no longer
+    // applies (it names the old host id, so keeping it would be harmless).
+    let _ = std::fs::remove_file(store.state_dir().join(crate::reporter::REVOKED_FILE));
     // The server's version from the start, for the server-first check of
     // an upgrade made while the server is away. Not part of the identity:
     // a failure here costs only that.

@@ -72,6 +72,10 @@ pub struct ReporterStatus {
     /// The last failure was the server refusing the report (not the server
     /// being unreachable): what an upgrade's probation rolls back on.
     pub last_error_rejected: bool,
+    /// The server revoked this host: reporting stopped (the collector keeps
+    /// running) until it enrols again.
+    #[serde(default)]
+    pub revoked: bool,
     /// The server's version, as it last said.
     pub server_version: Option<String>,
     /// This agent against the server (`in_window`, `behind`, `ahead`, `incompatible`).

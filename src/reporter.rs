@@ -102,13 +102,28 @@ pub enum Failure {
     /// The server refuses this identity or request: retry slowly, it will
     /// not change by itself.
     Rejected,
+    /// The operator revoked this host: stop reporting (the collector keeps
+    /// running); only a new enrolment helps.
+    Revoked,
 }
 
-/// Classifies a failed RPC. Pure.
+/// The standing a refusal carries in its details (servers say it as a
+/// [`proto::Refusal`]); `Unspecified` when it carries none.
+pub fn refusal_standing(status: &tonic::Status) -> proto::Standing {
+    <proto::Refusal as prost::Message>::decode(status.details())
+        .map_or(proto::Standing::Unspecified, |r| r.standing())
+}
+
+/// Classifies a failed RPC, by the refusal's typed standing first, then by
+/// its code. Pure.
 pub fn classify(status: &tonic::Status) -> Failure {
     use tonic::Code;
+    match refusal_standing(status) {
+        proto::Standing::Expired => return Failure::Renew,
+        proto::Standing::Revoked => return Failure::Revoked,
+        _ => {}
+    }
     match status.code() {
-        Code::Unauthenticated if status.message().contains("expired") => Failure::Renew,
         Code::Unauthenticated
         | Code::PermissionDenied
         | Code::NotFound
@@ -116,6 +131,41 @@ pub fn classify(status: &tonic::Status) -> Failure {
         | Code::FailedPrecondition => Failure::Rejected,
         _ => Failure::Retry,
     }
+}
+
+/// Where the reporter records that the server revoked this host, so a
+/// restarted agent does not report again and `check`/`status` say it.
+pub const REVOKED_FILE: &str = "revoked.json";
+
+/// The server's word that this host is revoked.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revoked {
+    /// The host it applies to (a new enrolment makes another host).
+    pub host_id: String,
+    /// When the server said so, Unix ms.
+    pub at_unix_ms: u64,
+    /// The server's words.
+    pub message: String,
+}
+
+impl Revoked {
+    /// What to tell people.
+    pub fn explain(&self) -> String {
+        format!(
+            "revoked: enrol again with a new token (the server said at {}: {})",
+            crate::clock::rfc3339_unix_ms(self.at_unix_ms),
+            self.message
+        )
+    }
+}
+
+/// The revocation recorded for `host_id`, if any (one recorded for another
+/// host, before a new enrolment, does not count).
+pub fn read_revoked(state_dir: &std::path::Path, host_id: &str) -> Option<Revoked> {
+    crate::upgrade::read_json::<Revoked>(&state_dir.join(REVOKED_FILE))
+        .ok()
+        .flatten()
+        .filter(|r| r.host_id == host_id)
 }
 
 /// The runtime part of a report.
@@ -297,6 +347,15 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         .ok()
         .flatten();
     let mut clock_warned = false;
+    if let Some(r) = read_revoked(ctx.store.state_dir(), ctx.identity.host_id.as_str()) {
+        tracing::warn!(host_id = %ctx.identity.host_id, "{}; not reporting (the collector keeps running)", r.explain());
+        status.send_modify(|s| {
+            s.last_error = Some(r.explain());
+            s.last_error_rejected = true;
+            s.revoked = true;
+        });
+        return;
+    }
     status.send_modify(|s| {
         s.report_interval_secs = interval.as_secs();
         s.proxy = ctx
@@ -335,7 +394,11 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         )));
                     });
                 }
-                Err(e) => {
+                Err((e, Failure::Revoked)) => {
+                    stop_revoked(&ctx, &status, e);
+                    return;
+                }
+                Err((e, _)) => {
                     schedule.record(Exchange::RenewalFailed, crate::clock::jitter());
                     let wait =
                         schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
@@ -472,6 +535,10 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
             }
             Ok(Err(s)) => {
                 let failure = classify(&s);
+                if failure == Failure::Revoked {
+                    stop_revoked(&ctx, &status, s.message().to_owned());
+                    return;
+                }
                 let message = dialer
                     .last_error()
                     .filter(|_| s.code() == tonic::Code::Unavailable)
@@ -519,6 +586,25 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
     }
 }
 
+/// The server revoked this host: records it, publishes it and stops
+/// reporting. Supervision goes on: the collector keeps running.
+fn stop_revoked(ctx: &ReporterContext, status: &watch::Sender<ReporterStatus>, message: String) {
+    let r = Revoked {
+        host_id: ctx.identity.host_id.to_string(),
+        at_unix_ms: crate::clock::unix_ms(SystemTime::now()),
+        message: crate::config::cut(&message, 400, str::to_owned),
+    };
+    tracing::error!(host_id = %ctx.identity.host_id, "{}; reporting stops (the collector keeps running)", r.explain());
+    if let Err(e) = crate::upgrade::write_json(&ctx.store.state_dir().join(REVOKED_FILE), &r) {
+        tracing::warn!(error = %e, "Cannot record the revocation");
+    }
+    status.send_modify(|s| {
+        s.last_error = Some(r.explain());
+        s.last_error_rejected = true;
+        s.revoked = true;
+    });
+}
+
 /// Sleeps for `wait`, or until the runtime state changes (true).
 async fn wait_or_change(
     wait: Duration,
@@ -535,11 +621,13 @@ async fn renew(
     client: &mut proto::Client<tonic::transport::Channel>,
     ctx: &ReporterContext,
     dialer: &Dialer,
-) -> Result<Identity, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
+) -> Result<Identity, (String, Failure)> {
+    let retry = |e: String| (e, Failure::Retry);
+    let key =
+        rcgen::KeyPair::generate().map_err(|e| retry(format!("cannot generate a key: {e}")))?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| retry(e.to_string()))?;
     let resp = tokio::time::timeout(
         EXCHANGE_TIMEOUT,
         client.renew(proto::RenewRequest {
@@ -547,15 +635,17 @@ async fn renew(
         }),
     )
     .await
-    .map_err(|_| format!("no answer within {EXCHANGE_TIMEOUT:?}"))?
+    .map_err(|_| retry(format!("no answer within {EXCHANGE_TIMEOUT:?}")))?
     .map_err(|s| match dialer.last_error() {
-        Some(e) if s.code() == tonic::Code::Unavailable => e,
-        _ => s.message().to_owned(),
+        Some(e) if s.code() == tonic::Code::Unavailable => retry(e),
+        _ => (s.message().to_owned(), classify(&s)),
     })?
     .into_inner();
     let ca = CertificateDer::from(resp.ca_certificate_der);
     if ca.as_ref() != ctx.identity.ca.as_ref() {
-        return Err("the server answered with another CA; refusing the certificate".into());
+        return Err(retry(
+            "the server answered with another CA; refusing the certificate".into(),
+        ));
     }
     let certs: Vec<CertificateDer<'static>> = resp
         .certificate_chain_der
@@ -570,7 +660,7 @@ async fn renew(
         certs,
         ca,
     )
-    .map_err(|e| format!("unusable certificate: {e}"))?;
+    .map_err(|e| retry(format!("unusable certificate: {e}")))?;
     let store = ctx.store.clone();
     let to_store = Identity::new(
         identity.host_id.clone(),
@@ -580,14 +670,14 @@ async fn renew(
         identity.certs.clone(),
         identity.ca.clone(),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| retry(e.to_string()))?;
     tokio::task::spawn_blocking(move || {
         let lock = store.lock_exclusive()?;
         store.commit(&lock, &to_store)
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| retry(e.to_string()))?
+    .map_err(|e| retry(e.to_string()))?;
     Ok(identity)
 }
 
@@ -612,6 +702,13 @@ mod tests {
         assert_eq!(retry_delay(u32::MAX, 0.0), Duration::from_secs(120));
     }
 
+    fn refusal(code: tonic::Code, message: &str, standing: proto::Standing) -> tonic::Status {
+        let detail = proto::Refusal {
+            standing: standing as i32,
+        };
+        tonic::Status::with_details(code, message, prost::Message::encode_to_vec(&detail).into())
+    }
+
     #[test]
     fn classification() {
         use tonic::{Code, Status};
@@ -619,12 +716,46 @@ mod tests {
             classify(&Status::new(Code::Unavailable, "down")),
             Failure::Retry
         );
+        // Decided by the typed detail, not by the words.
+        assert_eq!(
+            classify(&refusal(
+                Code::Unauthenticated,
+                "certificate out of date",
+                proto::Standing::Expired
+            )),
+            Failure::Renew
+        );
         assert_eq!(
             classify(&Status::new(
                 Code::Unauthenticated,
                 "client certificate expired at x"
             )),
-            Failure::Renew
+            Failure::Rejected,
+            "no detail, no renewal"
+        );
+        assert_eq!(
+            classify(&refusal(
+                Code::PermissionDenied,
+                "host x was revoked",
+                proto::Standing::Revoked
+            )),
+            Failure::Revoked
+        );
+        assert_eq!(
+            classify(&refusal(
+                Code::PermissionDenied,
+                "replaced by a renewal",
+                proto::Standing::Superseded
+            )),
+            Failure::Rejected
+        );
+        assert_eq!(
+            refusal_standing(&Status::with_details(
+                Code::PermissionDenied,
+                "garbage detail",
+                vec![0xff, 0xff, 0xff].into()
+            )),
+            proto::Standing::Unspecified
         );
         assert_eq!(
             classify(&Status::new(Code::PermissionDenied, "claims host")),

@@ -260,6 +260,7 @@ mod tests {
             spki_sha256: String::new(),
             cert_serial: String::new(),
             cert_not_after: 0,
+            pending_cert: None,
             enrolled_at: 0,
             last_seen,
             report: Some(ReportRecord {

@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms, missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod ca;
 pub mod drift;
 pub mod drill;

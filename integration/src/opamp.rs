@@ -123,7 +123,7 @@ async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let remote = peer.as_ref().map(|p| p.remote);
-    let (host, serial) = match admit(&hub, peer.as_ref().map(|p| &p.0)) {
+    let (host, serial) = match admit(&hub, peer.as_ref().map(|p| &p.0)).await {
         Ok(h) => h,
         Err((code, why)) => {
             tracing::warn!(?remote, status = code.as_u16(), reason = %why, "OpAMP connection refused");
@@ -141,7 +141,10 @@ async fn upgrade(
 
 /// The host a connection may speak for and its certificate's serial (hex,
 /// as `openssl x509 -serial` prints it), or the HTTP refusal.
-fn admit(hub: &Hub, peer: Option<&PeerInfo>) -> Result<(String, String), (StatusCode, String)> {
+async fn admit(
+    hub: &Hub,
+    peer: Option<&PeerInfo>,
+) -> Result<(String, String), (StatusCode, String)> {
     let unauthorized = |m: &str| (StatusCode::UNAUTHORIZED, m.to_owned());
     let certs = peer
         .and_then(|p| p.certs.clone())
@@ -149,27 +152,16 @@ fn admit(hub: &Hub, peer: Option<&PeerInfo>) -> Result<(String, String), (Status
     let leaf = certs
         .first()
         .ok_or_else(|| unauthorized("empty client certificate chain"))?;
-    let host = linkmesh_agent::identity::host_id_of_certificate(leaf).ok_or_else(|| {
-        (
-            StatusCode::FORBIDDEN,
-            "the client certificate names no LinkMesh host".to_owned(),
-        )
+    let host = hub.service.admit(leaf, Duration::ZERO).await.map_err(|r| {
+        let code = match r.standing {
+            linkmesh_agent::proto::Standing::Expired
+            | linkmesh_agent::proto::Standing::Unspecified => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        (code, r.message)
     })?;
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|_| unauthorized("unparsable client certificate"))?;
-    let not_after = parsed.validity().not_after.timestamp();
-    if time::OffsetDateTime::now_utc().unix_timestamp() > not_after {
-        return Err(unauthorized(&format!(
-            "the client certificate of host {host} expired at {}",
-            crate::service::rfc3339(not_after)
-        )));
-    }
-    if !hub.service.knows(host.as_str()) {
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!("host {host} is not enrolled with this server"),
-        ));
-    }
     let serial = linkmesh_agent::hex::encode(parsed.raw_serial()).to_uppercase();
     let serial = serial.trim_start_matches("00").to_owned();
     Ok((host.to_string(), serial))
@@ -184,6 +176,8 @@ async fn run(
 ) {
     let mut configs = hub.configs.clone();
     configs.mark_unchanged();
+    let mut revocations = hub.service.revocations();
+    revocations.mark_unchanged();
     let mut session = Session::new(&host);
     let mut counted = false;
     tracing::info!(host_id = %host, cert_serial = %serial, ?remote, "OpAMP connection opened");
@@ -262,6 +256,15 @@ async fn run(
                 if msg.agent_disconnect.is_some() {
                     // The agent closes the socket next; reading on sees its Close.
                     tracing::debug!(host_id = %host, "Agent announced a disconnect");
+                }
+            }
+            changed = revocations.changed() => {
+                if changed.is_err() {
+                    break "server stopping";
+                }
+                if revocations.borrow_and_update().contains_key(&host) {
+                    close(&mut socket, 1008, "host revoked: enrol again with a new token").await;
+                    break "host revoked";
                 }
             }
             changed = configs.changed() => {

@@ -13,9 +13,16 @@ use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    admission::{self, Admitted, Refused},
     ca::{Ca, csr_spki_sha256},
-    state::{HostRecord, State, TokenUse},
+    state::{CertRef, HostRecord, RevocationRecord, State, TokenUse},
 };
+
+/// Revoked hosts by id.
+pub type Revocations = std::collections::HashMap<String, RevocationRecord>;
+
+/// How often `serve` looks for new revocations.
+pub const REVOCATION_POLL: Duration = Duration::from_millis(200);
 
 /// Settings of the service.
 #[derive(Clone, Debug)]
@@ -55,6 +62,10 @@ struct Inner {
     /// The collector configurations in force (set by the OpAMP hub).
     configs:
         std::sync::Mutex<Option<tokio::sync::watch::Receiver<Arc<crate::opamp::store::ConfigSet>>>>,
+    /// Revoked hosts as last read from the state (`hosts revoke` writes
+    /// them beside a running server; [`FleetService::spawn_revocation_watch`]
+    /// reads them back).
+    revoked: tokio::sync::watch::Sender<Arc<Revocations>>,
 }
 
 /// Most collector log lines kept per problem.
@@ -105,6 +116,7 @@ impl FleetService {
             .map(|h| h.host_id.clone())
             .collect();
         let live = std::sync::Mutex::new(Live { hosts, dirty });
+        let (revoked, _) = tokio::sync::watch::channel(Arc::new(state.revocations()?));
         Ok(Self {
             inner: Arc::new(Inner {
                 refusals: std::sync::Mutex::new(crate::text::Every::new(
@@ -115,6 +127,7 @@ impl FleetService {
                 config,
                 live,
                 configs: std::sync::Mutex::new(None),
+                revoked,
             }),
         })
     }
@@ -144,12 +157,74 @@ impl FleetService {
         Ok(changed.len())
     }
 
-    /// Whether `host` is enrolled here.
-    pub fn knows(&self, host: &str) -> bool {
-        self.inner
-            .live
-            .lock()
-            .is_ok_and(|live| live.hosts.contains_key(host))
+    /// Admits a connection's verified client certificate (DER), an expired
+    /// one up to `grace` past its expiry: see [`crate::admission`]. A
+    /// renewed certificate presented for the first time becomes the host's
+    /// current one here, and is recorded before this returns (a server
+    /// that crashes next still refuses the superseded one).
+    ///
+    /// # Errors
+    /// [`Refused`] with the standing and the words for the peer.
+    pub async fn admit(&self, leaf: &[u8], grace: Duration) -> Result<HostId, Refused> {
+        let (host, admitted) = self.inner.admit(leaf, grace)?;
+        if admitted == Admitted::Renewed {
+            let inner = self.inner.clone();
+            let id = host.to_string();
+            let stored = tokio::task::spawn_blocking(move || inner.store_host(&id)).await;
+            if let Ok(Err(e)) | Err(e) = stored.map_err(|e| e.to_string()) {
+                // The flusher writes it within a second anyway.
+                tracing::error!(host_id = %host, error = %e, "Cannot record the renewed certificate now");
+            }
+        }
+        Ok(host)
+    }
+
+    /// Revocations as they change (OpAMP sessions close on their host's).
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<Arc<Revocations>> {
+        self.inner.revoked.subscribe()
+    }
+
+    /// Reads new revocations every [`REVOCATION_POLL`] until the process
+    /// ends.
+    pub fn spawn_revocation_watch(&self) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut last = inner.state.revocations_signature();
+            let mut tick = tokio::time::interval(REVOCATION_POLL);
+            loop {
+                tick.tick().await;
+                let state = inner.state.clone();
+                let Ok((now, read)) = tokio::task::spawn_blocking(move || {
+                    let sig = state.revocations_signature();
+                    (sig, state.revocations())
+                })
+                .await
+                else {
+                    continue;
+                };
+                if now == last {
+                    continue;
+                }
+                match read {
+                    Ok(set) => {
+                        last = now;
+                        inner.revoked.send_if_modified(|old| {
+                            let added: Vec<&String> =
+                                set.keys().filter(|k| !old.contains_key(*k)).collect();
+                            for host in &added {
+                                tracing::warn!(host_id = %host, "Host revoked: its connections are refused from now on");
+                            }
+                            let changed = !added.is_empty() || old.len() != set.len();
+                            if changed {
+                                *old = Arc::new(set);
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Cannot read revocations"),
+                }
+            }
+        })
     }
 
     /// Runs `f` on `host`'s OpAMP record (made on first use) and marks the
@@ -234,8 +309,18 @@ fn upgrade_record(u: &proto::UpgradeOutcome) -> crate::state::UpgradeRecord {
 impl proto::Fleet for FleetService {
     async fn server_info(
         &self,
-        _request: Request<proto::ServerInfoRequest>,
+        request: Request<proto::ServerInfoRequest>,
     ) -> Result<Response<proto::ServerInfoResponse>, Status> {
+        let (standing, detail) = match peer_leaf(&request) {
+            None => (proto::Standing::Unspecified, String::new()),
+            Some(leaf) => match self.admit(&leaf, Duration::ZERO).await {
+                Ok(host) => (
+                    proto::Standing::Current,
+                    format!("host {host}: the current certificate"),
+                ),
+                Err(r) => (r.standing, r.message),
+            },
+        };
         let c = &self.inner.config;
         Ok(Response::new(proto::ServerInfoResponse {
             server_version: c.version.to_string(),
@@ -246,6 +331,8 @@ impl proto::Fleet for FleetService {
             runtime_pins: c.runtime_pins.clone(),
             server_time_unix_ms: now_unix_ms(),
             latest_agent_version: c.latest_agent.to_string(),
+            client_standing: standing as i32,
+            client_standing_detail: detail,
         }))
     }
 
@@ -282,14 +369,12 @@ impl proto::Fleet for FleetService {
         &self,
         request: Request<proto::ReportRequest>,
     ) -> Result<Response<proto::ReportResponse>, Status> {
-        let (host, not_after) = peer_host(&request)?;
+        let leaf = peer_leaf(&request).ok_or_else(no_certificate)?;
+        let host = self
+            .admit(&leaf, Duration::ZERO)
+            .await
+            .map_err(|r| r.status())?;
         let now = OffsetDateTime::now_utc();
-        if now > not_after {
-            return Err(Status::unauthenticated(format!(
-                "client certificate expired at {}: renew it (linkmesh-agent renews within the grace window)",
-                rfc3339(not_after.unix_timestamp())
-            )));
-        }
         let req = request.into_inner();
         crate::text::check_report(&req)
             .map_err(|e| Status::invalid_argument(format!("report refused: {e}")))?;
@@ -399,16 +484,13 @@ impl proto::Fleet for FleetService {
         &self,
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::RenewResponse>, Status> {
-        let (host, not_after) = peer_host(&request)?;
-        let now = OffsetDateTime::now_utc();
-        let grace = self.inner.config.renew_grace;
-        if now > not_after + grace {
-            return Err(Status::unauthenticated(format!(
-                "client certificate expired at {}, beyond the renewal grace of {}: enrol again with a new token (enroll --force)",
-                rfc3339(not_after.unix_timestamp()),
-                linkmesh_agent::config::format_duration(grace)
-            )));
-        }
+        let leaf = peer_leaf(&request).ok_or_else(no_certificate)?;
+        // Only the current certificate renews (or the renewed one, which
+        // becomes current): never a superseded one, even within the grace.
+        let host = self
+            .admit(&leaf, self.inner.config.renew_grace)
+            .await
+            .map_err(|r| r.status())?;
         let req = request.into_inner();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.renew(&host, &req.csr_der))
@@ -418,27 +500,61 @@ impl proto::Fleet for FleetService {
     }
 }
 
-/// The host a request's verified client certificate names, and its expiry.
-fn peer_host<T>(request: &Request<T>) -> Result<(HostId, OffsetDateTime), Status> {
-    let certs = request
+/// The verified client certificate of a request's connection (DER), if it
+/// presented one.
+fn peer_leaf<T>(request: &Request<T>) -> Option<Vec<u8>> {
+    request
         .extensions()
         .get::<crate::server::PeerInfo>()
         .and_then(|p| p.certs.clone())
-        .ok_or_else(|| {
-            Status::unauthenticated("a client certificate is required: enrol this host first")
-        })?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
-    let host = linkmesh_agent::identity::host_id_of_certificate(leaf).ok_or_else(|| {
-        Status::permission_denied("the client certificate names no LinkMesh host")
-    })?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|_| Status::unauthenticated("unparsable client certificate"))?;
-    Ok((host, parsed.validity().not_after.to_datetime()))
+        .and_then(|c| c.first().map(|l| l.to_vec()))
+}
+
+fn no_certificate() -> Status {
+    Status::unauthenticated("a client certificate is required: enrol this host first")
 }
 
 impl Inner {
+    /// Writes `host`'s live record now.
+    fn store_host(&self, host: &str) -> Result<(), String> {
+        let lock = self.state.lock().map_err(|e| e.to_string())?;
+        let rec = {
+            let live = self
+                .live
+                .lock()
+                .map_err(|_| "host table poisoned".to_owned())?;
+            live.hosts.get(host).cloned()
+        };
+        match rec {
+            Some(r) => self.state.put_host(&lock, &r).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    fn admit(&self, leaf: &[u8], grace: Duration) -> Result<(HostId, Admitted), Refused> {
+        let cert = admission::presented(leaf)?;
+        let revoked = self.revoked.borrow().get(cert.host.as_str()).cloned();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let grace = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+        let Ok(mut live) = self.live.lock() else {
+            return Err(Refused {
+                standing: proto::Standing::Unspecified,
+                message: "host table poisoned".into(),
+            });
+        };
+        let rec = live.hosts.get_mut(cert.host.as_str());
+        let admitted = admission::judge(rec.as_deref(), revoked.as_ref(), &cert, now, grace)?;
+        if admitted == Admitted::Renewed
+            && let Some(rec) = rec
+        {
+            let old = rec.cert_serial.clone();
+            admission::promote(rec);
+            live.dirty.insert(cert.host.to_string());
+            tracing::info!(host_id = %cert.host, cert_serial = %cert.serial, superseded = %old, "Host presented its renewed certificate; the previous one is refused from now on");
+        }
+        Ok((cert.host, admitted))
+    }
+
     fn renew(&self, host: &HostId, csr_der: &[u8]) -> Result<proto::RenewResponse, Status> {
         let internal = |e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "Renewal failed");
@@ -458,16 +574,21 @@ impl Inner {
                     "host {host} is not enrolled with this server"
                 )));
             };
-            rec.spki_sha256 = cert.spki_sha256.clone();
-            rec.cert_serial = cert.serial.clone();
-            rec.cert_not_after = cert.not_after.unix_timestamp();
+            // Current until the host presents the new one (see
+            // crate::admission): a host that crashed before storing it
+            // renews again with the current one.
+            rec.pending_cert = Some(CertRef {
+                spki_sha256: cert.spki_sha256.clone(),
+                serial: cert.serial.clone(),
+                not_after: cert.not_after.unix_timestamp(),
+            });
             rec.last_seen = OffsetDateTime::now_utc().unix_timestamp();
             rec.clone()
         };
         self.state
             .put_host(&lock, &record)
             .map_err(|e| internal(&e))?;
-        tracing::info!(host_id = %host, not_after = %rfc3339(cert.not_after.unix_timestamp()), "Renewed host certificate");
+        tracing::info!(host_id = %host, cert_serial = %cert.serial, not_after = %rfc3339(cert.not_after.unix_timestamp()), "Renewed host certificate");
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let lifetime = self.config.cert_lifetime.as_secs() as i64;
         Ok(proto::RenewResponse {
@@ -530,6 +651,12 @@ impl Inner {
             .find(|u| u.spki_sha256 == spki)
             .map(|u| u.host_id.clone());
         let host_id = match retry {
+            Some(id) if self.revoked.borrow().contains_key(&id) => {
+                refused("key of a revoked host");
+                return Err(Status::permission_denied(format!(
+                    "host {id}, enrolled with this key, was revoked: enrol with a new key and a new token (linkmesh-agent enroll --force)"
+                )));
+            }
             Some(id) => id,
             None => {
                 if record.uses.len() >= record.max_uses as usize {
@@ -573,6 +700,7 @@ impl Inner {
             spki_sha256: cert.spki_sha256.clone(),
             cert_serial: cert.serial.clone(),
             cert_not_after: cert.not_after.unix_timestamp(),
+            pending_cert: None,
             enrolled_at: previous.as_ref().map_or(now, |p| p.enrolled_at),
             last_seen: now,
             report: previous.as_ref().and_then(|p| p.report.clone()),

@@ -7,6 +7,9 @@
 //! STATE/server.json          the URL `serve` advertises (for `token create`)
 //! STATE/tokens/<id>.json     enrolment tokens: only the secret's hash is kept
 //! STATE/hosts/<id>.json      enrolled hosts
+//! STATE/revoked/<id>.json    revoked hosts (`hosts revoke`), apart from the
+//!                            host records so `serve`'s write-back of a
+//!                            record can never undo a revocation
 //! STATE/lock                 flock for read-modify-write
 //! ```
 
@@ -88,6 +91,12 @@ pub struct HostRecord {
     pub cert_serial: String,
     /// Current certificate expiry, Unix seconds.
     pub cert_not_after: i64,
+    /// The certificate the last renewal issued, until the host first
+    /// presents it: then it becomes the current one and the old one is
+    /// refused. Until then the current one stays admitted, so a host that
+    /// crashed before storing the renewed certificate renews again.
+    #[serde(default)]
+    pub pending_cert: Option<CertRef>,
     /// Unix seconds.
     pub enrolled_at: i64,
     /// Unix seconds of the last contact.
@@ -99,6 +108,29 @@ pub struct HostRecord {
     /// supervisor first connects).
     #[serde(default)]
     pub opamp: Option<OpampRecord>,
+}
+
+/// One certificate of a host, as the server tells it from the others.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRef {
+    /// SHA-256 of its SubjectPublicKeyInfo, hex.
+    pub spki_sha256: String,
+    /// Its serial, hex.
+    pub serial: String,
+    /// Its expiry, Unix seconds.
+    pub not_after: i64,
+}
+
+/// A revoked host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The host.
+    pub host_id: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Why, in the operator's words (may be empty).
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// A collector as its supervisor describes it over OpAMP.
@@ -271,6 +303,7 @@ impl State {
             self.dir.clone(),
             self.dir.join("tokens"),
             self.dir.join("hosts"),
+            self.dir.join("revoked"),
         ] {
             ensure_private_dir(&d, 0o700).map_err(|e| StateError::new(&d, e))?;
         }
@@ -348,6 +381,65 @@ impl State {
         }
         hosts.sort_by(|a, b| (a.enrolled_at, &a.host_id).cmp(&(b.enrolled_at, &b.host_id)));
         Ok(hosts)
+    }
+
+    /// Revokes a host: kept across restarts, refused by a running `serve`
+    /// within its revocation poll (200 ms). Revoking again keeps the first
+    /// record.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn revoke(
+        &self,
+        _lock: &StateLock,
+        r: &RevocationRecord,
+    ) -> Result<RevocationRecord, StateError> {
+        let dir = self.revoked_dir();
+        ensure_private_dir(&dir, 0o700).map_err(|e| StateError::new(&dir, e))?;
+        let path = dir.join(format!("{}.json", r.host_id));
+        if let Some(first) = read_json::<RevocationRecord>(&path)? {
+            return Ok(first);
+        }
+        write_json(&path, r)?;
+        Ok(r.clone())
+    }
+
+    /// Every revoked host by id (none when the directory is missing, as in
+    /// a state made before revocation existed).
+    ///
+    /// # Errors
+    /// When the directory or a file cannot be read.
+    pub fn revocations(
+        &self,
+    ) -> Result<std::collections::HashMap<String, RevocationRecord>, StateError> {
+        let dir = self.revoked_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(StateError::new(&dir, e)),
+        };
+        let mut out = std::collections::HashMap::new();
+        for entry in entries {
+            let path = entry.map_err(|e| StateError::new(&dir, e))?.path();
+            if path.extension().is_some_and(|x| x == "json")
+                && let Some(r) = read_json::<RevocationRecord>(&path)?
+            {
+                out.insert(r.host_id.clone(), r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes whenever a revocation is added: the directory's modification
+    /// time and entry count (cheap enough to poll).
+    pub fn revocations_signature(&self) -> Option<(std::time::SystemTime, usize)> {
+        let dir = self.revoked_dir();
+        let modified = std::fs::metadata(&dir).ok()?.modified().ok()?;
+        Some((modified, std::fs::read_dir(&dir).ok()?.count()))
+    }
+
+    fn revoked_dir(&self) -> PathBuf {
+        self.dir.join("revoked")
     }
 
     /// Records where `serve` listens.

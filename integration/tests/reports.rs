@@ -662,6 +662,7 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
             "ca_pin",
             "certificate",
             "server",
+            "standing",
             "clock",
             "version",
             "runtime_version",

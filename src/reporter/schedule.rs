@@ -98,7 +98,9 @@ impl Schedule {
                 self.force_renew = true;
                 self.wait = Duration::ZERO;
             }
-            Exchange::Failed(Failure::Rejected) => {
+            // The reporter stops on a revocation; should it go on, it waits
+            // as for any refusal.
+            Exchange::Failed(Failure::Rejected | Failure::Revoked) => {
                 self.failures += 1;
                 self.wait = REJECTED_WAIT;
             }

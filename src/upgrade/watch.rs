@@ -292,8 +292,10 @@ fn observe(state_dir: &Path, since_unix_ms: u64) -> Observation {
         published_by_main: by_main.is_some(),
         report_accepted: reporter
             .is_some_and(|r| r.reports > 0 && r.last_report_unix_ms.unwrap_or(0) >= since_unix_ms),
+        // A revoked host is refused whatever version runs: no reason to
+        // roll back.
         report_refused: reporter
-            .filter(|r| r.last_error_rejected)
+            .filter(|r| r.last_error_rejected && !r.revoked)
             .and_then(|r| r.last_error.clone()),
     }
 }

@@ -111,12 +111,33 @@ enum Command {
     /// The collector configuration the server hands out over OpAMP.
     #[command(subcommand)]
     CollectorConfig(CollectorConfigCommand),
-    /// List enrolled hosts.
+    /// List enrolled hosts (`hosts revoke ID` revokes one).
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
     Hosts {
-        #[arg(long, value_name = "DIR")]
-        state: PathBuf,
+        #[arg(long, value_name = "DIR", required = true)]
+        state: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<HostsCommand>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostsCommand {
+    /// Revoke a host: its certificates are refused from now on (a running
+    /// server within 200 ms, its open OpAMP connection closed), across
+    /// restarts. The host keeps its collector running and must enrol again
+    /// with a new token. There is no undo.
+    Revoke {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The host id (`linkmesh-fleet hosts`).
+        #[arg(value_name = "ID")]
+        host: String,
+        /// Why, kept with the revocation and shown to the host.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
     },
 }
 
@@ -287,7 +308,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server_url,
             json,
         }) => token_create(&State::new(state), &ttl, uses, server_url, json),
-        Command::Hosts { state, json } => hosts(&State::new(state), json),
+        Command::Hosts {
+            action:
+                Some(HostsCommand::Revoke {
+                    state,
+                    host,
+                    reason,
+                }),
+            ..
+        } => revoke(&State::new(state), &host, &reason),
+        Command::Hosts {
+            state,
+            json,
+            action: None,
+        } => hosts(&State::new(state.context("--state DIR is required")?), json),
         Command::CollectorConfig(CollectorConfigCommand::Set {
             state,
             file,
@@ -414,6 +448,7 @@ async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyho
     let service = FleetService::new(state.clone(), ca, config)?;
     let opamp = linkmesh_integration::opamp::Hub::start(service.clone(), state.clone())?;
     let flusher = service.spawn_flusher(Duration::from_secs(1));
+    let revocations = service.spawn_revocation_watch();
     println!("linkmesh-fleet {version} listening on {addr} as {url}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, %url, "Serving");
@@ -442,6 +477,7 @@ async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyho
     )
     .await?;
     flusher.abort();
+    revocations.abort();
     service.flush()?;
     Ok(())
 }
@@ -541,8 +577,41 @@ fn opamp_json(
     })
 }
 
+fn revoke(state: &State, host: &str, reason: &str) -> anyhow::Result<()> {
+    const MAX_REASON: usize = 512;
+    if reason.len() > MAX_REASON {
+        bail!(
+            "--reason is {} bytes; at most {MAX_REASON} are kept",
+            reason.len()
+        );
+    }
+    let lock = state.lock()?;
+    if state.host(host).ok().flatten().is_none() {
+        bail!(
+            "no enrolled host {} in {}: see `linkmesh-fleet hosts --state {}`",
+            safe(host),
+            state.dir().display(),
+            state.dir().display()
+        );
+    }
+    let record = state.revoke(
+        &lock,
+        &linkmesh_integration::state::RevocationRecord {
+            host_id: host.to_owned(),
+            revoked_at: OffsetDateTime::now_utc().unix_timestamp(),
+            reason: reason.to_owned(),
+        },
+    )?;
+    println!(
+        "host {host} revoked at {}: its certificates are refused from now on; it must enrol again with a new token",
+        rfc3339(record.revoked_at)
+    );
+    Ok(())
+}
+
 fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
     let hosts = state.hosts()?;
+    let revoked = state.revocations()?;
     let configs = linkmesh_integration::opamp::store::ConfigSet::load(state)?;
     if json {
         let rows: Vec<serde_json::Value> = hosts
@@ -558,6 +627,8 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
                     "last_seen": rfc3339(h.last_seen),
                     "cert_not_after": rfc3339(h.cert_not_after),
                     "cert_serial": h.cert_serial,
+                    "pending_cert_serial": h.pending_cert.as_ref().map(|p| p.serial.clone()),
+                    "revoked_at": revoked.get(&h.host_id).map(|r| rfc3339(r.revoked_at)),
                     "token_id": h.token_id,
                     "opamp": opamp_json(h, configs.for_host(&h.host_id)),
                     "collector_problem": h.report.as_ref().and_then(|r| r.collector_problem.as_ref()).map(|p| serde_json::json!({
@@ -576,17 +647,21 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}",
+        "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}  STANDING",
         "HOST ID", "HOSTNAME", "AGENT", "ENROLLED", "CERT EXPIRES"
     );
     for h in &hosts {
         println!(
-            "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}",
+            "{:<36}  {:<20}  {:<8}  {:<20}  {:<20}  {}",
             h.host_id,
             safe(&h.hostname),
             safe(&h.agent_version),
             rfc3339(h.enrolled_at),
-            rfc3339(h.cert_not_after)
+            rfc3339(h.cert_not_after),
+            match revoked.get(&h.host_id) {
+                Some(r) => format!("revoked {}", rfc3339(r.revoked_at)),
+                None => "enrolled".to_owned(),
+            }
         );
     }
     Ok(())

@@ -21,6 +21,20 @@ pub struct ServerInfoResponse {
     /// target when no `--to` is given.
     #[prost(string, tag = "6")]
     pub latest_agent_version: ::prost::alloc::string::String,
+    /// How the server regards the client certificate presented on this
+    /// connection, if one was (ServerInfo needs none): `check` shows it.
+    #[prost(enumeration = "Standing", tag = "7")]
+    pub client_standing: i32,
+    /// The standing in words, with what to do about it.
+    #[prost(string, tag = "8")]
+    pub client_standing_detail: ::prost::alloc::string::String,
+}
+/// The status detail of a refusal (google.rpc.Status details, as tonic's
+/// `Status::details` bytes).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Refusal {
+    #[prost(enumeration = "Standing", tag = "1")]
+    pub standing: i32,
 }
 /// Agents of the same major version whose minor version lies in
 /// \[server_minor - minor_versions_behind, server_minor\] are in the window.
@@ -280,6 +294,55 @@ pub struct RenewResponse {
     pub renew_after_unix: i64,
     #[prost(int64, tag = "4")]
     pub server_time_unix_ms: i64,
+}
+/// How the server regards a host's certificate. Carried in ServerInfo, and in
+/// the details of a refused Report, Renew or OpAMP connection (a `Refusal`),
+/// so agents decide on a code, never on the words of a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Standing {
+    /// No certificate presented, or a server before this field.
+    Unspecified = 0,
+    /// The host's current certificate (or the one its last renewal issued).
+    Current = 1,
+    /// A certificate of this host that a renewal replaced: the host's identity
+    /// on disk is older than the one it last presented.
+    Superseded = 2,
+    /// The operator revoked the host (`linkmesh-fleet hosts revoke`): it must
+    /// enrol again with a new token.
+    Revoked = 3,
+    /// The certificate names a host this server has no record of.
+    NotEnrolled = 4,
+    /// The certificate expired: renew it (within the grace window) first.
+    Expired = 5,
+}
+impl Standing {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "STANDING_UNSPECIFIED",
+            Self::Current => "STANDING_CURRENT",
+            Self::Superseded => "STANDING_SUPERSEDED",
+            Self::Revoked => "STANDING_REVOKED",
+            Self::NotEnrolled => "STANDING_NOT_ENROLLED",
+            Self::Expired => "STANDING_EXPIRED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "STANDING_UNSPECIFIED" => Some(Self::Unspecified),
+            "STANDING_CURRENT" => Some(Self::Current),
+            "STANDING_SUPERSEDED" => Some(Self::Superseded),
+            "STANDING_REVOKED" => Some(Self::Revoked),
+            "STANDING_NOT_ENROLLED" => Some(Self::NotEnrolled),
+            "STANDING_EXPIRED" => Some(Self::Expired),
+            _ => None,
+        }
+    }
 }
 /// Generated client implementations.
 pub mod fleet_client {
