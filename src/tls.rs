@@ -249,6 +249,88 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
+/// The server's certificate does not chain to the CA this host enrolled
+/// with: the server's CA changed. Never answered by re-enrolment.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's certificate is not issued by the fleet CA this host enrolled with")]
+pub struct CaChanged {
+    /// The CA this host trusts.
+    pub enrolled: CaPin,
+    /// The CA the server presented in its chain, if it sent one.
+    pub presented: Option<CaPin>,
+}
+
+impl CaChanged {
+    /// For people: what changed and what to do.
+    pub fn explain(&self) -> String {
+        format!(
+            "the server's certificate is not issued by the fleet CA this host enrolled with ({}){}: the server's certificate authority changed (a server set up afresh, or another server at this address). This agent does not re-enrol by itself and keeps its collector running: restore the server's state from its backup and start it with its secret, or enrol this host again with a new token (linkmesh-agent enroll --force)",
+            self.enrolled,
+            self.presented
+                .map(|p| format!("; the server presents a CA with pin {p}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// Verifies the server against the CA of this host's identity, saying
+/// [`CaChanged`] when its chain leads elsewhere.
+#[derive(Debug)]
+struct EnrolledVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    enrolled: CaPin,
+}
+
+impl ServerCertVerifier for EnrolledVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer
+                    | rustls::CertificateError::BadSignature,
+                ) => rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(CaChanged {
+                        enrolled: self.enrolled,
+                        presented: intermediates
+                            .last()
+                            .and_then(|c| CaPin::of_certificate(c).ok()),
+                    })),
+                )),
+                other => other,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// Explains a failed TLS handshake in terms an operator can act on.
 pub fn explain_handshake_error(err: &std::io::Error) -> String {
     let Some(tls) = err
@@ -262,6 +344,13 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
             if o.0.downcast_ref::<PinMismatch>().is_some() =>
         {
             "the server's CA does not match the CA pin: check --ca-pin against the pin printed by the server (`linkmesh-fleet token create`)".to_owned()
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))
+            if o.0.downcast_ref::<CaChanged>().is_some() =>
+        {
+            o.0.downcast_ref::<CaChanged>()
+                .map(CaChanged::explain)
+                .unwrap_or_default()
         }
         rustls::Error::InvalidCertificate(
             rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
@@ -315,9 +404,17 @@ pub fn mtls_client_config(
 ) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(identity.ca.clone())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EnrolledVerifier {
+            inner,
+            enrolled: identity.ca_pin,
+        }))
         .with_client_auth_cert(identity.certs.clone(), identity.key().clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
@@ -376,6 +473,52 @@ mod tests {
             .self_signed(&other)
             .unwrap();
         assert!(!Trust::Pins(vec![pa]).accepts_ca(c.der()));
+    }
+
+    #[test]
+    fn a_server_of_another_ca_is_a_changed_ca_never_a_reason_to_re_enrol() {
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let cert = p.self_signed(&key).unwrap();
+            (rcgen::Issuer::new(p, key), cert)
+        };
+        let (_, ours) = ca("ours");
+        let (theirs_issuer, theirs) = ca("theirs");
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["fleet.example".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &theirs_issuer)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ours.der().clone()).unwrap();
+        let verifier = EnrolledVerifier {
+            inner: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .unwrap(),
+            enrolled: CaPin::of_certificate(ours.der()).unwrap(),
+        };
+        let err = verifier
+            .verify_server_cert(
+                leaf.der(),
+                &[theirs.der().clone()],
+                &ServerName::try_from("fleet.example").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        let m = explain_handshake_error(&std::io::Error::other(err));
+        assert!(
+            m.contains("the server's certificate authority changed"),
+            "{m}"
+        );
+        assert!(m.contains("does not re-enrol by itself"), "{m}");
+        assert!(
+            m.contains(&CaPin::of_certificate(theirs.der()).unwrap().to_string()),
+            "names the CA the server presents: {m}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The fleet's internal certificate authority: an ECDSA P-256 key made at
-//! `init`, kept 0600 in the state directory, that signs the server's TLS
-//! certificate and every host certificate.
+//! `init`, kept sealed with the server secret (see [`crate::sealed`]) in a
+//! 0600 file of the state directory, that signs the server's TLS certificate
+//! and every host certificate.
 
 use std::{path::Path, time::Duration};
 
@@ -12,8 +13,12 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-const CA_KEY: &str = "ca.key";
-const CA_CERT: &str = "ca.pem";
+/// The CA key as state format 1 kept it: plaintext PEM (migrated away).
+pub const PLAIN_KEY: &str = "ca.key";
+/// The CA key sealed with the server secret.
+pub const SEALED_KEY: &str = "ca.key.sealed";
+/// The CA certificate (public).
+pub const CA_CERT: &str = "ca.pem";
 
 /// Tolerance for clocks that run slightly behind the server's: certificates
 /// are valid from this long before they were issued.
@@ -36,6 +41,21 @@ pub enum CaError {
     /// A CSR the CA will not sign.
     #[error("{0}")]
     BadCsr(String),
+    /// The secret does not open the CA's key.
+    #[error(
+        "the certificate authority's private key ({path}) cannot be opened with the server secret from {source_name}: start the server with the secret it was set up with. The server never makes a new certificate authority: every enrolled host trusts only this one ({pin})"
+    )]
+    WrongSecret {
+        /// The sealed key file.
+        path: String,
+        /// Where the secret came from.
+        source_name: String,
+        /// The CA's pin.
+        pin: CaPin,
+    },
+    /// Sealing or the secret failed otherwise.
+    #[error(transparent)]
+    Seal(#[from] crate::sealed::SealError),
 }
 
 /// A loaded CA.
@@ -58,20 +78,23 @@ pub struct HostCert {
 }
 
 impl Ca {
-    /// Creates a new CA in `dir` (which must not hold one already).
+    /// Creates a new CA in `dir` (which must not hold one already), its
+    /// key sealed with `secret`.
     ///
     /// # Errors
     /// When a CA exists there already, or files cannot be written.
-    pub fn create(dir: &Path) -> Result<Self, CaError> {
+    pub fn create(dir: &Path, secret: &crate::sealed::Secret) -> Result<Self, CaError> {
         let io = |path: &Path, e: &dyn std::fmt::Display| CaError::Io {
             path: path.display().to_string(),
             reason: e.to_string(),
         };
-        if dir.join(CA_KEY).exists() {
-            return Err(io(
-                &dir.join(CA_KEY),
-                &"a CA already exists here; refusing to replace it",
-            ));
+        for existing in [CA_CERT, SEALED_KEY, PLAIN_KEY] {
+            if dir.join(existing).exists() {
+                return Err(io(
+                    &dir.join(existing),
+                    &"a CA already exists here; refusing to replace it",
+                ));
+            }
         }
         linkmesh_agent::fs::ensure_private_dir(dir, 0o700).map_err(|e| io(dir, &e))?;
         let key = KeyPair::generate()?;
@@ -87,37 +110,89 @@ impl Ca {
         params.not_after = now + time::Duration::days(3650);
         params.serial_number = Some(random_serial()?);
         let cert = params.self_signed(&key)?;
-        write_atomic(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), 0o600)
-            .map_err(|e| io(&dir.join(CA_KEY), &e))?;
+        // The key first: a CA certificate without its key is never left.
+        seal_key(dir, secret, &key.serialize_pem(), cert.der())?;
         write_atomic(&dir.join(CA_CERT), cert.pem().as_bytes(), 0o644)
             .map_err(|e| io(&dir.join(CA_CERT), &e))?;
-        Self::load(dir)
+        Self::load(dir, secret)
     }
 
-    /// Loads the CA from `dir`.
+    /// The CA certificate and pin in `dir`, without the key (what `token
+    /// create` and `drift` need: no secret).
     ///
     /// # Errors
-    /// When its files are missing or corrupt.
-    pub fn load(dir: &Path) -> Result<Self, CaError> {
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| CaError::Io {
-                path: dir.join(name).display().to_string(),
-                reason: format!("{e} (run `linkmesh-fleet init` first)"),
-            })
-        };
-        let key = KeyPair::from_pem(&read(CA_KEY)?)?;
-        let cert_pem = read(CA_CERT)?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+    /// When the certificate is missing or corrupt.
+    pub fn certificate(dir: &Path) -> Result<(CertificateDer<'static>, CaPin), CaError> {
+        let path = dir.join(CA_CERT);
+        let cert_pem = std::fs::read_to_string(&path).map_err(|e| CaError::Io {
+            path: path.display().to_string(),
+            reason: format!("{e} (run `linkmesh-fleet init` first)"),
+        })?;
         let cert = pem::parse(&cert_pem)
             .map(|p| CertificateDer::from(p.into_contents()))
             .map_err(|e| CaError::Io {
-                path: dir.join(CA_CERT).display().to_string(),
+                path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
         let pin = CaPin::of_certificate(&cert).map_err(|e| CaError::Io {
-            path: dir.join(CA_CERT).display().to_string(),
+            path: path.display().to_string(),
             reason: e.to_string(),
         })?;
+        Ok((cert, pin))
+    }
+
+    /// Loads the CA from `dir`, opening its sealed key with `secret`.
+    ///
+    /// # Errors
+    /// When its files are missing or corrupt, or [`CaError::WrongSecret`].
+    pub fn load(dir: &Path, secret: &crate::sealed::Secret) -> Result<Self, CaError> {
+        let (cert, pin) = Self::certificate(dir)?;
+        let path = dir.join(SEALED_KEY);
+        let bytes = std::fs::read(&path).map_err(|e| CaError::Io {
+            path: path.display().to_string(),
+            reason: format!("{e} (run `linkmesh-fleet init` first)"),
+        })?;
+        let sealed: crate::sealed::Sealed =
+            serde_json::from_slice(&bytes).map_err(|e| CaError::Io {
+                path: path.display().to_string(),
+                reason: format!("not a sealed key: {e}"),
+            })?;
+        let key_pem = crate::sealed::open(secret, &sealed, &key_purpose(&cert), &path).map_err(
+            |e| match e {
+                crate::sealed::SealError::WrongSecret { .. } => CaError::WrongSecret {
+                    path: path.display().to_string(),
+                    source_name: secret.source.clone(),
+                    pin,
+                },
+                other => CaError::Seal(other),
+            },
+        )?;
+        let key_pem = String::from_utf8(key_pem).map_err(|_| CaError::Io {
+            path: path.display().to_string(),
+            reason: "the sealed key is not PEM".into(),
+        })?;
+        Self::from_pem(&key_pem, cert, pin)
+    }
+
+    /// Loads a CA whose key is plaintext PEM (state format 1), for the
+    /// migration that seals it.
+    ///
+    /// # Errors
+    /// When its files are missing or corrupt.
+    pub fn load_plain(dir: &Path) -> Result<(Self, String), CaError> {
+        let (cert, pin) = Self::certificate(dir)?;
+        let path = dir.join(PLAIN_KEY);
+        let key_pem = std::fs::read_to_string(&path).map_err(|e| CaError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok((Self::from_pem(&key_pem, cert, pin)?, key_pem))
+    }
+
+    fn from_pem(key_pem: &str, cert: CertificateDer<'static>, pin: CaPin) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
         Ok(Self { issuer, cert, pin })
     }
 
@@ -207,6 +282,43 @@ impl Ca {
             not_after,
         })
     }
+}
+
+/// What the CA key's seal is bound to: the CA certificate it belongs to.
+pub fn key_purpose(cert: &CertificateDer<'_>) -> Vec<u8> {
+    let mut p = b"linkmesh-fleet CA key for certificate sha256:".to_vec();
+    p.extend_from_slice(
+        linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, cert).as_ref())
+            .as_bytes(),
+    );
+    p
+}
+
+/// Seals `key_pem` (the key of CA certificate `cert`) into `dir`.
+///
+/// # Errors
+/// When it cannot be sealed or written.
+pub fn seal_key(
+    dir: &Path,
+    secret: &crate::sealed::Secret,
+    key_pem: &str,
+    cert: &[u8],
+) -> Result<(), CaError> {
+    let sealed = crate::sealed::seal(
+        secret,
+        key_pem.as_bytes(),
+        &key_purpose(&CertificateDer::from(cert)),
+    )?;
+    let path = dir.join(SEALED_KEY);
+    let mut bytes = serde_json::to_vec_pretty(&sealed).map_err(|e| CaError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(&path, &bytes, 0o600).map_err(|e| CaError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Everything the CA requires of a CSR, checked before anything is spent:

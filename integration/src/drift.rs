@@ -155,7 +155,7 @@ pub fn print(state: &State, json: bool) -> anyhow::Result<()> {
         )
     })?;
     let server_version: Version = serve.version.parse()?;
-    let pin = Ca::load(&state.ca_dir())?.pin();
+    let pin = Ca::certificate(&state.ca_dir())?.1;
     let one_liner = format!(
         "curl -fsSL {0}/install.sh | sudo sh -s -- --server {0} --ca-pin {pin}",
         serve.url

@@ -86,6 +86,8 @@ impl Fleet {
             .arg("init")
             .arg("--state")
             .arg(state)
+            .arg("--secret-file")
+            .arg(Self::secret_file_for(state))
             .output()?;
         if !out.status.success() {
             bail!(
@@ -94,6 +96,19 @@ impl Fleet {
             );
         }
         Ok(())
+    }
+
+    /// The server secret's file the harness uses for `state`: beside it
+    /// (`STATE.secret`), made by the first `init`.
+    pub fn secret_file_for(state: &Path) -> PathBuf {
+        let mut name = state.file_name().unwrap_or_default().to_os_string();
+        name.push(".secret");
+        state.with_file_name(name)
+    }
+
+    /// This server's secret file.
+    pub fn secret_file(&self) -> PathBuf {
+        Self::secret_file_for(&self.state)
     }
 
     /// Initialises `state` if needed and starts `serve` on a free loopback
@@ -158,6 +173,8 @@ impl Fleet {
             .arg("serve")
             .arg("--state")
             .arg(&self.state)
+            .arg("--secret-file")
+            .arg(self.secret_file())
             .arg("--listen")
             .arg(&self.addr)
             .args(&self.extra)
@@ -998,7 +1015,7 @@ pub fn install_agent_server_and_runtime(host: &crate::testhost::TestHost) -> any
 /// How [`enrol_in_host`] starts the reference server inside a host: on its
 /// loopback, as the transient unit `lm-fleet`, asking for a report every
 /// second; append more `serve` arguments.
-pub const SERVER_IN_HOST: &str = "systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --listen 127.0.0.1:8443 --report-interval 1s";
+pub const SERVER_IN_HOST: &str = "systemd-run --unit lm-fleet --quiet linkmesh-fleet serve --state /var/lib/fleet --secret-file /etc/linkmesh-fleet.secret --listen 127.0.0.1:8443 --report-interval 1s";
 
 /// Runs a reference server inside `host` ([`SERVER_IN_HOST`] plus
 /// `serve_args`) and enrols the agent installed at /usr/bin/linkmesh-agent.
@@ -1007,7 +1024,7 @@ pub const SERVER_IN_HOST: &str = "systemd-run --unit lm-fleet --quiet linkmesh-f
 /// When the server or the enrolment fails, with what they said.
 pub fn enrol_in_host(host: &crate::testhost::TestHost, serve_args: &str) -> anyhow::Result<()> {
     host.sh(&format!(
-        "linkmesh-fleet init --state /var/lib/fleet >/dev/null && {SERVER_IN_HOST} {serve_args} && \
+        "linkmesh-fleet init --state /var/lib/fleet --secret-file /etc/linkmesh-fleet.secret >/dev/null && {SERVER_IN_HOST} {serve_args} && \
          for i in $(seq 50); do test -f /var/lib/fleet/server.json && break; sleep 0.1; done; \
          linkmesh-fleet token create --state /var/lib/fleet --json > /root/token.json"
     ))

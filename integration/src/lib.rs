@@ -5,11 +5,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod backup;
 pub mod ca;
 pub mod drift;
 pub mod drill;
 pub mod harness;
+pub mod migrate;
 pub mod opamp;
+pub mod sealed;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -113,7 +113,7 @@ impl AsyncWrite for TlsConn {
 /// The server's own certificate, replaced while the server runs: new
 /// handshakes get the current one, connections already open keep theirs.
 pub struct ServerCert {
-    ca: Ca,
+    ca: Arc<Ca>,
     names: Vec<String>,
     lifetime: Duration,
     current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
@@ -124,7 +124,7 @@ impl ServerCert {
     ///
     /// # Errors
     /// When it cannot be made.
-    pub fn new(ca: Ca, names: &[String], lifetime: Duration) -> anyhow::Result<Arc<Self>> {
+    pub fn new(ca: Arc<Ca>, names: &[String], lifetime: Duration) -> anyhow::Result<Arc<Self>> {
         let key = Self::issue(&ca, names, lifetime)?;
         Ok(Arc::new(Self {
             ca,

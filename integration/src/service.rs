@@ -54,7 +54,7 @@ struct Inner {
     /// try tokens in a loop).
     refusals: std::sync::Mutex<crate::text::Every>,
     state: State,
-    ca: Ca,
+    ca: Arc<Ca>,
     config: ServiceConfig,
     /// Every host as last known, kept in memory so a heartbeat costs no I/O;
     /// changed hosts are written back by [`FleetService::flush`].
@@ -94,7 +94,7 @@ impl FleetService {
     /// When the enrolled hosts cannot be read.
     pub fn new(
         state: State,
-        ca: Ca,
+        ca: Arc<Ca>,
         config: ServiceConfig,
     ) -> Result<Self, crate::state::StateError> {
         let hosts = state

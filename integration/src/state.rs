@@ -267,6 +267,9 @@ pub struct ServeRecord {
     pub runtime_pins: std::collections::BTreeMap<String, String>,
 }
 
+/// The lock `serve` holds while it runs.
+pub const SERVING_LOCK: &str = "serving.lock";
+
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct State {
@@ -323,6 +326,19 @@ impl State {
             )
         })?;
         Ok(StateLock { _lock: lock })
+    }
+
+    /// Marks the state as served by this process until the returned lock is
+    /// dropped (`serving.lock`): a second `serve`, and `restore`, see it.
+    /// `None` when another process holds it.
+    ///
+    /// # Errors
+    /// When the lock file cannot be opened.
+    pub fn serving(&self) -> Result<Option<StateLock>, StateError> {
+        let path = self.dir.join(SERVING_LOCK);
+        Ok(linkmesh_agent::fs::try_lock_exclusive(&path)
+            .map_err(|e| StateError::new(&path, e))?
+            .map(|l| StateLock { _lock: l }))
     }
 
     /// A token by id.

@@ -199,11 +199,15 @@ fn a_revoked_host_is_refused_at_once_and_its_agent_stops_reporting_keeping_the_c
     let id = agent.identity()?;
     let host = id.host_id.to_string();
     let run = agent.spawn_run(&[], &[])?;
-    let s = run.wait_status(T, "reporting, the collector running, seen over OpAMP", |s| {
-        s["reporter"]["reports"].as_u64() >= Some(1)
-            && s["supervision"]["collector_pid"].as_u64().is_some()
-            && s["reporter"]["opamp"]["connected"] == true
-    })?;
+    let s = run.wait_status(
+        T,
+        "reporting, the collector running, seen over OpAMP",
+        |s| {
+            s["reporter"]["reports"].as_u64() >= Some(1)
+                && s["supervision"]["collector_pid"].as_u64().is_some()
+                && s["reporter"]["opamp"]["connected"] == true
+        },
+    )?;
     let collector = s["supervision"]["collector_pid"].as_u64().unwrap_or(0) as u32;
     let (_, item) = check_item(&agent, "standing")?;
     assert_eq!(item["outcome"], "ok", "{item}");
@@ -211,7 +215,11 @@ fn a_revoked_host_is_refused_at_once_and_its_agent_stops_reporting_keeping_the_c
     // Unknown ids are named, and nothing is written.
     let out = fleet.admin(&["hosts", "revoke", "no-such-host"])?;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("no enrolled host no-such-host"), "{}", text(&out));
+    assert!(
+        text(&out).contains("no enrolled host no-such-host"),
+        "{}",
+        text(&out)
+    );
 
     let out = fleet.admin(&["hosts", "revoke", &host, "--reason", "laptop stolen"])?;
     assert!(out.status.success(), "{}", text(&out));
@@ -226,7 +234,10 @@ fn a_revoked_host_is_refused_at_once_and_its_agent_stops_reporting_keeping_the_c
             match report(&id).await {
                 Err(s) if refusal_standing(&s) == proto::Standing::Revoked => {
                     assert!(s.message().contains("laptop stolen"), "{s:?}");
-                    assert!(s.message().contains("enrol again with a new token"), "{s:?}");
+                    assert!(
+                        s.message().contains("enrol again with a new token"),
+                        "{s:?}"
+                    );
                     break;
                 }
                 other if tokio::time::Instant::now() > deadline => {
@@ -250,7 +261,11 @@ fn a_revoked_host_is_refused_at_once_and_its_agent_stops_reporting_keeping_the_c
         "{s}"
     );
     assert_eq!(s["supervision"]["state"], "running", "{s}");
-    assert_eq!(s["supervision"]["collector_pid"], u64::from(collector), "{s}");
+    assert_eq!(
+        s["supervision"]["collector_pid"],
+        u64::from(collector),
+        "{s}"
+    );
     assert!(alive(collector));
     // Its supervisor's OpAMP connection was closed by the server.
     let deadline = std::time::Instant::now() + T;

@@ -43,13 +43,16 @@ fn run() -> anyhow::Result<()> {
         Command::new(&fleet_bin)
             .arg("init")
             .arg("--state")
-            .arg(&fleet_state),
+            .arg(&fleet_state)
+            .arg("--secret-file")
+            .arg(Fleet::secret_file_for(&fleet_state)),
     )?;
 
     step("Start the fleet server on loopback (a free port)");
     println!(
-        "$ linkmesh-fleet serve --state {} --listen 127.0.0.1:0 &",
-        fleet_state.display()
+        "$ linkmesh-fleet serve --state {} --secret-file {} --listen 127.0.0.1:0 &",
+        fleet_state.display(),
+        Fleet::secret_file_for(&fleet_state).display()
     );
     let fleet = Fleet::start(&fleet_state, &["--report-interval", "2s"])?;
     println!("listening at {}", fleet.url);

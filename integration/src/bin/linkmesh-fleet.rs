@@ -12,6 +12,7 @@ use linkmesh_agent::{
 };
 use linkmesh_integration::{
     ca::Ca,
+    sealed::Secret,
     server,
     service::{FleetService, ServiceConfig, rfc3339},
     state::{ServeRecord, State, TokenRecord},
@@ -34,15 +35,24 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the state directory and the internal CA (a no-op if it exists).
+    /// Create the state directory and the internal CA, its key sealed with
+    /// the server secret (a no-op if it exists: the CA is never re-created).
     Init {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// The server secret's file [default: $LINKMESH_FLEET_SECRET]; made
+        /// (random, 0600) when it does not exist yet and the state is new.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
     },
     /// Serve the agent API over TLS.
     Serve {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// The server secret's file [default: $LINKMESH_FLEET_SECRET]: it
+        /// opens the CA's sealed key.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
         /// Address to listen on; port 0 picks a free port (printed on start).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
@@ -104,6 +114,27 @@ enum Command {
         state: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Back up the state (consistent while `serve` runs) into one file; the
+    /// CA key stays sealed, the secret is not in it.
+    Backup {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The archive to write (gzipped tar, 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Restore a backup into a state directory (the server stopped); serve
+    /// it with the secret it was made with.
+    Restore {
+        /// The archive `backup` wrote.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// Replace a state already there (kept as DIR.before-restore-TIME).
+        #[arg(long)]
+        force: bool,
     },
     /// Enrolment tokens.
     #[command(subcommand)]
@@ -208,9 +239,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { state } => init(&State::new(state)),
+        Command::Init { state, secret_file } => init(&State::new(state), secret_file.as_deref()),
         Command::Serve {
             state,
+            secret_file,
             listen,
             advertise_url,
             san,
@@ -282,11 +314,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                 ],
             };
+            let state = State::new(state);
+            if linkmesh_integration::migrate::found(&state)?.is_none() {
+                return Err(linkmesh_integration::migrate::FormatError::NotInitialised {
+                    path: state.dir().display().to_string(),
+                }
+                .into());
+            }
+            let Some(serving) = state.serving()? else {
+                bail!(
+                    "another linkmesh-fleet serve runs on {} (it holds serving.lock): one server per state directory",
+                    state.dir().display()
+                );
+            };
+            let secret = secret(secret_file.as_deref())?;
+            let ca =
+                linkmesh_integration::migrate::open(&state, &secret, &config.version.to_string())?;
+            drop(secret);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
                 .block_on(serve(
-                    State::new(state),
+                    state,
+                    serving,
+                    ca,
                     config,
                     ServeOptions {
                         listen,
@@ -299,7 +350,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ))
         }
         Command::Drift { state, json } => {
-            linkmesh_integration::drift::print(&State::new(state), json)
+            let state = State::new(state);
+            readable(&state)?;
+            linkmesh_integration::drift::print(&state, json)
+        }
+        Command::Backup { state, out } => {
+            let m = linkmesh_integration::backup::backup(
+                &State::new(state),
+                &out,
+                linkmesh_agent::version::AGENT_VERSION,
+            )?;
+            print!("backed up into {}: ", out.display());
+            linkmesh_integration::backup::describe(&m, &mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Restore { from, state, force } => {
+            let (m, kept) = linkmesh_integration::backup::restore(&from, &state, force)?;
+            print!("restored {} from {}: ", state.display(), from.display());
+            linkmesh_integration::backup::describe(&m, &mut std::io::stdout())?;
+            if let Some(k) = kept {
+                println!("the state it replaced is kept in {}", k.display());
+            }
+            println!(
+                "start the server with the secret this state was set up with: linkmesh-fleet serve --state {} --secret-file FILE",
+                state.display()
+            );
+            Ok(())
         }
         Command::Token(TokenCommand::Create {
             state,
@@ -331,6 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let body = std::fs::read(&file)
                 .with_context(|| format!("cannot read --file {}", file.display()))?;
             let state = State::new(state);
+            readable(&state)?;
             let stored = linkmesh_integration::opamp::store::set(
                 &state,
                 host.as_deref(),
@@ -350,19 +427,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init(state: &State) -> anyhow::Result<()> {
-    state.create_layout()?;
-    let ca = if state.ca_dir().join("ca.key").exists() {
+/// The server secret from `--secret-file` or the environment.
+fn secret(file: Option<&std::path::Path>) -> anyhow::Result<Secret> {
+    Ok(Secret::from_file_or_env(file, |k| std::env::var(k).ok())?)
+}
+
+fn init(state: &State, secret_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let ours = linkmesh_agent::version::AGENT_VERSION;
+    if linkmesh_integration::migrate::found(state)?.is_some() {
+        // Existing state: never a new CA. The secret must open the one
+        // there (and an older format is migrated).
+        let secret = secret(secret_file)?;
+        let ca = linkmesh_integration::migrate::open(state, &secret, ours)?;
         println!(
             "state directory {} already initialised",
             state.dir().display()
         );
-        Ca::load(&state.ca_dir())?
-    } else {
-        let ca = Ca::create(&state.ca_dir())?;
-        println!("initialised {} with a new CA", state.dir().display());
-        ca
+        println!("CA pin: {}", ca.pin());
+        return Ok(());
+    }
+    if state
+        .ca_dir()
+        .join(linkmesh_integration::ca::SEALED_KEY)
+        .exists()
+        || state
+            .ca_dir()
+            .join(linkmesh_integration::ca::PLAIN_KEY)
+            .exists()
+    {
+        bail!(
+            "{} holds a CA key but no CA certificate (ca.pem): restore the state from its backup; a new CA is never made over an old key",
+            state.ca_dir().display()
+        );
+    }
+    let secret = match secret_file {
+        Some(f) if !f.exists() => {
+            let s = Secret::create_file(f)?;
+            println!(
+                "wrote a new server secret to {} (0600): keep it apart from the state's backups; serve needs it",
+                f.display()
+            );
+            s
+        }
+        f => secret(f)?,
     };
+    state.create_layout()?;
+    let ca = Ca::create(&state.ca_dir(), &secret)?;
+    linkmesh_integration::migrate::record_new(state, ours)?;
+    println!("initialised {} with a new CA", state.dir().display());
     println!("CA pin: {}", ca.pin());
     Ok(())
 }
@@ -377,7 +489,13 @@ struct ServeOptions {
     server_cert_lifetime: Duration,
 }
 
-async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyhow::Result<()> {
+async fn serve(
+    state: State,
+    _serving: linkmesh_integration::state::StateLock,
+    ca: Ca,
+    config: ServiceConfig,
+    opts: ServeOptions,
+) -> anyhow::Result<()> {
     let ServeOptions {
         listen,
         advertise_url,
@@ -386,7 +504,7 @@ async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyho
         limits,
         server_cert_lifetime,
     } = opts;
-    let ca = Ca::load(&state.ca_dir())?;
+    let ca = Arc::new(ca);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -408,8 +526,7 @@ async fn serve(state: State, config: ServiceConfig, opts: ServeOptions) -> anyho
     }
     names.sort();
     names.dedup();
-    let server_cert =
-        server::ServerCert::new(Ca::load(&state.ca_dir())?, &names, server_cert_lifetime)?;
+    let server_cert = server::ServerCert::new(ca.clone(), &names, server_cert_lifetime)?;
     tokio::spawn(server_cert.clone().keep_fresh());
     let tls = Arc::new(server::tls_config(&ca, server_cert)?);
     let version = config.version.clone();
@@ -493,7 +610,8 @@ fn token_create(
     if uses == 0 {
         bail!("--uses must be at least 1");
     }
-    let ca = Ca::load(&state.ca_dir())?;
+    readable(state)?;
+    let pin = Ca::certificate(&state.ca_dir())?.1;
     let url: ServerUrl = match server_url {
         Some(u) => u.parse().context("--server-url")?,
         None => state
@@ -519,7 +637,6 @@ fn token_create(
     drop(lock);
 
     let secret = token.expose();
-    let pin = ca.pin();
     // Keeps the token off the command line of the agent's process.
     let enroll = format!(
         "echo {secret} | linkmesh-agent enroll --server {url} --ca-pin {pin} --token-file /dev/stdin"
@@ -578,6 +695,7 @@ fn opamp_json(
 }
 
 fn revoke(state: &State, host: &str, reason: &str) -> anyhow::Result<()> {
+    readable(state)?;
     const MAX_REASON: usize = 512;
     if reason.len() > MAX_REASON {
         bail!(
@@ -609,7 +727,16 @@ fn revoke(state: &State, host: &str, reason: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a state of a newer format (see `linkmesh_integration::migrate`).
+fn readable(state: &State) -> anyhow::Result<()> {
+    Ok(linkmesh_integration::migrate::check_readable(
+        state,
+        linkmesh_agent::version::AGENT_VERSION,
+    )?)
+}
+
 fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
+    readable(state)?;
     let hosts = state.hosts()?;
     let revoked = state.revocations()?;
     let configs = linkmesh_integration::opamp::store::ConfigSet::load(state)?;
