@@ -580,15 +580,21 @@ pub fn shown(v: &str) -> String {
     cut(v, SHOWN_MAX, |s| format!("{s:?}"))
 }
 
-/// A duration that is not `<number><unit>` with unit ms, s, m, h or d.
+/// A duration that is not `<number><unit>` with unit ms, s, m, h or d, or
+/// longer than [`MAX_DURATION_DAYS`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "invalid duration {}: expected a number with a unit (ms, s, m, h, d), such as 30s or 1h",
+    "invalid duration {}: expected a number with a unit (ms, s, m, h, d), such as 30s or 1h, of at most {MAX_DURATION_DAYS}d",
     shown(input)
 )]
 pub struct DurationError {
     input: String,
 }
+
+/// The longest duration accepted, in days (100 years): anything longer is a
+/// typo, and every accepted duration prints back in a form that parses
+/// (fuzzing found 16397105963297343066.033s, whose milliseconds overflow).
+pub const MAX_DURATION_DAYS: u64 = 36_500;
 
 /// Parses durations like `500ms`, `30s`, `5m`, `1h`, `7d`, or a sum like `1h30m`.
 ///
@@ -622,6 +628,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
             _ => return Err(err()),
         };
         total = total.checked_add(part).ok_or_else(err)?;
+        if total > Duration::from_secs(MAX_DURATION_DAYS * 86_400) {
+            return Err(err());
+        }
     }
     Ok(total)
 }
@@ -863,9 +872,25 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        for bad in ["", "30", "s", "1x", "-1s", "1.5h", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "1x",
+            "-1s",
+            "1.5h",
+            "99999999999999999999d",
+            "36501d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            parse_duration("36500d"),
+            Ok(Duration::from_secs(36_500 * 86_400))
+        );
+        // Found by fuzzing (fuzz/regressions/versions): accepted, but printed
+        // as milliseconds that no longer parse.
+        assert!(parse_duration("16397105963297343066s33ms").is_err());
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");

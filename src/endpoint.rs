@@ -78,6 +78,14 @@ impl FromStr for ServerUrl {
             }
         } else {
             match authority.rsplit_once(':') {
+                // "a:b:c" is neither a name with a port nor an IPv6 address
+                // (those need brackets); found by fuzzing, it used to be
+                // taken as host "a:b" and printed as "[a:b]:c".
+                Some((h, _)) if h.contains(':') => {
+                    return Err(err(
+                        "an IPv6 address needs brackets: https://[ADDRESS]:PORT",
+                    ));
+                }
                 Some((h, p)) => (h, Some(p)),
                 None => (authority, None),
             }
@@ -162,6 +170,9 @@ mod tests {
             ("https://user@fleet.example", "user information"),
             ("https://[::1", "unclosed"),
             ("https://fle et", "invalid character"),
+            // Found by fuzzing (fuzz/regressions/versions).
+            ("https://sha2sha256:56:3", "needs brackets"),
+            ("https://::1", "needs brackets"),
         ] {
             let err = input.parse::<ServerUrl>().unwrap_err().to_string();
             assert!(err.contains(reason), "{input}: {err}");

@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| linkmesh_integration::fuzzing::opamp_frame(data));
