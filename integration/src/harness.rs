@@ -901,6 +901,25 @@ pub fn enrolled_agent(
     Ok(agent)
 }
 
+/// A scratch directory named after `name`, a server asking for a report
+/// every second (with `fleet_args` after that) and one agent enrolled with it,
+/// supervising the real runtimes.
+///
+/// # Errors
+/// When the server does not start or the enrolment fails.
+pub fn fleet_with_agent(
+    name: &str,
+    fleet_args: &[&str],
+) -> anyhow::Result<(tempfile::TempDir, Fleet, AgentEnv)> {
+    let dir = scratch(name)?;
+    let mut args = vec!["--report-interval", "1s"];
+    args.extend_from_slice(fleet_args);
+    let fleet = Fleet::start(&dir.path().join("fleet"), &args)?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    Ok((dir, fleet, agent))
+}
+
 /// The older agent build the downgrade tests install: `$LINKMESH_OLDER_AGENT_BIN`,
 /// else `target/older/linkmesh-agent-0.0.9` (scripts/test builds it with
 /// `LINKMESH_VERSION=0.0.9`).

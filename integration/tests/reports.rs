@@ -5,7 +5,7 @@ use std::{os::unix::process::CommandExt as _, path::Path, process::Stdio, time::
 
 use linkmesh_agent::{proto, tls::mtls_client_config, transport::Dialer};
 use linkmesh_integration::harness::{
-    AgentEnv, Fleet, alive, enrolled_agent, runtime_bin_dir, scratch, snapshot, text,
+    AgentEnv, Fleet, alive, enrolled_agent, fleet_with_agent, snapshot, text,
 };
 use serde_json::Value;
 
@@ -17,19 +17,9 @@ fn reports(s: &Value) -> u64 {
     s["reporter"]["reports"].as_u64().unwrap_or(0)
 }
 
-fn setup(name: &str, fleet_args: &[&str]) -> anyhow::Result<(tempfile::TempDir, Fleet, AgentEnv)> {
-    let dir = scratch(name)?;
-    let mut args = vec!["--report-interval", "1s"];
-    args.extend_from_slice(fleet_args);
-    let fleet = Fleet::start(&dir.path().join("fleet"), &args)?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
-    Ok((dir, fleet, agent))
-}
-
 #[test]
 fn reports_reach_the_drift_report_with_heartbeats_between() -> R {
-    let (_dir, fleet, agent) = setup("rep-basic", &[])?;
+    let (_dir, fleet, agent) = fleet_with_agent("rep-basic", &[])?;
     std::fs::write(agent.state.join("install-method"), "deb\n")?;
     let run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "three reports", |s| {
@@ -64,7 +54,7 @@ fn reports_reach_the_drift_report_with_heartbeats_between() -> R {
 
 #[test]
 fn the_server_away_and_back_never_touches_the_collector() -> R {
-    let (_dir, mut fleet, agent) = setup("rep-away", &[])?;
+    let (_dir, mut fleet, agent) = fleet_with_agent("rep-away", &[])?;
     let run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "reporting", |s| {
         reports(s) >= 1 && s["supervision"]["collector_pid"].as_u64().is_some()
@@ -121,7 +111,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn an_upgraded_server_flags_the_agent_behind_with_its_upgrade_command() -> R {
-    let (_dir, mut fleet, agent) = setup("rep-upgrade", &[])?;
+    let (_dir, mut fleet, agent) = fleet_with_agent("rep-upgrade", &[])?;
     let v = linkmesh_agent::version::agent_version();
     let newer = format!("{}.{}.0", v.major, v.minor + 2);
     run_agent_once(&agent)?;
@@ -179,7 +169,7 @@ fn a_rolled_back_server_makes_the_agent_ahead_and_it_keeps_supervising() -> R {
     if v.minor == 0 {
         return Ok(()); // no older minor to roll back to
     }
-    let (_dir, mut fleet, agent) = setup("rep-rollback", &[])?;
+    let (_dir, mut fleet, agent) = fleet_with_agent("rep-rollback", &[])?;
     let run = agent.spawn_run(&[], &[])?;
     let s = run.wait_status(T, "reporting", |s| {
         reports(s) >= 1 && s["supervision"]["state"] == "running"
@@ -224,7 +214,7 @@ async fn client_for(agent: &AgentEnv) -> anyhow::Result<proto::Client<tonic::tra
 
 #[test]
 fn identity_comes_from_the_certificate_never_the_body() -> R {
-    let (dir, mut fleet, agent) = setup("rep-identity", &[])?;
+    let (dir, mut fleet, agent) = fleet_with_agent("rep-identity", &[])?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -327,7 +317,7 @@ fn identity_comes_from_the_certificate_never_the_body() -> R {
 #[test]
 fn certificates_renew_in_place_and_an_expired_one_within_grace() -> R {
     // Lifetime 6 s: renewal about every 4 s.
-    let (_dir, fleet, agent) = setup(
+    let (_dir, fleet, agent) = fleet_with_agent(
         "rep-renew",
         &["--cert-lifetime", "6s", "--renew-grace", "1h"],
     )?;
@@ -377,7 +367,7 @@ fn certificates_renew_in_place_and_an_expired_one_within_grace() -> R {
 
 #[test]
 fn beyond_the_grace_window_renewal_is_refused_and_nothing_re_enrols() -> R {
-    let (_dir, _fleet, agent) = setup(
+    let (_dir, _fleet, agent) = fleet_with_agent(
         "rep-grace",
         &["--cert-lifetime", "2s", "--renew-grace", "1s"],
     )?;
@@ -404,7 +394,7 @@ fn beyond_the_grace_window_renewal_is_refused_and_nothing_re_enrols() -> R {
 #[test]
 fn a_host_clock_an_hour_off_is_measured_and_reported_as_skew() -> R {
     let faketime = which("faketime");
-    let (_dir, _fleet, agent) = setup("rep-clock", &[])?;
+    let (_dir, _fleet, agent) = fleet_with_agent("rep-clock", &[])?;
     let identity_before = snapshot(&agent.state.join("identity"));
     let agent_bin = linkmesh_integration::harness::binary("linkmesh-agent")?;
 
@@ -541,7 +531,7 @@ fn which(name: &str) -> std::path::PathBuf {
 #[test]
 fn reports_go_through_an_http_connect_proxy() -> R {
     let tinyproxy = which("tinyproxy");
-    let (dir, fleet, agent) = setup("rep-proxy", &[])?;
+    let (dir, fleet, agent) = fleet_with_agent("rep-proxy", &[])?;
     let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -625,7 +615,7 @@ fn reports_go_through_an_http_connect_proxy() -> R {
 
 #[test]
 fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
-    let (_dir, mut fleet, agent) = setup("rep-check", &[])?;
+    let (_dir, mut fleet, agent) = fleet_with_agent("rep-check", &[])?;
     let run = agent.spawn_run(&[], &[])?;
     run.wait_status(T, "running, reporting, and seen over OpAMP", |s| {
         reports(s) >= 1

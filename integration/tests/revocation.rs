@@ -10,25 +10,13 @@ use linkmesh_agent::{
     identity::Identity, proto, reporter::refusal_standing, tls::mtls_client_config,
     transport::Dialer,
 };
-use linkmesh_integration::harness::{
-    AgentEnv, Fleet, alive, enrolled_agent, runtime_bin_dir, scratch, text,
-};
+use linkmesh_integration::harness::{AgentEnv, Fleet, alive, fleet_with_agent, text};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
 type R = anyhow::Result<()>;
 
 const T: Duration = Duration::from_secs(20);
-
-fn setup(name: &str, fleet_args: &[&str]) -> anyhow::Result<(tempfile::TempDir, Fleet, AgentEnv)> {
-    let dir = scratch(name)?;
-    let mut args = vec!["--report-interval", "1s"];
-    args.extend_from_slice(fleet_args);
-    let fleet = Fleet::start(&dir.path().join("fleet"), &args)?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
-    Ok((dir, fleet, agent))
-}
 
 fn client(id: &Identity) -> anyhow::Result<proto::Client<tonic::transport::Channel>> {
     let tls = Arc::new(mtls_client_config(id)?);
@@ -86,6 +74,21 @@ fn refused_as(r: Result<impl std::fmt::Debug, tonic::Status>, want: proto::Stand
     }
 }
 
+/// A renewal refused because the certificate was superseded: its status.
+fn superseded_renewal(r: anyhow::Result<Identity>) -> tonic::Status {
+    let err = r.expect_err("a superseded certificate renewed");
+    let status = err
+        .downcast_ref::<tonic::Status>()
+        .cloned()
+        .unwrap_or_else(|| tonic::Status::unknown(err.to_string()));
+    assert_eq!(
+        refusal_standing(&status),
+        proto::Standing::Superseded,
+        "{status:?}"
+    );
+    status
+}
+
 /// The serial the server records as the host's current certificate.
 fn recorded_serial(fleet: &Fleet) -> anyhow::Result<String> {
     Ok(fleet.hosts()?[0]["cert_serial"]
@@ -107,7 +110,7 @@ fn same_serial(a: &str, b: &str) -> bool {
 fn a_superseded_certificate_is_refused_everywhere_and_an_unstored_renewal_is_renewed_again() -> R {
     // Certificates of 6 s with a grace of an hour: the old one expires
     // during the test and must still not renew.
-    let (_dir, mut fleet, agent) = setup(
+    let (_dir, mut fleet, agent) = fleet_with_agent(
         "rev-superseded",
         &["--cert-lifetime", "6s", "--renew-grace", "1h"],
     )?;
@@ -128,17 +131,7 @@ fn a_superseded_certificate_is_refused_everywhere_and_an_unstored_renewal_is_ren
         report(&kept).await.map_err(anyhow::Error::new)?;
         assert!(same_serial(&recorded_serial(&fleet)?, &serial_of(&kept)));
         refused_as(report(&old).await, proto::Standing::Superseded);
-        let renewed_from_old = renew(&old).await;
-        let err = renewed_from_old.expect_err("a superseded certificate renewed");
-        let status = err
-            .downcast_ref::<tonic::Status>()
-            .cloned()
-            .unwrap_or_else(|| tonic::Status::unknown(err.to_string()));
-        assert_eq!(
-            refusal_standing(&status),
-            proto::Standing::Superseded,
-            "{status:?}"
-        );
+        let status = superseded_renewal(renew(&old).await);
         assert!(
             status.message().contains("replaced by a renewal"),
             "{status:?}"
@@ -163,16 +156,7 @@ fn a_superseded_certificate_is_refused_everywhere_and_an_unstored_renewal_is_ren
                 Duration::try_from(wait).unwrap_or(Duration::ZERO) + Duration::from_secs(1),
             )
             .await;
-            let err = renew(&old).await.expect_err("expired superseded renewed");
-            let status = err
-                .downcast_ref::<tonic::Status>()
-                .cloned()
-                .unwrap_or_else(|| tonic::Status::unknown(err.to_string()));
-            assert_eq!(
-                refusal_standing(&status),
-                proto::Standing::Superseded,
-                "{status:?}"
-            );
+            superseded_renewal(renew(&old).await);
             // The current one renews (expired or not: within the grace).
             renew(&kept).await?;
             anyhow::Ok(())
@@ -195,7 +179,7 @@ fn check_item(agent: &AgentEnv, id: &str) -> anyhow::Result<(Option<i32>, Value)
 
 #[test]
 fn a_revoked_host_is_refused_at_once_and_its_agent_stops_reporting_keeping_the_collector() -> R {
-    let (_dir, mut fleet, agent) = setup("rev-revoke", &[])?;
+    let (_dir, mut fleet, agent) = fleet_with_agent("rev-revoke", &[])?;
     let id = agent.identity()?;
     let host = id.host_id.to_string();
     let run = agent.spawn_run(&[], &[])?;

@@ -61,10 +61,8 @@ fn all_files_contain(dir: &Path, needle: &[u8]) -> Vec<String> {
 
 #[test]
 fn the_ca_key_is_sealed_and_a_wrong_or_missing_secret_never_starts_a_server_or_makes_a_ca() -> R {
-    let dir = scratch("state-secret")?;
-    let mut fleet = Fleet::start(&dir.path().join("fleet"), &["--report-interval", "1s"])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, mut fleet, agent) =
+        linkmesh_integration::harness::fleet_with_agent("state-secret", &[])?;
     let state = fleet.state().to_owned();
     assert_eq!(
         all_files_contain(&state, b"PRIVATE KEY"),
@@ -147,10 +145,8 @@ fn as_format_1(state: &Path, secret_file: &Path) -> anyhow::Result<()> {
 
 #[test]
 fn a_server_upgrade_migrates_the_state_forward_and_a_rollback_across_the_format_is_refused() -> R {
-    let dir = scratch("state-format")?;
-    let mut fleet = Fleet::start(&dir.path().join("fleet"), &["--report-interval", "1s"])?;
-    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
-    let agent = enrolled_agent(&dir.path().join("agent"), &fleet, &bins, "")?;
+    let (_dir, mut fleet, agent) =
+        linkmesh_integration::harness::fleet_with_agent("state-format", &[])?;
     let host = agent.identity()?.host_id.to_string();
     fleet.stop();
     let state = fleet.state().to_owned();
