@@ -447,6 +447,13 @@ pub fn standing_check(
         Standing::Superseded | Standing::NotEnrolled => {
             bad(ID, TITLE, Outcome::Fail, detail, ENROL)
         }
+        Standing::InUseElsewhere => bad(
+            ID,
+            TITLE,
+            Outcome::Fail,
+            format!("the identity is in use elsewhere: {detail}"),
+            "on the machine that is the copy: linkmesh-agent image-prep, systemd-machine-id-setup (a new machine-id), then enrol with a new token; leave the original as it is",
+        ),
         Standing::Expired => bad(
             ID,
             TITLE,
@@ -874,7 +881,11 @@ mod tests {
                 .contains("enroll --force"),
             "{c:?}"
         );
-        for s in [proto::Standing::Superseded, proto::Standing::NotEnrolled] {
+        for s in [
+            proto::Standing::Superseded,
+            proto::Standing::NotEnrolled,
+            proto::Standing::InUseElsewhere,
+        ] {
             assert_eq!(
                 standing_check(Some(&info(s, "x")), None).outcome,
                 Outcome::Fail

@@ -93,6 +93,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generalise this host before its disk becomes an image: remove its
+    /// identity, the collector's OpAMP instance id and this machine's
+    /// records; keep configuration, binaries and the enabled unit. The
+    /// agent must be stopped.
+    ImagePrep {
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print stable JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -490,6 +502,38 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Status { json } => status(&settings, json),
+        Command::ImagePrep { dry_run, json } => {
+            let removed = crate::image_prep::run(&settings.state_dir, dry_run)
+                .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
+            let paths: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "dry_run": dry_run, "removed": paths })
+                );
+                return Ok(());
+            }
+            let verb = if dry_run { "would remove" } else { "removed" };
+            if paths.is_empty() {
+                println!(
+                    "nothing to remove: {} holds no machine identity",
+                    settings.state_dir.display()
+                );
+            }
+            for p in &paths {
+                println!("{verb} {p}");
+            }
+            println!(
+                "kept: the configuration, the binaries, the install method and the enabled unit"
+            );
+            println!(
+                "before you capture the image, also empty /etc/machine-id (truncate -s 0 /etc/machine-id) so each machine gets its own"
+            );
+            println!(
+                "each machine made from it enrols on first boot: echo $TOKEN | linkmesh-agent enroll --server URL --ca-pin sha256:HEX --token-file /dev/stdin && systemctl start linkmesh-agent"
+            );
+            Ok(())
+        }
         Command::Upgrade(cmd) => upgrade(&settings, cmd),
     }
 }

@@ -39,6 +39,18 @@ pub fn jitter() -> f64 {
     f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
 }
 
+/// A random 64-bit number from the system RNG, mixed with the time and pid
+/// should the RNG fail (what it serves, a run id, needs only be distinct).
+pub fn random_u64() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        let t = unix_ms(std::time::SystemTime::now());
+        return t.rotate_left(20) ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+
 /// Formats 16 bytes as a UUID string (8-4-4-4-12 lowercase hex).
 pub fn uuid_string(b: &[u8; 16]) -> String {
     let h = crate::hex::encode(b);

@@ -23,6 +23,11 @@ pub struct HostFacts {
     pub arch: String,
     /// HMAC-SHA256 of the machine id, hex; empty when there is no machine id.
     pub machine_id_hash: String,
+    /// HMAC-SHA256 of the DMI product UUID, hex; empty where unreadable
+    /// (not root, no DMI, or a placeholder UUID).
+    pub product_uuid_hash: String,
+    /// HMAC-SHA256 of this boot's id, hex.
+    pub boot_id_hash: String,
     /// Logical CPUs.
     pub cpus: u32,
     /// Total memory, bytes.
@@ -72,8 +77,19 @@ pub fn parse_os_release(text: &str) -> OsRelease {
 /// The application-specific hash of a machine id (32 hex digits expected);
 /// `None` for an empty or malformed id.
 pub fn machine_id_hash(machine_id: &str) -> Option<String> {
-    let id = machine_id.trim();
+    id_hash(machine_id)
+}
+
+/// The application-specific hash of a 128-bit id written as 32 hex digits,
+/// with or without the dashes of a UUID (`/etc/machine-id`, the DMI product
+/// UUID, the boot id); `None` for an empty, malformed or placeholder id (all
+/// zeros or all ones, which firmware writes when it has none).
+pub fn id_hash(text: &str) -> Option<String> {
+    let id: String = text.trim().chars().filter(|c| *c != '-').collect();
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if id.bytes().all(|b| b == b'0') || id.bytes().all(|b| b == b'f' || b == b'F') {
         return None;
     }
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, id.to_ascii_lowercase().as_bytes());
@@ -112,6 +128,12 @@ pub fn collect() -> HostFacts {
         machine_id_hash: read("/etc/machine-id")
             .and_then(|m| machine_id_hash(&m))
             .unwrap_or_default(),
+        product_uuid_hash: read("/sys/class/dmi/id/product_uuid")
+            .and_then(|u| id_hash(&u))
+            .unwrap_or_default(),
+        boot_id_hash: read("/proc/sys/kernel/random/boot_id")
+            .and_then(|b| id_hash(&b))
+            .unwrap_or_default(),
         cpus: sys
             .as_ref()
             .map_or(0, |s| u32::try_from(s.cpus().len()).unwrap_or(u32::MAX)),
@@ -136,6 +158,8 @@ impl From<&HostFacts> for proto::HostFacts {
             cpus: h.cpus,
             memory_bytes: h.memory_bytes,
             boot_time_unix: h.boot_time_unix,
+            product_uuid_hash: h.product_uuid_hash.clone(),
+            boot_id_hash: h.boot_id_hash.clone(),
         }
     }
 }
@@ -164,6 +188,13 @@ mod tests {
         assert_eq!(machine_id_hash(&id.to_ascii_uppercase()), Some(h));
         assert_eq!(machine_id_hash(""), None);
         assert_eq!(machine_id_hash("uninitialized"), None);
+        // A UUID hashes like the same 32 digits; placeholders hash to nothing.
+        assert_eq!(
+            id_hash("01234567-89AB-CDEF-0123-456789ABCDEF"),
+            machine_id_hash(id)
+        );
+        assert_eq!(id_hash("00000000-0000-0000-0000-000000000000"), None);
+        assert_eq!(id_hash("FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF"), None);
     }
 }
 

@@ -17,6 +17,7 @@ pub mod fs;
 pub mod hex;
 pub mod host;
 pub mod identity;
+pub mod image_prep;
 pub mod proto;
 pub mod published;
 pub mod reporter;

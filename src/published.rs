@@ -76,6 +76,10 @@ pub struct ReporterStatus {
     /// running) until it enrols again.
     #[serde(default)]
     pub revoked: bool,
+    /// The server sees this host's identity on two machines at once: its
+    /// words (None when not).
+    #[serde(default)]
+    pub identity_in_use_elsewhere: Option<String>,
     /// The server's version, as it last said.
     pub server_version: Option<String>,
     /// This agent against the server (`in_window`, `behind`, `ahead`, `incompatible`).

@@ -293,6 +293,7 @@ pub fn digest(r: &proto::ReportRequest) -> u64 {
     stable.agent_time_unix_ms = 0;
     stable.clock_offset_ms = 0;
     stable.state_digest = 0;
+    stable.run_id = 0;
     let bytes = prost::Message::encode_to_vec(&stable);
     let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
     u64::from_le_bytes(d.as_ref()[..8].try_into().unwrap_or([0; 8]))
@@ -347,6 +348,10 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         .ok()
         .flatten();
     let mut clock_warned = false;
+    // Sent with every report: the server tells two agents presenting this
+    // identity at once by their run ids (a clone it cannot tell by itself).
+    let run_id = crate::clock::random_u64().max(1);
+    let mut in_use_elsewhere: Option<String> = None;
     if let Some(r) = read_revoked(ctx.store.state_dir(), ctx.identity.host_id.as_str()) {
         tracing::warn!(host_id = %ctx.identity.host_id, "{}; not reporting (the collector keeps running)", r.explain());
         status.send_modify(|s| {
@@ -443,6 +448,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         };
         sequence += 1;
         request.sequence = sequence;
+        request.run_id = run_id;
         let before = SystemTime::now();
         request.agent_time_unix_ms = crate::clock::unix_ms(before) as i64;
         request.clock_offset_ms = status.borrow().clock_offset_ms.unwrap_or(0);
@@ -512,6 +518,17 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     );
                 }
                 clock_warned = skewed;
+                let elsewhere =
+                    Some(resp.identity_in_use_elsewhere.clone()).filter(|w| !w.is_empty());
+                if elsewhere.is_some() != in_use_elsewhere.is_some() {
+                    match &elsewhere {
+                        Some(w) => tracing::error!("{w}"),
+                        None => {
+                            tracing::info!("The server sees this identity on one machine again")
+                        }
+                    }
+                }
+                in_use_elsewhere.clone_from(&elsewhere);
                 interval =
                     Duration::from_secs(u64::from(resp.report_interval_seconds).clamp(1, 3600));
                 status.send_modify(|s| {
@@ -530,6 +547,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         .map(|p| (p.kind.clone(), p.version.clone()))
                         .collect();
                     s.opamp = resp.opamp.as_ref().map(OpampView::from);
+                    s.identity_in_use_elsewhere.clone_from(&elsewhere);
                 });
                 Some(Exchange::Reported { interval })
             }
@@ -777,8 +795,9 @@ mod tests {
         hb.sequence = u64::from(u32::MAX);
         hb.agent_time_unix_ms = 1_795_447_872_876;
         hb.clock_offset_ms = -3_600_000;
+        hb.run_id = u64::MAX;
         assert!(
-            prost::Message::encoded_len(&hb) <= 40,
+            prost::Message::encoded_len(&hb) <= 50,
             "{}",
             prost::Message::encoded_len(&hb)
         );

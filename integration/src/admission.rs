@@ -46,9 +46,10 @@ impl Refused {
         let code = match self.standing {
             Standing::Expired | Standing::Unspecified => tonic::Code::Unauthenticated,
             Standing::NotEnrolled => tonic::Code::NotFound,
-            Standing::Revoked | Standing::Superseded | Standing::Current => {
-                tonic::Code::PermissionDenied
-            }
+            Standing::Revoked
+            | Standing::Superseded
+            | Standing::Current
+            | Standing::InUseElsewhere => tonic::Code::PermissionDenied,
         };
         let detail = linkmesh_agent::proto::Refusal {
             standing: self.standing as i32,
@@ -213,6 +214,8 @@ mod tests {
             os: String::new(),
             arch: String::new(),
             machine_id_hash: String::new(),
+            product_uuid_hash: String::new(),
+            duplicate: None,
             agent_version: "0.1.0".into(),
             token_id: String::new(),
             spki_sha256: "aa".into(),

@@ -50,6 +50,9 @@ pub struct DriftRow {
     pub last_upgrade: Option<UpgradeView>,
     /// How the host's last collector runtime upgrade ended.
     pub last_runtime_upgrade: Option<UpgradeView>,
+    /// Two machines present this host's identity at once: since when
+    /// (RFC 3339). The row is both of them: its facts alternate.
+    pub duplicate_identity_since: Option<String>,
 }
 
 /// The last agent upgrade of a host, for the report.
@@ -129,6 +132,7 @@ pub fn rows(
                 action,
                 last_upgrade: report.last_upgrade.as_ref().map(UpgradeView::of),
                 last_runtime_upgrade: report.last_runtime_upgrade.as_ref().map(UpgradeView::of),
+                duplicate_identity_since: h.duplicate.as_ref().map(|d| rfc3339(d.since)),
             }
         })
         .collect()
@@ -217,6 +221,11 @@ pub fn print(state: &State, json: bool) -> anyhow::Result<()> {
         if let Some(a) = &r.action {
             println!("    -> {}", safe(a));
         }
+        if let Some(since) = &r.duplicate_identity_since {
+            println!(
+                "    DUPLICATE IDENTITY since {since}: two machines report as this host; on the copy run linkmesh-agent image-prep and enrol it anew"
+            );
+        }
         for (what, u) in [
             ("agent", &r.last_upgrade),
             ("runtime", &r.last_runtime_upgrade),
@@ -255,6 +264,8 @@ mod tests {
             os: String::new(),
             arch: String::new(),
             machine_id_hash: String::new(),
+            product_uuid_hash: String::new(),
+            duplicate: None,
             agent_version: agent.into(),
             token_id: String::new(),
             spki_sha256: String::new(),

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod ca;
 pub mod drift;
 pub mod drill;
+pub mod duplicate;
 pub mod fuzzing;
 pub mod harness;
 pub mod migrate;

@@ -85,6 +85,22 @@ fn bounded(s: &str) -> String {
 struct Live {
     hosts: std::collections::HashMap<String, HostRecord>,
     dirty: std::collections::HashSet<String>,
+    /// Recent run ids per host (memory only).
+    runs: std::collections::HashMap<String, crate::duplicate::Runs>,
+}
+
+/// A duplicate flag is dropped once this many report intervals pass
+/// without a returning run id.
+const DUPLICATE_CLEARS_AFTER: u32 = 10;
+
+/// What the agents of a duplicated identity are told.
+fn in_use_elsewhere(host: &str, d: &crate::state::DuplicateRecord) -> String {
+    format!(
+        "the identity of host {host} is in use on another machine too: the server has seen {} agents report as this host at once since {} (run ids {}). One of the machines is a copy (an image or clone whose machine-id was not regenerated). On the copy: linkmesh-agent image-prep, give it a new machine-id (systemd-machine-id-setup), and enrol it with a new token; the original keeps its identity",
+        d.run_ids.len(),
+        rfc3339(d.since),
+        d.run_ids.join(", ")
+    )
 }
 
 impl FleetService {
@@ -115,7 +131,11 @@ impl FleetService {
             .filter(|h| h.opamp.is_some())
             .map(|h| h.host_id.clone())
             .collect();
-        let live = std::sync::Mutex::new(Live { hosts, dirty });
+        let live = std::sync::Mutex::new(Live {
+            hosts,
+            dirty,
+            runs: Default::default(),
+        });
         let (revoked, _) = tokio::sync::watch::channel(Arc::new(state.revocations()?));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -177,6 +197,14 @@ impl FleetService {
             }
         }
         Ok(host)
+    }
+
+    /// What the agents of `host` are told when its identity is in use on two
+    /// machines at once.
+    pub fn duplicate(&self, host: &str) -> Option<String> {
+        let live = self.inner.live.lock().ok()?;
+        let d = live.hosts.get(host)?.duplicate.as_ref()?;
+        Some(in_use_elsewhere(host, d))
     }
 
     /// Revocations as they change (OpAMP sessions close on their host's).
@@ -314,10 +342,13 @@ impl proto::Fleet for FleetService {
         let (standing, detail) = match peer_leaf(&request) {
             None => (proto::Standing::Unspecified, String::new()),
             Some(leaf) => match self.admit(&leaf, Duration::ZERO).await {
-                Ok(host) => (
-                    proto::Standing::Current,
-                    format!("host {host}: the current certificate"),
-                ),
+                Ok(host) => match self.duplicate(host.as_str()) {
+                    Some(words) => (proto::Standing::InUseElsewhere, words),
+                    None => (
+                        proto::Standing::Current,
+                        format!("host {host}: the current certificate"),
+                    ),
+                },
                 Err(r) => (r.standing, r.message),
             },
         };
@@ -387,7 +418,10 @@ impl proto::Fleet for FleetService {
         }
         let c = &self.inner.config;
         let mut send_full = false;
-        let (agent_version, opamp) = {
+        let window_ms = i64::try_from(c.report_interval.as_millis() * 10)
+            .unwrap_or(i64::MAX)
+            .max(10_000);
+        let (agent_version, opamp, duplicate) = {
             let Ok(mut live) = self.inner.live.lock() else {
                 return Err(Status::internal("host table poisoned"));
             };
@@ -398,6 +432,39 @@ impl proto::Fleet for FleetService {
             };
             let now_s = now.unix_timestamp();
             rec.last_seen = now_s;
+            let evidence = live_runs_observe(&mut live, host.as_str(), req.run_id, now, window_ms);
+            let Some(rec) = live.hosts.get_mut(host.as_str()) else {
+                return Err(Status::internal("host table changed"));
+            };
+            match evidence {
+                Some(e) => {
+                    let run_ids: Vec<String> =
+                        e.run_ids.iter().map(|r| format!("{r:016x}")).collect();
+                    let d = rec.duplicate.get_or_insert_with(|| {
+                        tracing::warn!(host_id = %host, run_ids = ?run_ids, "One identity reported by two machines at once: flagged duplicate_identity");
+                        crate::state::DuplicateRecord {
+                            since: now_s,
+                            ..Default::default()
+                        }
+                    });
+                    d.last_seen = now_s;
+                    d.run_ids = run_ids;
+                }
+                None => {
+                    let clear_after = i64::try_from(
+                        c.report_interval.as_secs() * u64::from(DUPLICATE_CLEARS_AFTER),
+                    )
+                    .unwrap_or(i64::MAX);
+                    if rec
+                        .duplicate
+                        .as_ref()
+                        .is_some_and(|d| now_s.saturating_sub(d.last_seen) > clear_after)
+                    {
+                        tracing::info!(host_id = %host, "One machine per identity again: duplicate_identity cleared");
+                        rec.duplicate = None;
+                    }
+                }
+            }
             let report = rec.report.get_or_insert_with(Default::default);
             report.reports += 1;
             if req.full {
@@ -451,7 +518,13 @@ impl proto::Fleet for FleetService {
                 report.clock_offset_ms = req.clock_offset_ms;
                 send_full = report.state_digest != req.state_digest || report.full_report_at == 0;
             }
-            let v = (rec.agent_version.clone(), rec.opamp.clone());
+            let v = (
+                rec.agent_version.clone(),
+                rec.opamp.clone(),
+                rec.duplicate
+                    .as_ref()
+                    .map(|d| in_use_elsewhere(host.as_str(), d)),
+            );
             live.dirty.insert(host.to_string());
             v
         };
@@ -477,6 +550,7 @@ impl proto::Fleet for FleetService {
             skew_verdict: verdict,
             send_full_report: send_full,
             opamp,
+            identity_in_use_elsewhere: duplicate.unwrap_or_default(),
         }))
     }
 
@@ -498,6 +572,20 @@ impl proto::Fleet for FleetService {
             .map_err(|e| Status::internal(format!("renewal task failed: {e}")))?
             .map(Response::new)
     }
+}
+
+fn live_runs_observe(
+    live: &mut Live,
+    host: &str,
+    run_id: u64,
+    now: OffsetDateTime,
+    window_ms: i64,
+) -> Option<crate::duplicate::Evidence> {
+    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+    live.runs
+        .entry(host.to_owned())
+        .or_default()
+        .observe(run_id, now_ms, window_ms)
 }
 
 /// The verified client certificate of a request's connection (DER), if it
@@ -695,6 +783,8 @@ impl Inner {
             os: facts.os_pretty_name,
             arch: facts.arch,
             machine_id_hash: facts.machine_id_hash,
+            product_uuid_hash: facts.product_uuid_hash,
+            duplicate: None,
             agent_version: req.agent_version.clone(),
             token_id: token.id().to_owned(),
             spki_sha256: cert.spki_sha256.clone(),

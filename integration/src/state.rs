@@ -81,6 +81,12 @@ pub struct HostRecord {
     pub arch: String,
     /// App-specific machine-id hash.
     pub machine_id_hash: String,
+    /// App-specific hash of the DMI product UUID (empty where unreadable).
+    #[serde(default)]
+    pub product_uuid_hash: String,
+    /// Set while two machines present this host's identity at once.
+    #[serde(default)]
+    pub duplicate: Option<DuplicateRecord>,
     /// Agent version at enrolment.
     pub agent_version: String,
     /// Token used.
@@ -119,6 +125,17 @@ pub struct CertRef {
     pub serial: String,
     /// Its expiry, Unix seconds.
     pub not_after: i64,
+}
+
+/// One identity seen on two machines at once (see [`crate::duplicate`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DuplicateRecord {
+    /// When first seen, Unix seconds.
+    pub since: i64,
+    /// When last seen, Unix seconds.
+    pub last_seen: i64,
+    /// The alternating run ids, hex.
+    pub run_ids: Vec<String>,
 }
 
 /// A revoked host.

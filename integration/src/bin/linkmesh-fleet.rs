@@ -756,6 +756,11 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
                     "cert_serial": h.cert_serial,
                     "pending_cert_serial": h.pending_cert.as_ref().map(|p| p.serial.clone()),
                     "revoked_at": revoked.get(&h.host_id).map(|r| rfc3339(r.revoked_at)),
+                    "duplicate_identity": h.duplicate.as_ref().map(|d| serde_json::json!({
+                        "since": rfc3339(d.since),
+                        "last_seen": rfc3339(d.last_seen),
+                        "run_ids": d.run_ids,
+                    })),
                     "token_id": h.token_id,
                     "opamp": opamp_json(h, configs.for_host(&h.host_id)),
                     "collector_problem": h.report.as_ref().and_then(|r| r.collector_problem.as_ref()).map(|p| serde_json::json!({
@@ -785,9 +790,10 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
             safe(&h.agent_version),
             rfc3339(h.enrolled_at),
             rfc3339(h.cert_not_after),
-            match revoked.get(&h.host_id) {
-                Some(r) => format!("revoked {}", rfc3339(r.revoked_at)),
-                None => "enrolled".to_owned(),
+            match (revoked.get(&h.host_id), &h.duplicate) {
+                (Some(r), _) => format!("revoked {}", rfc3339(r.revoked_at)),
+                (None, Some(d)) => format!("DUPLICATE IDENTITY since {}", rfc3339(d.since)),
+                (None, None) => "enrolled".to_owned(),
             }
         );
     }

@@ -95,6 +95,14 @@ pub struct HostFacts {
     pub memory_bytes: u64,
     #[prost(int64, tag = "10")]
     pub boot_time_unix: i64,
+    /// HMAC-SHA256 of the DMI product UUID (/sys/class/dmi/id/product_uuid,
+    /// readable by root), keyed like machine_id_hash; empty where unreadable.
+    /// With machine_id_hash, the host's fingerprint: a VM clone gets a new one.
+    #[prost(string, tag = "11")]
+    pub product_uuid_hash: ::prost::alloc::string::String,
+    /// HMAC-SHA256 of this boot's id (/proc/sys/kernel/random/boot_id).
+    #[prost(string, tag = "12")]
+    pub boot_id_hash: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnrollResponse {
@@ -158,6 +166,11 @@ pub struct ReportRequest {
     /// How the last collector runtime upgrade (install-opamp.sh) ended.
     #[prost(message, optional, tag = "14")]
     pub last_runtime_upgrade: ::core::option::Option<UpgradeOutcome>,
+    /// Random per agent process, on every report (heartbeats too): reports of
+    /// one host alternating between two run ids mean two machines present one
+    /// identity (a clone whose machine id was not regenerated).
+    #[prost(fixed64, tag = "15")]
+    pub run_id: u64,
 }
 /// The verdict of an agent upgrade's probation on the host.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -277,6 +290,10 @@ pub struct ReportResponse {
     /// The host's collector over OpAMP, when its supervisor ever connected.
     #[prost(message, optional, tag = "8")]
     pub opamp: ::core::option::Option<OpampView>,
+    /// Not empty when the server sees this host's identity used by two
+    /// machines at once: what it saw and how to fix it.
+    #[prost(string, tag = "9")]
+    pub identity_in_use_elsewhere: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewRequest {
@@ -315,6 +332,9 @@ pub enum Standing {
     NotEnrolled = 4,
     /// The certificate expired: renew it (within the grace window) first.
     Expired = 5,
+    /// Admitted, but the server sees this identity on two machines at once
+    /// (ServerInfo only; reports say it in identity_in_use_elsewhere).
+    InUseElsewhere = 6,
 }
 impl Standing {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -329,6 +349,7 @@ impl Standing {
             Self::Revoked => "STANDING_REVOKED",
             Self::NotEnrolled => "STANDING_NOT_ENROLLED",
             Self::Expired => "STANDING_EXPIRED",
+            Self::InUseElsewhere => "STANDING_IN_USE_ELSEWHERE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -340,6 +361,7 @@ impl Standing {
             "STANDING_REVOKED" => Some(Self::Revoked),
             "STANDING_NOT_ENROLLED" => Some(Self::NotEnrolled),
             "STANDING_EXPIRED" => Some(Self::Expired),
+            "STANDING_IN_USE_ELSEWHERE" => Some(Self::InUseElsewhere),
             _ => None,
         }
     }
