@@ -104,6 +104,8 @@ pub async fn run(
         ));
     };
     tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
+    let facts = crate::host::collect();
+    let clone = this_machine(&settings.state_dir, identity.host_id.as_str(), &facts);
     let fault = crate::fault::active();
     match fault {
         Some(crate::fault::Fault::ExitAtStart) => {
@@ -139,8 +141,9 @@ pub async fn run(
         interval: settings.report_interval,
         proxy,
         install_method: install_method(&settings.state_dir),
-        host: crate::host::collect(),
+        host: facts,
         runtime: report_tx.subscribe(),
+        clone,
     });
     let mut managed = Managed::start(&settings, &this_host, options, report_tx.clone()).await?;
     let summary = managed.summary();
@@ -214,6 +217,52 @@ pub async fn run(
 struct ThisHost {
     server: crate::endpoint::ServerUrl,
     host_id: crate::identity::HostId,
+}
+
+/// Whether this machine is the one the identity was recorded on (see
+/// [`crate::fingerprint`]): `Some(reason)` for a clone, whose collector's
+/// OpAMP instance uid is reset here, before the supervisor starts, so two
+/// machines never present one. An identity without a record records this
+/// machine.
+fn this_machine(
+    state_dir: &std::path::Path,
+    host_id: &str,
+    facts: &crate::host::HostFacts,
+) -> Option<String> {
+    use crate::fingerprint::{self, Verdict};
+    match fingerprint::judge(
+        fingerprint::read(state_dir).as_ref(),
+        host_id,
+        &facts.machine_id_hash,
+        &facts.product_uuid_hash,
+    ) {
+        Verdict::Same => None,
+        Verdict::Unrecorded => {
+            if let Err(e) = fingerprint::write(state_dir, host_id, facts) {
+                tracing::warn!(error = %e, "Cannot record this machine's fingerprint");
+            }
+            None
+        }
+        Verdict::Clone { reason } => {
+            tracing::warn!(
+                host_id,
+                "This machine is a copy of host {host_id} ({reason}): it will not report as that host, and asks the server for an identity of its own"
+            );
+            let uid = state_dir
+                .join(SUPERVISOR_STORAGE)
+                .join("persistent_state.yaml");
+            match std::fs::remove_file(&uid) {
+                Ok(()) => {
+                    tracing::info!(path = %uid.display(), "Reset the collector's OpAMP instance uid (copied with the disk)")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %uid.display(), error = %e, "Cannot reset the collector's OpAMP instance uid")
+                }
+            }
+            Some(reason)
+        }
+    }
 }
 
 fn load_identity(settings: &Settings) -> Result<Identity, AppError> {

@@ -444,9 +444,16 @@ pub fn standing_check(
             format!("revoked: {detail}"),
             ENROL,
         ),
-        Standing::Superseded | Standing::NotEnrolled => {
+        Standing::Superseded | Standing::NotEnrolled | Standing::NotAClone => {
             bad(ID, TITLE, Outcome::Fail, detail, ENROL)
         }
+        Standing::ClonePending => bad(
+            ID,
+            TITLE,
+            Outcome::Warn,
+            detail,
+            "the server holds clones for approval: on the server, linkmesh-fleet hosts approve ID (the collector keeps running meanwhile)",
+        ),
         Standing::InUseElsewhere => bad(
             ID,
             TITLE,

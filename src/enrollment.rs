@@ -298,6 +298,12 @@ pub async fn enroll(
     // A revocation recorded for the host this enrolment replaces no longer
     // applies (it names the old host id, so keeping it would be harmless).
     let _ = std::fs::remove_file(store.state_dir().join(crate::reporter::REVOKED_FILE));
+    // The machine this identity belongs to (a copy of the state elsewhere is
+    // then a clone: crate::fingerprint). A failure costs only that: the
+    // first run records it.
+    if let Err(e) = crate::fingerprint::write(store.state_dir(), host_id.as_str(), facts) {
+        tracing::warn!(error = %e, "Cannot record this machine's fingerprint");
+    }
     // The server's version from the start, for the server-first check of
     // an upgrade made while the server is away. Not part of the identity:
     // a failure here costs only that.

@@ -9,7 +9,7 @@
 //!   `identity.pending/` (the key, the certificate, the host id);
 //! - `supervisor/persistent_state.yaml`, the collector's OpAMP instance uid
 //!   (the rest of the supervisor's storage, its configuration, is kept);
-//! - this machine's records: `revoked.json`, `server-version.json`,
+//! - this machine's records: `fingerprint.json`, `revoked.json`, `server-version.json`,
 //!   `runtime-status.json`, `upgrade/` (probation and outcome) and
 //!   `runtime/outcome.json`.
 //!
@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 use crate::fs::{FsError, fsync_dir, remove_dir_all_if_exists};
 
 /// What image-prep removes, relative to the state directory.
-pub const REMOVED: [&str; 9] = [
+pub const REMOVED: [&str; 10] = [
     "identity",
+    crate::fingerprint::FILE,
     "identity.new",
     "identity.pending",
     "supervisor/persistent_state.yaml",

@@ -13,6 +13,7 @@ pub mod control;
 pub mod endpoint;
 pub mod enrollment;
 pub mod fault;
+pub mod fingerprint;
 pub mod fs;
 pub mod hex;
 pub mod host;

@@ -80,6 +80,10 @@ pub struct ReporterStatus {
     /// words (None when not).
     #[serde(default)]
     pub identity_in_use_elsewhere: Option<String>,
+    /// This machine is a clone waiting for an identity of its own: why and
+    /// what the server said (None when not a clone, or done).
+    #[serde(default)]
+    pub clone_pending: Option<String>,
     /// The server's version, as it last said.
     pub server_version: Option<String>,
     /// This agent against the server (`in_window`, `behind`, `ahead`, `incompatible`).

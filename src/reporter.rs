@@ -78,6 +78,10 @@ pub struct ReporterContext {
     pub host: HostFacts,
     /// The runtime's state.
     pub runtime: watch::Receiver<Option<RuntimeReport>>,
+    /// This machine is a copy of the identity's (see
+    /// [`crate::fingerprint`]): why. The reporter then re-keys before it
+    /// reports anything.
+    pub clone: Option<String>,
 }
 
 /// The delay before retry `failures` (1-based): 1 s × 1.6ⁿ⁻¹ capped at
@@ -361,6 +365,12 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         });
         return;
     }
+    if let Some(reason) = ctx.clone.take() {
+        match rekey_until_done(&mut ctx, &dialer, &status, &reason).await {
+            Some(c) => client = c,
+            None => return,
+        }
+    }
     status.send_modify(|s| {
         s.report_interval_secs = interval.as_secs();
         s.proxy = ctx
@@ -602,6 +612,146 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// A clone asks for an identity of its own until it has one (the copied
+/// identity never reports): the new identity is committed, this machine's
+/// fingerprint recorded for it, and a client over it returned. `None` when
+/// the server revoked the copied identity (reporting stops).
+async fn rekey_until_done(
+    ctx: &mut ReporterContext,
+    dialer: &Dialer,
+    status: &watch::Sender<ReporterStatus>,
+    reason: &str,
+) -> Option<proto::Client<tonic::transport::Channel>> {
+    let original = ctx.identity.host_id.to_string();
+    let mut failures = 0u32;
+    loop {
+        let mut client = proto::Client::new(dialer.channel().ok()?);
+        match rekey(&mut client, ctx, dialer).await {
+            Ok(new) => {
+                tracing::info!(cloned_from = %original, host_id = %new.host_id, "This clone has an identity of its own");
+                if let Err(e) = crate::fingerprint::write(
+                    ctx.store.state_dir(),
+                    new.host_id.as_str(),
+                    &ctx.host,
+                ) {
+                    tracing::warn!(error = %e, "Cannot record this machine's fingerprint");
+                }
+                match mtls_client_config(&new) {
+                    Ok(t) => dialer.set_tls(Arc::new(t)),
+                    Err(e) => tracing::error!(error = %e, "The new identity is unusable for TLS"),
+                }
+                ctx.identity = new;
+                status.send_modify(|s| {
+                    s.clone_pending = None;
+                    s.last_error = None;
+                    s.cert_not_after = Some(rfc3339(ctx.identity.validity.not_after));
+                });
+                return dialer.channel().ok().map(proto::Client::new);
+            }
+            Err((e, Failure::Revoked)) => {
+                stop_revoked(ctx, status, e);
+                return None;
+            }
+            Err((e, failure)) => {
+                failures += 1;
+                let wait = if failure == Failure::Rejected {
+                    schedule::REJECTED_WAIT.min(Duration::from_secs(10))
+                } else {
+                    retry_delay(failures, crate::clock::jitter())
+                };
+                if failures == 1 || failure == Failure::Rejected {
+                    tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "Re-key of this clone failed");
+                }
+                status.send_modify(|s| {
+                    s.clone_pending = Some(format!(
+                        "this machine is a copy of host {original} ({reason}); its own identity is pending: {e}"
+                    ));
+                    s.consecutive_failures = failures;
+                    s.last_error = Some(e.clone());
+                    s.last_error_rejected = failure == Failure::Rejected;
+                });
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Asks for a new identity for this clone with a key made here (the one an
+/// interrupted re-key left, so the server recognises the retry) and commits
+/// it; the copied identity stays in place until then.
+async fn rekey(
+    client: &mut proto::Client<tonic::transport::Channel>,
+    ctx: &ReporterContext,
+    dialer: &Dialer,
+) -> Result<Identity, (String, Failure)> {
+    let retry = |e: String| (e, Failure::Retry);
+    let store = ctx.store.clone();
+    let server = ctx.identity.server.clone();
+    let key = tokio::task::spawn_blocking(move || {
+        let lock = store.lock_exclusive()?;
+        store.pending_key(&lock, &server)
+    })
+    .await
+    .map_err(|e| retry(e.to_string()))?
+    .map_err(|e| retry(e.to_string()))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| retry(e.to_string()))?;
+    let resp = tokio::time::timeout(
+        EXCHANGE_TIMEOUT,
+        client.rekey(proto::RekeyRequest {
+            csr_der: csr.der().to_vec(),
+            host: Some((&ctx.host).into()),
+            agent_version: version::AGENT_VERSION.to_owned(),
+        }),
+    )
+    .await
+    .map_err(|_| retry(format!("no answer within {EXCHANGE_TIMEOUT:?}")))?
+    .map_err(|s| match dialer.last_error() {
+        Some(e) if s.code() == tonic::Code::Unavailable => retry(e),
+        _ => (s.message().to_owned(), classify(&s)),
+    })?
+    .into_inner();
+    let ca = CertificateDer::from(resp.ca_certificate_der);
+    if ca.as_ref() != ctx.identity.ca.as_ref() {
+        return Err(retry(
+            "the server answered with another CA; refusing the certificate".into(),
+        ));
+    }
+    let host_id = crate::identity::HostId::new(&resp.host_id)
+        .map_err(|e| retry(format!("the server sent an unusable host id: {e}")))?;
+    let identity = Identity::new(
+        host_id,
+        ctx.identity.server.clone(),
+        rfc3339(time::OffsetDateTime::now_utc()),
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        resp.certificate_chain_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+        ca,
+    )
+    .map_err(|e| retry(format!("unusable certificate: {e}")))?;
+    let store = ctx.store.clone();
+    let to_store = Identity::new(
+        identity.host_id.clone(),
+        identity.server.clone(),
+        identity.enrolled_at.clone(),
+        identity.key().clone_key(),
+        identity.certs.clone(),
+        identity.ca.clone(),
+    )
+    .map_err(|e| retry(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        let lock = store.lock_exclusive()?;
+        store.commit(&lock, &to_store)
+    })
+    .await
+    .map_err(|e| retry(e.to_string()))?
+    .map_err(|e| retry(e.to_string()))?;
+    Ok(identity)
 }
 
 /// The server revoked this host: records it, publishes it and stops

@@ -46,11 +46,17 @@ impl Refused {
         let code = match self.standing {
             Standing::Expired | Standing::Unspecified => tonic::Code::Unauthenticated,
             Standing::NotEnrolled => tonic::Code::NotFound,
+            Standing::ClonePending | Standing::NotAClone => tonic::Code::FailedPrecondition,
             Standing::Revoked
             | Standing::Superseded
             | Standing::Current
             | Standing::InUseElsewhere => tonic::Code::PermissionDenied,
         };
+        self.status_with(code)
+    }
+
+    /// As a gRPC status with `code`, carrying the typed detail.
+    pub fn status_with(&self, code: tonic::Code) -> tonic::Status {
         let detail = linkmesh_agent::proto::Refusal {
             standing: self.standing as i32,
         };
@@ -216,6 +222,7 @@ mod tests {
             machine_id_hash: String::new(),
             product_uuid_hash: String::new(),
             duplicate: None,
+            cloned_from: None,
             agent_version: "0.1.0".into(),
             token_id: String::new(),
             spki_sha256: "aa".into(),

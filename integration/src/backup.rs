@@ -30,7 +30,8 @@ const MAX_MEMBER: u64 = 64 << 20;
 
 /// What a backup holds: the state's top-level entries that are state (the
 /// lock, logs and anything else are left out).
-const ENTRIES: [&str; 7] = [
+const ENTRIES: [&str; 8] = [
+    "clones",
     migrate::FORMAT_FILE,
     "server.json",
     "ca",

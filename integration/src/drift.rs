@@ -53,6 +53,8 @@ pub struct DriftRow {
     /// Two machines present this host's identity at once: since when
     /// (RFC 3339). The row is both of them: its facts alternate.
     pub duplicate_identity_since: Option<String>,
+    /// The host this one was cloned from (its lineage).
+    pub cloned_from: Option<String>,
 }
 
 /// The last agent upgrade of a host, for the report.
@@ -133,6 +135,7 @@ pub fn rows(
                 last_upgrade: report.last_upgrade.as_ref().map(UpgradeView::of),
                 last_runtime_upgrade: report.last_runtime_upgrade.as_ref().map(UpgradeView::of),
                 duplicate_identity_since: h.duplicate.as_ref().map(|d| rfc3339(d.since)),
+                cloned_from: h.cloned_from.clone(),
             }
         })
         .collect()
@@ -221,6 +224,9 @@ pub fn print(state: &State, json: bool) -> anyhow::Result<()> {
         if let Some(a) = &r.action {
             println!("    -> {}", safe(a));
         }
+        if let Some(from) = &r.cloned_from {
+            println!("    clone of {from}");
+        }
         if let Some(since) = &r.duplicate_identity_since {
             println!(
                 "    DUPLICATE IDENTITY since {since}: two machines report as this host; on the copy run linkmesh-agent image-prep and enrol it anew"
@@ -266,6 +272,7 @@ mod tests {
             machine_id_hash: String::new(),
             product_uuid_hash: String::new(),
             duplicate: None,
+            cloned_from: None,
             agent_version: agent.into(),
             token_id: String::new(),
             spki_sha256: String::new(),

@@ -41,6 +41,18 @@ pub struct ServiceConfig {
     pub renew_grace: Duration,
     /// Runtime versions the fleet pins.
     pub runtime_pins: Vec<proto::RuntimePin>,
+    /// What a clone's re-key gets.
+    pub clone_policy: ClonePolicy,
+}
+
+/// What the server does with a clone's request for an identity of its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClonePolicy {
+    /// Issue it at once (a new host id, `cloned_from` the original).
+    #[default]
+    Rekey,
+    /// Hold it until `linkmesh-fleet hosts approve ID`.
+    Quarantine,
 }
 
 /// The reference implementation of `linkmesh.v1.Fleet`.
@@ -554,6 +566,33 @@ impl proto::Fleet for FleetService {
         }))
     }
 
+    async fn rekey(
+        &self,
+        request: Request<proto::RekeyRequest>,
+    ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let leaf = peer_leaf(&request).ok_or_else(no_certificate)?;
+        // The copied certificate must be the original's current one: a
+        // revoked or superseded copy gets nothing.
+        let original = self
+            .admit(&leaf, Duration::ZERO)
+            .await
+            .map_err(|r| r.status())?;
+        let req = request.into_inner();
+        crate::text::check_enroll(&proto::EnrollRequest {
+            host: req.host.clone(),
+            agent_version: req.agent_version.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| Status::invalid_argument(format!("re-key request refused: {e}")))?;
+        let spki =
+            csr_spki_sha256(&req.csr_der).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.rekey(&original, &req, &spki))
+            .await
+            .map_err(|e| Status::internal(format!("re-key task failed: {e}")))?
+            .map(Response::new)
+    }
+
     async fn renew(
         &self,
         request: Request<proto::RenewRequest>,
@@ -617,6 +656,133 @@ impl Inner {
             Some(r) => self.state.put_host(&lock, &r).map_err(|e| e.to_string()),
             None => Ok(()),
         }
+    }
+
+    /// Issues a clone of `original` its own identity (see the Rekey RPC).
+    fn rekey(
+        &self,
+        original: &HostId,
+        req: &proto::RekeyRequest,
+        spki: &str,
+    ) -> Result<proto::EnrollResponse, Status> {
+        let internal = |e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "Re-key failed");
+            Status::internal("the server could not record the re-key; see its log")
+        };
+        let refusal = |standing: proto::Standing, code: tonic::Code, message: String| {
+            Refused { standing, message }.status_with(code)
+        };
+        let facts = req.host.clone().unwrap_or_default();
+        let lock = self.state.lock().map_err(|e| internal(&e))?;
+        let (record, retry) = {
+            let live = self
+                .live
+                .lock()
+                .map_err(|_| Status::internal("host table poisoned"))?;
+            let rec = live
+                .hosts
+                .get(original.as_str())
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("host {original} is not enrolled")))?;
+            let retry = live
+                .hosts
+                .values()
+                .find(|h| {
+                    h.cloned_from.as_deref() == Some(original.as_str()) && h.spki_sha256 == spki
+                })
+                .map(|h| h.host_id.clone());
+            (rec, retry)
+        };
+        let same_machine = !record.machine_id_hash.is_empty()
+            && facts.machine_id_hash == record.machine_id_hash
+            && (record.product_uuid_hash.is_empty()
+                || facts.product_uuid_hash.is_empty()
+                || facts.product_uuid_hash == record.product_uuid_hash);
+        if same_machine && retry.is_none() {
+            return Err(refusal(
+                proto::Standing::NotAClone,
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "not a clone: this machine's fingerprint is the one host {original} enrolled with; it keeps its identity"
+                ),
+            ));
+        }
+        let host_id = match retry {
+            Some(id) => id,
+            None => {
+                if self.config.clone_policy == ClonePolicy::Quarantine {
+                    let id: String = spki.chars().take(16).collect();
+                    let held = self.state.clone_request(&id).map_err(|e| internal(&e))?;
+                    let approved = held.as_ref().is_some_and(|r| r.approved);
+                    if !approved {
+                        if held.is_none() {
+                            self.state
+                                .put_clone_request(
+                                    &lock,
+                                    &crate::state::CloneRequest {
+                                        id: id.clone(),
+                                        cloned_from: original.to_string(),
+                                        spki_sha256: spki.to_owned(),
+                                        hostname: facts.hostname.clone(),
+                                        requested_at: OffsetDateTime::now_utc().unix_timestamp(),
+                                        approved: false,
+                                    },
+                                )
+                                .map_err(|e| internal(&e))?;
+                            tracing::warn!(cloned_from = %original, request = %id, hostname = %crate::text::safe(&facts.hostname), "Clone held for approval (--clone-policy quarantine): linkmesh-fleet hosts approve {id}");
+                        }
+                        return Err(refusal(
+                            proto::Standing::ClonePending,
+                            tonic::Code::FailedPrecondition,
+                            format!(
+                                "this clone of host {original} awaits an operator's approval: on the server, linkmesh-fleet hosts approve {id} --state DIR"
+                            ),
+                        ));
+                    }
+                }
+                new_host_id().map_err(|e| internal(&e))?
+            }
+        };
+        let host = HostId::new(&host_id).map_err(|e| internal(&e))?;
+        let cert = self
+            .ca
+            .sign_host(&req.csr_der, &host, self.config.cert_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let new = HostRecord {
+            host_id: host_id.clone(),
+            hostname: facts.hostname.clone(),
+            os: facts.os_pretty_name.clone(),
+            arch: facts.arch.clone(),
+            machine_id_hash: facts.machine_id_hash.clone(),
+            product_uuid_hash: facts.product_uuid_hash.clone(),
+            duplicate: None,
+            cloned_from: Some(original.to_string()),
+            agent_version: req.agent_version.clone(),
+            token_id: record.token_id.clone(),
+            spki_sha256: cert.spki_sha256.clone(),
+            cert_serial: cert.serial.clone(),
+            cert_not_after: cert.not_after.unix_timestamp(),
+            pending_cert: None,
+            enrolled_at: now,
+            last_seen: now,
+            report: None,
+            opamp: None,
+        };
+        self.state.put_host(&lock, &new).map_err(|e| internal(&e))?;
+        if let Ok(mut live) = self.live.lock() {
+            live.hosts.insert(host_id.clone(), new);
+        }
+        tracing::warn!(cloned_from = %original, host_id = %host_id, hostname = %crate::text::safe(&facts.hostname), "Clone re-keyed as a host of its own; the original keeps its identity");
+        let lifetime = self.config.cert_lifetime.as_secs() as i64;
+        Ok(proto::EnrollResponse {
+            host_id,
+            certificate_chain_der: vec![cert.der.to_vec()],
+            ca_certificate_der: self.ca.cert().to_vec(),
+            server_version: self.config.version.to_string(),
+            renew_after_unix: now + lifetime * 2 / 3,
+            server_time_unix_ms: now_unix_ms(),
+        })
     }
 
     fn admit(&self, leaf: &[u8], grace: Duration) -> Result<(HostId, Admitted), Refused> {
@@ -785,6 +951,7 @@ impl Inner {
             machine_id_hash: facts.machine_id_hash,
             product_uuid_hash: facts.product_uuid_hash,
             duplicate: None,
+            cloned_from: previous.as_ref().and_then(|p| p.cloned_from.clone()),
             agent_version: req.agent_version.clone(),
             token_id: token.id().to_owned(),
             spki_sha256: cert.spki_sha256.clone(),

@@ -87,6 +87,10 @@ pub struct HostRecord {
     /// Set while two machines present this host's identity at once.
     #[serde(default)]
     pub duplicate: Option<DuplicateRecord>,
+    /// The host this one is a clone of (it re-keyed with that host's
+    /// copied certificate).
+    #[serde(default)]
+    pub cloned_from: Option<String>,
     /// Agent version at enrolment.
     pub agent_version: String,
     /// Token used.
@@ -136,6 +140,24 @@ pub struct DuplicateRecord {
     pub last_seen: i64,
     /// The alternating run ids, hex.
     pub run_ids: Vec<String>,
+}
+
+/// A clone's request for an identity of its own, held for an operator
+/// under `--clone-policy quarantine`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CloneRequest {
+    /// What `hosts approve` takes: the first 16 hex digits of the key's hash.
+    pub id: String,
+    /// The host whose certificate it presented.
+    pub cloned_from: String,
+    /// SHA-256 of the clone's new key, hex.
+    pub spki_sha256: String,
+    /// The clone's host name.
+    pub hostname: String,
+    /// Unix seconds.
+    pub requested_at: i64,
+    /// Approved by the operator.
+    pub approved: bool,
 }
 
 /// A revoked host.
@@ -460,6 +482,51 @@ impl State {
                 out.insert(r.host_id.clone(), r);
             }
         }
+        Ok(out)
+    }
+
+    /// A held clone request by id.
+    ///
+    /// # Errors
+    /// When its file exists but cannot be read.
+    pub fn clone_request(&self, id: &str) -> Result<Option<CloneRequest>, StateError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        read_json(&self.dir.join("clones").join(format!("{id}.json")))
+    }
+
+    /// Stores a clone request.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn put_clone_request(&self, _lock: &StateLock, r: &CloneRequest) -> Result<(), StateError> {
+        let dir = self.dir.join("clones");
+        ensure_private_dir(&dir, 0o700).map_err(|e| StateError::new(&dir, e))?;
+        write_json(&dir.join(format!("{}.json", r.id)), r)
+    }
+
+    /// Every held clone request, oldest first.
+    ///
+    /// # Errors
+    /// When the directory or a file cannot be read.
+    pub fn clone_requests(&self) -> Result<Vec<CloneRequest>, StateError> {
+        let dir = self.dir.join("clones");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StateError::new(&dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| StateError::new(&dir, e))?.path();
+            if path.extension().is_some_and(|x| x == "json")
+                && let Some(r) = read_json::<CloneRequest>(&path)?
+            {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
         Ok(out)
     }
 

@@ -176,3 +176,291 @@ fn one_identity_on_two_machines_is_flagged_on_the_server_and_in_both_checks() ->
     assert_eq!(item["outcome"], "ok", "{item}");
     Ok(())
 }
+
+mod rekey {
+    //! The Rekey RPC as the server judges it (the real agent's re-key at
+    //! start, on a machine with another machine-id, is in
+    //! `a_copied_state_on_another_machine_re_keys_itself` below).
+
+    use std::{sync::Arc, time::Duration};
+
+    use linkmesh_agent::{
+        identity::Identity, proto, reporter::refusal_standing, tls::mtls_client_config,
+        transport::Dialer,
+    };
+    use linkmesh_integration::harness::{fleet_with_agent, text};
+
+    fn client(id: &Identity) -> anyhow::Result<proto::Client<tonic::transport::Channel>> {
+        let tls = Arc::new(mtls_client_config(id)?);
+        let dialer = Dialer::new(id.server.clone(), tls, None, Duration::from_secs(5));
+        Ok(proto::Client::new(dialer.channel()?))
+    }
+
+    /// A re-key as a clone with `machine_id_hash` sends it, with `key`.
+    async fn rekey(
+        id: &Identity,
+        key: &rcgen::KeyPair,
+        machine_id_hash: &str,
+    ) -> Result<proto::EnrollResponse, tonic::Status> {
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(key)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let mut facts: proto::HostFacts = (&linkmesh_agent::host::collect()).into();
+        facts.machine_id_hash = machine_id_hash.to_owned();
+        facts.hostname = "the-clone".into();
+        client(id)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+            .rekey(proto::RekeyRequest {
+                csr_der: csr.der().to_vec(),
+                host: Some(facts),
+                agent_version: linkmesh_agent::version::AGENT_VERSION.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    fn standing(r: Result<proto::EnrollResponse, tonic::Status>) -> proto::Standing {
+        match r {
+            Ok(_) => proto::Standing::Current,
+            Err(s) => refusal_standing(&s),
+        }
+    }
+
+    const OTHER_MACHINE: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn a_clone_gets_its_own_host_the_original_keeps_its_and_copies_that_are_not_clones_get_nothing()
+    -> anyhow::Result<()> {
+        let (_dir, fleet, agent) = fleet_with_agent("rekey-server", &[])?;
+        let original = agent.identity()?;
+        let serial_before = fleet.hosts()?[0]["cert_serial"].clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let key = rcgen::KeyPair::generate()?;
+        let own = linkmesh_agent::host::collect().machine_id_hash;
+        rt.block_on(async {
+            // From the machine it was enrolled on: not a clone.
+            let r = rekey(&original, &key, &own).await;
+            assert_eq!(standing(r), proto::Standing::NotAClone);
+            // From another machine: a host of its own, and the same one on
+            // a retry with the same key (a clone killed after the answer).
+            let first = rekey(&original, &key, OTHER_MACHINE).await?;
+            assert_ne!(first.host_id, original.host_id.as_str());
+            let again = rekey(&original, &key, OTHER_MACHINE).await?;
+            assert_eq!(again.host_id, first.host_id);
+            // The original is untouched: it reports with its certificate.
+            let mut c = client(&original)?;
+            c.report(proto::ReportRequest {
+                full: true,
+                agent_version: linkmesh_agent::version::AGENT_VERSION.into(),
+                ..Default::default()
+            })
+            .await?;
+            anyhow::Ok(first.host_id)
+        })
+        .and_then(|clone_id| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let hosts = loop {
+                let hosts = fleet.hosts()?;
+                if hosts.len() == 2 {
+                    break hosts;
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "{hosts:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let clone = hosts
+                .iter()
+                .find(|h| h["host_id"] == clone_id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            let orig = hosts
+                .iter()
+                .find(|h| h["host_id"] == original.host_id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(clone["cloned_from"], original.host_id.as_str(), "{hosts:?}");
+            assert_eq!(orig["cloned_from"], serde_json::Value::Null);
+            assert_eq!(
+                orig["cert_serial"], serial_before,
+                "the original's certificate is unchanged"
+            );
+            let drift = fleet.drift()?;
+            assert!(
+                drift["hosts"].as_array().is_some_and(|a| a
+                    .iter()
+                    .any(|h| h["cloned_from"] == original.host_id.as_str())),
+                "{drift}"
+            );
+            Ok(())
+        })?;
+
+        // A copy of a revoked identity gets nothing.
+        let out = fleet.admin(&["hosts", "revoke", original.host_id.as_str()])?;
+        assert!(out.status.success(), "{}", text(&out));
+        rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let k = rcgen::KeyPair::generate()?;
+                match standing(rekey(&original, &k, OTHER_MACHINE).await) {
+                    proto::Standing::Revoked => break,
+                    other if tokio::time::Instant::now() > deadline => {
+                        anyhow::bail!("a revoked identity re-keyed: {other:?}")
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            anyhow::Ok(())
+        })?;
+
+        // Under quarantine a clone waits for the operator.
+        let (_dir2, fleet2, agent2) =
+            fleet_with_agent("rekey-quarantine", &["--clone-policy", "quarantine"])?;
+        drop(fleet);
+        let second = agent2.identity()?;
+        let k = rcgen::KeyPair::generate()?;
+        let err = rt
+            .block_on(rekey(&second, &k, OTHER_MACHINE))
+            .expect_err("issued under quarantine");
+        assert_eq!(
+            refusal_standing(&err),
+            proto::Standing::ClonePending,
+            "{err:?}"
+        );
+        let id = err
+            .message()
+            .split("hosts approve ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_owned();
+        let listing = fleet2.admin(&["hosts"])?;
+        assert!(
+            text(&listing).contains(&format!("clone held for approval: {id}")),
+            "{}",
+            text(&listing)
+        );
+        let out = fleet2.admin(&["hosts", "approve", &id])?;
+        assert!(out.status.success(), "{}", text(&out));
+        let issued = rt.block_on(rekey(&second, &k, OTHER_MACHINE))?;
+        assert_ne!(issued.host_id, second.host_id.as_str());
+        let out = fleet2.admin(&["hosts", "approve", "0123456789abcdef"])?;
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        Ok(())
+    }
+}
+
+/// The real agent on a machine with another machine-id than the one its
+/// (copied) identity was enrolled on: at start it resets the collector's
+/// instance uid, never reports as the original, and re-keys itself.
+#[test]
+fn a_copied_state_on_another_machine_re_keys_itself() -> R {
+    use linkmesh_integration::{
+        harness::{binary, snapshot},
+        testhost::{SERVER_ADDR, TestHost, TestNet},
+    };
+    let dir = linkmesh_integration::harness::scratch("clone-hosts")?;
+    let mut net = TestNet::new()?;
+    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &["--report-interval", "1s"],
+    )?;
+    let a = TestHost::boot("lm-clone-a")?;
+    let b = TestHost::boot("lm-clone-b")?;
+    for h in [&a, &b] {
+        net.attach(h)?;
+        h.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
+    }
+    let t = fleet.token(1, "1h")?;
+    std::fs::write(a.path("/root/token"), &t.token)?;
+    a.sh(&format!(
+        "linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token",
+        fleet.url, t.ca_pin
+    ))?;
+    // The disk copied: the whole state, supervisor storage included.
+    a.sh("mkdir -p /var/lib/linkmesh-agent/supervisor && echo 'instance_id: 0190a6b2-5c1e-7d3f-8a4b-9c0d1e2f3a4b' > /var/lib/linkmesh-agent/supervisor/persistent_state.yaml")?;
+    copy_tree(&a.path("/var/lib/linkmesh-agent"), &b.path("/var/lib/"))?;
+    let original_identity = snapshot(&a.path("/var/lib/linkmesh-agent/identity"));
+    let original: Value = serde_json::from_str(&a.sh("linkmesh-agent status --json")?)?;
+    let started = std::time::Instant::now();
+    b.sh("systemd-run --unit lm-agent --quiet linkmesh-agent run")?;
+    let deadline = std::time::Instant::now() + T;
+    let hosts = loop {
+        let hosts = fleet.hosts()?;
+        if hosts.len() == 2 && hosts.iter().any(|h| h["cloned_from"].is_string()) {
+            break hosts;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no clone row: {hosts:?}\n{}",
+            b.sh("journalctl -u lm-agent --no-pager | tail -n 30")
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = started.elapsed();
+    let clone = hosts
+        .iter()
+        .find(|h| h["cloned_from"].is_string())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(clone["cloned_from"], original["host_id"], "{hosts:?}");
+    assert_eq!(clone["hostname"], "lm-clone-b", "{hosts:?}");
+    // The clone's own identity on its disk; the original's untouched.
+    let deadline = std::time::Instant::now() + T;
+    let st: Value = loop {
+        let st: Value = serde_json::from_str(&b.sh("linkmesh-agent status --json")?)?;
+        if st["host_id"] == clone["host_id"]
+            && st["runtime"]["reporter"]["reports"].as_u64() >= Some(1)
+        {
+            break st;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(st["runtime"]["reporter"]["clone_pending"].is_null(), "{st}");
+    assert_eq!(
+        snapshot(&a.path("/var/lib/linkmesh-agent/identity")),
+        original_identity
+    );
+    // The copied instance uid is gone (the supervisor makes its own).
+    assert!(
+        !b.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml")
+            .exists()
+    );
+    let journal = b.sh("journalctl -u lm-agent --no-pager")?;
+    assert!(
+        journal.contains("This machine is a copy of host"),
+        "{journal}"
+    );
+    assert!(
+        !journal.contains("Report failed"),
+        "the copy must not report as the original: {journal}"
+    );
+    // A restart of the clone's agent keeps its new identity.
+    b.sh("systemctl stop lm-agent; systemd-run --unit lm-agent2 --quiet linkmesh-agent run")?;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let st: Value = serde_json::from_str(&b.sh("linkmesh-agent status --json")?)?;
+        let pid = b.sh("systemctl show -p MainPID --value lm-agent2")?;
+        if st["runtime"]["agent_pid"].as_u64().map(|p| p.to_string()) == Some(pid.trim().to_owned())
+            && st["runtime"]["reporter"]["reports"].as_u64() >= Some(1)
+        {
+            assert_eq!(st["host_id"], clone["host_id"], "{st}");
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "restarted clone: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fleet.hosts()?.len(), 2);
+    eprintln!(
+        "clone first start to its own identity: {} ms",
+        took.as_millis()
+    );
+    Ok(())
+}

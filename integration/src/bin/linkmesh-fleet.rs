@@ -106,6 +106,11 @@ enum Command {
         /// two thirds of it while the server runs.
         #[arg(long, value_name = "DURATION", default_value = "30d")]
         server_cert_lifetime: String,
+        /// What a clone (a machine presenting another host's copied
+        /// certificate from another fingerprint) gets: an identity of its
+        /// own at once, or one held until `hosts approve ID`.
+        #[arg(long, value_enum, default_value = "rekey")]
+        clone_policy: ClonePolicyArg,
     },
     /// Fleet drift: each host's agent and runtime versions against the server
     /// and the pins, with the upgrade command for hosts out of the window.
@@ -154,8 +159,23 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ClonePolicyArg {
+    Rekey,
+    Quarantine,
+}
+
 #[derive(Debug, Subcommand)]
 enum HostsCommand {
+    /// Approve a clone held under `--clone-policy quarantine` (its id is
+    /// in `hosts` and in the server's log): its next re-key is issued.
+    Approve {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The clone request's id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Revoke a host: its certificates are refused from now on (a running
     /// server within 200 ms, its open OpAMP connection closed), across
     /// restarts. The host keeps its collector running and must enrol again
@@ -259,6 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections_per_address,
             first_request_timeout,
             server_cert_lifetime,
+            clone_policy,
         } => {
             let server_cert_lifetime =
                 parse_duration(&server_cert_lifetime).context("--server-cert-lifetime")?;
@@ -301,6 +322,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 minor_versions_behind: linkmesh_agent::version::DEFAULT_MINOR_VERSIONS_BEHIND,
                 report_interval,
                 renew_grace,
+                clone_policy: match clone_policy {
+                    ClonePolicyArg::Rekey => linkmesh_integration::service::ClonePolicy::Rekey,
+                    ClonePolicyArg::Quarantine => {
+                        linkmesh_integration::service::ClonePolicy::Quarantine
+                    }
+                },
                 runtime_pins: vec![
                     proto::RuntimePin {
                         kind: "otelcol".into(),
@@ -393,6 +420,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
             ..
         } => revoke(&State::new(state), &host, &reason),
+        Command::Hosts {
+            action: Some(HostsCommand::Approve { state, id }),
+            ..
+        } => approve(&State::new(state), &id),
         Command::Hosts {
             state,
             json,
@@ -694,6 +725,31 @@ fn opamp_json(
     })
 }
 
+fn approve(state: &State, id: &str) -> anyhow::Result<()> {
+    readable(state)?;
+    let lock = state.lock()?;
+    let Some(mut request) = state.clone_request(id)? else {
+        bail!(
+            "no clone request {} in {}: `linkmesh-fleet hosts --state {}` lists the held ones",
+            safe(id),
+            state.dir().display(),
+            state.dir().display()
+        );
+    };
+    if request.approved {
+        println!("clone request {id} was approved already");
+        return Ok(());
+    }
+    request.approved = true;
+    state.put_clone_request(&lock, &request)?;
+    println!(
+        "approved clone request {id} (a copy of host {} on {}): its next re-key gets a host of its own",
+        request.cloned_from,
+        safe(&request.hostname)
+    );
+    Ok(())
+}
+
 fn revoke(state: &State, host: &str, reason: &str) -> anyhow::Result<()> {
     readable(state)?;
     const MAX_REASON: usize = 512;
@@ -756,6 +812,7 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
                     "cert_serial": h.cert_serial,
                     "pending_cert_serial": h.pending_cert.as_ref().map(|p| p.serial.clone()),
                     "revoked_at": revoked.get(&h.host_id).map(|r| rfc3339(r.revoked_at)),
+                    "cloned_from": h.cloned_from,
                     "duplicate_identity": h.duplicate.as_ref().map(|d| serde_json::json!({
                         "since": rfc3339(d.since),
                         "last_seen": rfc3339(d.last_seen),
@@ -774,6 +831,22 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
+    let held: Vec<_> = state
+        .clone_requests()?
+        .into_iter()
+        .filter(|r| !r.approved)
+        .collect();
+    for r in &held {
+        println!(
+            "clone held for approval: {} (a copy of host {} on {}, since {}): linkmesh-fleet hosts approve {} --state {}",
+            r.id,
+            r.cloned_from,
+            safe(&r.hostname),
+            rfc3339(r.requested_at),
+            r.id,
+            state.dir().display()
+        );
+    }
     if hosts.is_empty() {
         println!("no hosts enrolled");
         return Ok(());
@@ -790,10 +863,11 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
             safe(&h.agent_version),
             rfc3339(h.enrolled_at),
             rfc3339(h.cert_not_after),
-            match (revoked.get(&h.host_id), &h.duplicate) {
-                (Some(r), _) => format!("revoked {}", rfc3339(r.revoked_at)),
-                (None, Some(d)) => format!("DUPLICATE IDENTITY since {}", rfc3339(d.since)),
-                (None, None) => "enrolled".to_owned(),
+            match (revoked.get(&h.host_id), &h.duplicate, &h.cloned_from) {
+                (Some(r), _, _) => format!("revoked {}", rfc3339(r.revoked_at)),
+                (None, Some(d), _) => format!("DUPLICATE IDENTITY since {}", rfc3339(d.since)),
+                (None, None, Some(from)) => format!("clone of {from}"),
+                (None, None, None) => "enrolled".to_owned(),
             }
         );
     }
