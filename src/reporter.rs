@@ -734,7 +734,13 @@ async fn rekey(
         ca,
     )
     .map_err(|e| retry(format!("unusable certificate: {e}")))?;
-    let store = ctx.store.clone();
+    store_identity(&ctx.store, &identity).await.map_err(retry)?;
+    Ok(identity)
+}
+
+/// Commits `identity` (a renewal's or a re-key's) atomically, off the async
+/// runtime.
+async fn store_identity(store: &IdentityStore, identity: &Identity) -> Result<(), String> {
     let to_store = Identity::new(
         identity.host_id.clone(),
         identity.server.clone(),
@@ -743,15 +749,15 @@ async fn rekey(
         identity.certs.clone(),
         identity.ca.clone(),
     )
-    .map_err(|e| retry(e.to_string()))?;
+    .map_err(|e| e.to_string())?;
+    let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let lock = store.lock_exclusive()?;
         store.commit(&lock, &to_store)
     })
     .await
-    .map_err(|e| retry(e.to_string()))?
-    .map_err(|e| retry(e.to_string()))?;
-    Ok(identity)
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// The server revoked this host: records it, publishes it and stops
@@ -829,23 +835,7 @@ async fn renew(
         ca,
     )
     .map_err(|e| retry(format!("unusable certificate: {e}")))?;
-    let store = ctx.store.clone();
-    let to_store = Identity::new(
-        identity.host_id.clone(),
-        identity.server.clone(),
-        identity.enrolled_at.clone(),
-        identity.key().clone_key(),
-        identity.certs.clone(),
-        identity.ca.clone(),
-    )
-    .map_err(|e| retry(e.to_string()))?;
-    tokio::task::spawn_blocking(move || {
-        let lock = store.lock_exclusive()?;
-        store.commit(&lock, &to_store)
-    })
-    .await
-    .map_err(|e| retry(e.to_string()))?
-    .map_err(|e| retry(e.to_string()))?;
+    store_identity(&ctx.store, &identity).await.map_err(retry)?;
     Ok(identity)
 }
 

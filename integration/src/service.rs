@@ -658,6 +658,24 @@ impl Inner {
         }
     }
 
+    /// The answer to an enrolment or a re-key that issued `cert` at `now`.
+    fn issued(
+        &self,
+        host_id: String,
+        cert: &crate::ca::HostCert,
+        now: i64,
+    ) -> proto::EnrollResponse {
+        let lifetime = self.config.cert_lifetime.as_secs() as i64;
+        proto::EnrollResponse {
+            host_id,
+            certificate_chain_der: vec![cert.der.to_vec()],
+            ca_certificate_der: self.ca.cert().to_vec(),
+            server_version: self.config.version.to_string(),
+            renew_after_unix: now + lifetime * 2 / 3,
+            server_time_unix_ms: now_unix_ms(),
+        }
+    }
+
     /// Issues a clone of `original` its own identity (see the Rekey RPC).
     fn rekey(
         &self,
@@ -774,15 +792,7 @@ impl Inner {
             live.hosts.insert(host_id.clone(), new);
         }
         tracing::warn!(cloned_from = %original, host_id = %host_id, hostname = %crate::text::safe(&facts.hostname), "Clone re-keyed as a host of its own; the original keeps its identity");
-        let lifetime = self.config.cert_lifetime.as_secs() as i64;
-        Ok(proto::EnrollResponse {
-            host_id,
-            certificate_chain_der: vec![cert.der.to_vec()],
-            ca_certificate_der: self.ca.cert().to_vec(),
-            server_version: self.config.version.to_string(),
-            renew_after_unix: now + lifetime * 2 / 3,
-            server_time_unix_ms: now_unix_ms(),
-        })
+        Ok(self.issued(host_id, &cert, now))
     }
 
     fn admit(&self, leaf: &[u8], grace: Duration) -> Result<(HostId, Admitted), Refused> {
@@ -976,15 +986,7 @@ impl Inner {
             retry = previous.is_some(),
             "Enrolled host"
         );
-        let lifetime = self.config.cert_lifetime.as_secs() as i64;
-        Ok(proto::EnrollResponse {
-            host_id,
-            certificate_chain_der: vec![cert.der.to_vec()],
-            ca_certificate_der: self.ca.cert().to_vec(),
-            server_version: self.config.version.to_string(),
-            renew_after_unix: now + lifetime * 2 / 3,
-            server_time_unix_ms: now_unix_ms(),
-        })
+        Ok(self.issued(host_id, &cert, now))
     }
 }
 

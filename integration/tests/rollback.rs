@@ -29,9 +29,19 @@ struct Bed {
     older: Packages,
     faulty_version: &'static str,
     older_version: &'static str,
+    /// Last: released after everything else of the bed is gone.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// One bed at a time: each boots a host and judges a probation by its
+/// timing, which seven beds on two cores at once made unreliable (CI saw a
+/// crash-looping build confirmed).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn bed(name: &str) -> anyhow::Result<Bed> {
+    let serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = scratch(name)?;
     let artifacts = dir.path().join("artifacts");
     let (faulty_bin, faulty_version) = faulty_agent()?;
@@ -59,6 +69,7 @@ fn bed(name: &str) -> anyhow::Result<Bed> {
         older,
         faulty_version,
         older_version,
+        _serial: serial,
     })
 }
 
