@@ -110,6 +110,10 @@ pub struct Observation {
     /// The unit's main process was started after the window opened: the
     /// new agent (or a restart of it) ran, so its failures are its own.
     pub started_in_window: bool,
+    /// systemd shows no start time for the main process: between an
+    /// automatic restart's scheduling (which already counted it in
+    /// `NRestarts`) and the new main process, while `ExecStartPre` runs.
+    pub start_unknown: bool,
     /// `ExecMainStatus`: the last exit status of the main process.
     pub exit_status: i32,
     /// `MainPID` (0 when none).
@@ -145,7 +149,15 @@ pub enum Verdict {
 pub fn assess(obs: &Observation, prev: u32, elapsed: Duration, window: Duration) -> (Verdict, u32) {
     let secs = |d: Duration| d.as_secs();
     let rose = obs.restarts > prev;
-    let next = obs.restarts;
+    // A look that cannot tell whose restart it counts (no start time: the
+    // restart is under way) keeps the count, so the next look that can tell
+    // still sees the rise. Passing it on lost crash-loops under load, when
+    // ExecStartPre is slow enough for a look to land in that gap.
+    let next = if obs.start_unknown && !obs.started_in_window {
+        prev
+    } else {
+        obs.restarts
+    };
     if obs.started_in_window && obs.active_state == "failed" {
         return (
             Verdict::RollBack(format!(
@@ -335,6 +347,7 @@ mod tests {
             result: "success".into(),
             restarts: 2,
             started_in_window: true,
+            start_unknown: false,
             exit_status: 0,
             main_pid: 42,
             published_by_main: true,
@@ -382,6 +395,34 @@ mod tests {
             matches!(&v, Verdict::RollBack(r) if r.contains("start-limit-hit")),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn a_restart_seen_while_its_start_time_is_unknown_still_counts() {
+        // The crash-loop CI saw confirmed: the look after the crash lands
+        // while the restart runs ExecStartPre (NRestarts already 1, no start
+        // time); the next look sees the new process started in the window.
+        let gap = Observation {
+            restarts: 1,
+            started_in_window: false,
+            start_unknown: true,
+            active_state: "activating".into(),
+            ..healthy()
+        };
+        let (v, next) = assess(&gap, 0, Duration::from_secs(6), W);
+        assert_eq!((v, next), (Verdict::Wait, 0));
+        let restarted = Observation {
+            restarts: 1,
+            ..healthy()
+        };
+        assert!(matches!(verdict(&restarted, next, 7), Verdict::RollBack(_)));
+        // Restarts of an agent that started before the window still do not.
+        let old = Observation {
+            restarts: 3,
+            started_in_window: false,
+            ..healthy()
+        };
+        assert_eq!(assess(&old, 0, Duration::from_secs(1), W).1, 3);
     }
 
     #[test]

@@ -287,6 +287,7 @@ fn observe(state_dir: &Path, since_unix_ms: u64) -> Observation {
         started_in_window: unit
             .started_unix_s
             .is_some_and(|t| t >= since_unix_ms / 1000),
+        start_unknown: unit.started_unix_s.is_none(),
         exit_status: unit.exec_main_status,
         main_pid: unit.main_pid,
         published_by_main: by_main.is_some(),
