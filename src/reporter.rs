@@ -709,17 +709,9 @@ async fn rekey(
     )
     .await
     .map_err(|_| retry(format!("no answer within {EXCHANGE_TIMEOUT:?}")))?
-    .map_err(|s| match dialer.last_error() {
-        Some(e) if s.code() == tonic::Code::Unavailable => retry(e),
-        _ => (s.message().to_owned(), classify(&s)),
-    })?
+    .map_err(|s| refused(dialer, &s))?
     .into_inner();
-    let ca = CertificateDer::from(resp.ca_certificate_der);
-    if ca.as_ref() != ctx.identity.ca.as_ref() {
-        return Err(retry(
-            "the server answered with another CA; refusing the certificate".into(),
-        ));
-    }
+    let ca = same_ca(ctx, resp.ca_certificate_der)?;
     let host_id = crate::identity::HostId::new(&resp.host_id)
         .map_err(|e| retry(format!("the server sent an unusable host id: {e}")))?;
     let identity = Identity::new(
@@ -736,6 +728,30 @@ async fn rekey(
     .map_err(|e| retry(format!("unusable certificate: {e}")))?;
     store_identity(&ctx.store, &identity).await.map_err(retry)?;
     Ok(identity)
+}
+
+/// A renewal's or re-key's failed RPC: the dial error when the server could
+/// not be reached, else the server's words, classified.
+fn refused(dialer: &Dialer, s: &tonic::Status) -> (String, Failure) {
+    match dialer.last_error() {
+        Some(e) if s.code() == tonic::Code::Unavailable => (e, Failure::Retry),
+        _ => (s.message().to_owned(), classify(s)),
+    }
+}
+
+/// The CA a renewal or re-key answered with, which must be this identity's.
+fn same_ca(
+    ctx: &ReporterContext,
+    der: Vec<u8>,
+) -> Result<CertificateDer<'static>, (String, Failure)> {
+    let ca = CertificateDer::from(der);
+    if ca.as_ref() != ctx.identity.ca.as_ref() {
+        return Err((
+            "the server answered with another CA; refusing the certificate".into(),
+            Failure::Retry,
+        ));
+    }
+    Ok(ca)
 }
 
 /// Commits `identity` (a renewal's or a re-key's) atomically, off the async
@@ -810,17 +826,9 @@ async fn renew(
     )
     .await
     .map_err(|_| retry(format!("no answer within {EXCHANGE_TIMEOUT:?}")))?
-    .map_err(|s| match dialer.last_error() {
-        Some(e) if s.code() == tonic::Code::Unavailable => retry(e),
-        _ => (s.message().to_owned(), classify(&s)),
-    })?
+    .map_err(|s| refused(dialer, &s))?
     .into_inner();
-    let ca = CertificateDer::from(resp.ca_certificate_der);
-    if ca.as_ref() != ctx.identity.ca.as_ref() {
-        return Err(retry(
-            "the server answered with another CA; refusing the certificate".into(),
-        ));
-    }
+    let ca = same_ca(ctx, resp.ca_certificate_der)?;
     let certs: Vec<CertificateDer<'static>> = resp
         .certificate_chain_der
         .into_iter()
