@@ -81,6 +81,7 @@ pub enum AppError {
 pub const RUN_LOCK: &str = "run.lock";
 
 use crate::published::RuntimeReport;
+use crate::reporter::HostView;
 
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
@@ -121,10 +122,14 @@ pub async fn run(
         }
         Some(crate::fault::Fault::NeverReady) | None => {}
     }
-    let this_host = ThisHost {
+    let mut this_host = ThisHost {
         server: identity.server.clone(),
-        host_id: identity.host_id.clone(),
+        view: HostView {
+            host_id: identity.host_id.clone(),
+            clone_pending: clone.is_some(),
+        },
     };
+    let (view_tx, mut view_rx) = watch::channel(this_host.view.clone());
 
     let (report_tx, mut report_rx) = watch::channel(None::<RuntimeReport>);
     let proxy = crate::transport::proxy_for(
@@ -144,6 +149,7 @@ pub async fn run(
         host: facts,
         runtime: report_tx.subscribe(),
         clone,
+        view: view_tx,
     });
     let mut managed = Managed::start(&settings, &this_host, options, report_tx.clone()).await?;
     let summary = managed.summary();
@@ -183,21 +189,57 @@ pub async fn run(
         })
     };
 
-    while signals.recv().await == Signal::Reload {
-        notifier.reloading();
-        match config::load(&paths, |k| std::env::var(k).ok()) {
-            Ok(new) => {
-                settings = new;
-                managed = managed
-                    .reload(&settings, &this_host, options, report_tx.clone())
-                    .await?;
-                tracing::info!(status = %managed.summary(), "Configuration reloaded");
+    let mut reporter_views = true;
+    loop {
+        let reload = tokio::select! {
+            sig = signals.recv() => {
+                if sig != Signal::Reload {
+                    break;
+                }
+                true
             }
-            Err(e) => {
-                tracing::error!(error = %e, "Reload failed; keeping the running configuration");
+            changed = view_rx.changed(), if reporter_views => {
+                if changed.is_err() {
+                    // The reporter ended (revoked, or no TLS): supervision goes on.
+                    reporter_views = false;
+                    continue;
+                }
+                false
             }
+        };
+        if reload {
+            notifier.reloading();
+            match config::load(&paths, |k| std::env::var(k).ok()) {
+                Ok(new) => {
+                    settings = new;
+                    managed = managed
+                        .reload(&settings, &this_host, options, report_tx.clone())
+                        .await?;
+                    tracing::info!(status = %managed.summary(), "Configuration reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Reload failed; keeping the running configuration");
+                }
+            }
+            notifier.ready(&managed.summary());
+            continue;
         }
-        notifier.ready(&managed.summary());
+        let view = view_rx.borrow_and_update().clone();
+        if view == this_host.view {
+            continue;
+        }
+        if view.clone_pending {
+            reset_copied_uid(
+                &settings.state_dir,
+                view.host_id.as_str(),
+                &crate::fingerprint::Machine::now(),
+            );
+        }
+        tracing::info!(host_id = %view.host_id, clone_pending = view.clone_pending, "The collector is presented as another identity; rewriting the supervisor's configuration");
+        this_host.view = view;
+        managed = managed
+            .reload(&settings, &this_host, options, report_tx.clone())
+            .await?;
     }
     tracing::info!("Shutting down");
     notifier.stopping();
@@ -213,10 +255,11 @@ pub async fn run(
 }
 
 /// What supervision needs of the identity. The reporter owns the identity
-/// itself (it renews it); the server and host id never change.
+/// itself (it renews and re-keys it); the server never changes, the host id
+/// only when a clone gets its own.
 struct ThisHost {
     server: crate::endpoint::ServerUrl,
-    host_id: crate::identity::HostId,
+    view: HostView,
 }
 
 /// Whether this machine is the one the identity was recorded on (see
@@ -229,16 +272,12 @@ fn this_machine(
     host_id: &str,
     facts: &crate::host::HostFacts,
 ) -> Option<String> {
-    use crate::fingerprint::{self, Verdict};
-    match fingerprint::judge(
-        fingerprint::read(state_dir).as_ref(),
-        host_id,
-        &facts.machine_id_hash,
-        &facts.product_uuid_hash,
-    ) {
+    use crate::fingerprint::{self, Machine, Verdict};
+    let machine = Machine::of(facts);
+    match fingerprint::check(state_dir, host_id, &machine) {
         Verdict::Same => None,
         Verdict::Unrecorded => {
-            if let Err(e) = fingerprint::write(state_dir, host_id, facts) {
+            if let Err(e) = fingerprint::write(state_dir, host_id, &machine) {
                 tracing::warn!(error = %e, "Cannot record this machine's fingerprint");
             }
             None
@@ -248,19 +287,26 @@ fn this_machine(
                 host_id,
                 "This machine is a copy of host {host_id} ({reason}): it will not report as that host, and asks the server for an identity of its own"
             );
-            let uid = state_dir
-                .join(SUPERVISOR_STORAGE)
-                .join("persistent_state.yaml");
-            match std::fs::remove_file(&uid) {
-                Ok(()) => {
-                    tracing::info!(path = %uid.display(), "Reset the collector's OpAMP instance uid (copied with the disk)")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %uid.display(), error = %e, "Cannot reset the collector's OpAMP instance uid")
-                }
-            }
+            reset_copied_uid(state_dir, host_id, &machine);
             Some(reason)
+        }
+    }
+}
+
+/// Resets the collector's OpAMP instance uid copied with the disk (once
+/// per copy: the uid the supervisor makes next is kept).
+fn reset_copied_uid(
+    state_dir: &std::path::Path,
+    host_id: &str,
+    machine: &crate::fingerprint::Machine,
+) {
+    match crate::fingerprint::reset_copied_uid(state_dir, host_id, machine) {
+        Ok(true) => {
+            tracing::info!(path = %state_dir.join(crate::fingerprint::INSTANCE_UID_FILE).display(), "Reset the collector's OpAMP instance uid (copied with the disk)");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot reset the collector's OpAMP instance uid");
         }
     }
 }
@@ -346,6 +392,8 @@ fn desired(settings: &Settings, spec: &ChildSpec) -> service::Desired {
             supervisor: spec.program.clone(),
             config: settings.state_dir.join(SUPERVISOR_CONFIG),
             storage_dir: settings.state_dir.join(SUPERVISOR_STORAGE),
+            agent: agent_executable(),
+            state_dir: settings.state_dir.clone(),
         },
         collector: spec
             .requires
@@ -354,6 +402,19 @@ fn desired(settings: &Settings, spec: &ChildSpec) -> service::Desired {
             .unwrap_or_else(|| settings.runtime.collector.clone()),
         state_dir: settings.state_dir.clone(),
         unit_dir: PathBuf::from(supervisor::unit::UNIT_DIR),
+    }
+}
+
+/// This agent's executable, as the collector unit's start condition runs
+/// it: the installed path, also while an upgrade has replaced the file
+/// this process runs from.
+fn agent_executable() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let s = p.to_string_lossy();
+            PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_owned())
+        }
+        Err(_) => PathBuf::from("/usr/bin/linkmesh-agent"),
     }
 }
 
@@ -605,8 +666,12 @@ fn prepare_supervisor(
         .map_or_else(|| settings.runtime.supervisor.clone(), |s| s.path.clone());
     let inputs = SupervisorInputs {
         server: this_host.server.clone(),
-        host_id: this_host.host_id.clone(),
+        host_id: this_host.view.host_id.clone(),
         hostname: crate::host::hostname(),
+        clone_of: this_host
+            .view
+            .clone_pending
+            .then(|| this_host.view.host_id.clone()),
         ca_file: identity_dir.join(crate::identity::store::CA_FILE),
         cert_file: identity_dir.join(crate::identity::store::CERT_FILE),
         key_file: identity_dir.join(crate::identity::store::KEY_FILE),

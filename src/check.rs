@@ -178,6 +178,18 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
             time::OffsetDateTime::now_utc(),
             published.as_ref().is_some_and(|s| s.agent_running),
         ));
+        checks.push(machine_check(
+            id.host_id.as_str(),
+            &crate::fingerprint::check(
+                &settings.state_dir,
+                id.host_id.as_str(),
+                &crate::fingerprint::Machine::now(),
+            ),
+            published
+                .as_ref()
+                .filter(|s| s.agent_running)
+                .and_then(|s| s.state.reporter.clone_pending.as_deref()),
+        ));
     }
     let detection = runtime::detect(
         &settings.runtime,
@@ -409,6 +421,41 @@ pub fn state_dir_check(dir: &Path, euid: u32) -> Check {
             format!("chown -R {euid} {}", dir.display()),
         ),
         Ok(_) => ok("state_dir", TITLE, format!("{} mode 0700", dir.display())),
+    }
+}
+
+/// Whether the identity belongs to this machine (see [`crate::fingerprint`]):
+/// on a copy, what the running agent says of its own identity (held for
+/// approval under the server's quarantine, say) or that `run` asks for one.
+pub fn machine_check(
+    host_id: &str,
+    verdict: &crate::fingerprint::Verdict,
+    pending: Option<&str>,
+) -> Check {
+    use crate::fingerprint::Verdict;
+    const ID: &str = "machine";
+    const TITLE: &str = "the identity was enrolled on this machine";
+    match verdict {
+        Verdict::Same => ok(ID, TITLE, "machine-id and product UUID match the enrolment's"),
+        Verdict::Unrecorded => ok(
+            ID,
+            TITLE,
+            "no fingerprint recorded yet (an older agent enrolled it); the next run records this machine",
+        ),
+        Verdict::Clone { reason } => bad(
+            ID,
+            TITLE,
+            Outcome::Warn,
+            pending.map_or_else(
+                || format!("this machine is a copy of host {host_id} ({reason}); the agent asks the server for an identity of its own when it runs"),
+                str::to_owned,
+            ),
+            if pending.is_some_and(|p| p.contains("hosts approve")) {
+                "the server holds clones for approval: on the server, linkmesh-fleet hosts approve ID (the collector keeps running meanwhile)"
+            } else {
+                "start the agent (systemctl start linkmesh-agent): it re-keys this copy by itself; an image should be generalised with linkmesh-agent image-prep"
+            },
+        ),
     }
 }
 
@@ -865,6 +912,46 @@ pub fn print(checks: &[Check], json: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_says_so_and_what_it_waits_for() {
+        use crate::fingerprint::Verdict;
+        assert_eq!(
+            machine_check("h", &Verdict::Same, None).outcome,
+            Outcome::Ok
+        );
+        assert_eq!(
+            machine_check("h", &Verdict::Unrecorded, None).outcome,
+            Outcome::Ok
+        );
+        let copy = Verdict::Clone {
+            reason: "its machine-id differs".into(),
+        };
+        let c = machine_check("h", &copy, None);
+        assert_eq!(c.outcome, Outcome::Warn);
+        assert!(
+            c.detail.contains("copy of host h (its machine-id differs)"),
+            "{c:?}"
+        );
+        assert!(
+            c.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("systemctl start"))
+        );
+        let c = machine_check(
+            "h",
+            &copy,
+            Some(
+                "this machine is a copy of host h (x); its own identity is pending: held: linkmesh-fleet hosts approve 1a2b",
+            ),
+        );
+        assert!(c.detail.contains("hosts approve 1a2b"), "{c:?}");
+        assert!(
+            c.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("hosts approve ID"))
+        );
+    }
 
     #[test]
     fn the_standing_check_says_what_the_server_said() {

@@ -180,6 +180,15 @@ enum RuntimeCommand {
     Stop,
     /// Start it again after `runtime stop`.
     Start,
+    /// Whether the collector runtime's unit may start (its ExecCondition=):
+    /// exit 1 on a clone whose copied OpAMP instance uid the agent has not
+    /// reset yet, 0 otherwise (an unreadable record never keeps it down).
+    /// Reads no configuration, so a broken one cannot stop the collector.
+    MayStart {
+        /// The agent's state directory.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
     /// Watch newly installed runtime binaries for WINDOW (install-opamp.sh
     /// runs it): exit 0 and record `confirmed` when the collector stays up,
     /// exit 1 with the reason on stdout when it should be rolled back.
@@ -385,6 +394,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             parent_pid,
             command,
         } => return launch(parent_pid, &command),
+        Command::Runtime(RuntimeCommand::MayStart { state }) => {
+            return match crate::fingerprint::collector_may_start(
+                &state,
+                &crate::fingerprint::Machine::now(),
+            ) {
+                Ok(()) => Ok(()),
+                Err(why) => {
+                    println!("{why}");
+                    Err(Failure {
+                        code: EXIT_FAILURE,
+                        error: anyhow::anyhow!("not starting the collector yet"),
+                    })
+                }
+            };
+        }
         // Judged with a broken configuration too (a package upgrade may be
         // what fixes it): its errors become a note.
         Command::ServerFirst(args) => return server_first(&paths, args),
@@ -491,7 +515,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let outcome = match cmd {
                 RuntimeCommand::Stop => crate::control::stop(&settings),
                 RuntimeCommand::Start => crate::control::start(&settings),
-                RuntimeCommand::Probation { .. } | RuntimeCommand::Outcome { .. } => {
+                RuntimeCommand::Probation { .. }
+                | RuntimeCommand::Outcome { .. }
+                | RuntimeCommand::MayStart { .. } => {
                     return Ok(());
                 }
             }

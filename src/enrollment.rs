@@ -301,7 +301,11 @@ pub async fn enroll(
     // The machine this identity belongs to (a copy of the state elsewhere is
     // then a clone: crate::fingerprint). A failure costs only that: the
     // first run records it.
-    if let Err(e) = crate::fingerprint::write(store.state_dir(), host_id.as_str(), facts) {
+    if let Err(e) = crate::fingerprint::write(
+        store.state_dir(),
+        host_id.as_str(),
+        &crate::fingerprint::Machine::of(facts),
+    ) {
         tracing::warn!(error = %e, "Cannot record this machine's fingerprint");
     }
     // The server's version from the start, for the server-first check of

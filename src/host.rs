@@ -104,6 +104,20 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// The hashes of this machine's machine-id and DMI product UUID (each
+/// empty when unreadable), read now: the fingerprint's inputs.
+pub fn machine_hashes() -> (String, String) {
+    let read = |p: &str| std::fs::read_to_string(Path::new(p)).ok();
+    (
+        read("/etc/machine-id")
+            .and_then(|m| machine_id_hash(&m))
+            .unwrap_or_default(),
+        read("/sys/class/dmi/id/product_uuid")
+            .and_then(|u| id_hash(&u))
+            .unwrap_or_default(),
+    )
+}
+
 /// Reads the facts from the running host.
 pub fn collect() -> HostFacts {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind};
@@ -118,6 +132,7 @@ pub fn collect() -> HostFacts {
     let os = read("/etc/os-release")
         .or_else(|| read("/usr/lib/os-release"))
         .map(|t| parse_os_release(&t));
+    let (machine_id_hash, product_uuid_hash) = machine_hashes();
     HostFacts {
         hostname: hostname(),
         os: os.unwrap_or_default(),
@@ -125,12 +140,8 @@ pub fn collect() -> HostFacts {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         arch: std::env::consts::ARCH.to_owned(),
-        machine_id_hash: read("/etc/machine-id")
-            .and_then(|m| machine_id_hash(&m))
-            .unwrap_or_default(),
-        product_uuid_hash: read("/sys/class/dmi/id/product_uuid")
-            .and_then(|u| id_hash(&u))
-            .unwrap_or_default(),
+        machine_id_hash,
+        product_uuid_hash,
         boot_id_hash: read("/proc/sys/kernel/random/boot_id")
             .and_then(|b| id_hash(&b))
             .unwrap_or_default(),

@@ -82,6 +82,21 @@ pub struct ReporterContext {
     /// [`crate::fingerprint`]): why. The reporter then re-keys before it
     /// reports anything.
     pub clone: Option<String>,
+    /// Who supervision presents the collector as; the reporter sends a new
+    /// view when a re-key gave this machine its own identity, or when a
+    /// report finds the identity copied here while running.
+    pub view: watch::Sender<HostView>,
+}
+
+/// Who the collector is presented as: the host id it claims, and whether
+/// that identity was copied here and this machine's own is pending (see
+/// [`crate::supervisor::render::CLONE_OF_ATTRIBUTE`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostView {
+    /// The identity's host id.
+    pub host_id: crate::identity::HostId,
+    /// A copy of that host waiting for its own identity.
+    pub clone_pending: bool,
 }
 
 /// The delay before retry `failures` (1-based): 1 s × 1.6ⁿ⁻¹ capped at
@@ -385,6 +400,23 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
     });
 
     loop {
+        // The fingerprint at each report: a running machine can be copied
+        // too (a live clone, a snapshot booted elsewhere with its memory).
+        let machine = crate::fingerprint::Machine::now();
+        if let Some(reason) = copied_here(&ctx, &machine) {
+            tracing::warn!(host_id = %ctx.identity.host_id, "This machine became a copy of host {} ({reason}): it stops reporting as that host and asks the server for an identity of its own", ctx.identity.host_id);
+            ctx.host = crate::host::collect();
+            ctx.view.send_replace(HostView {
+                host_id: ctx.identity.host_id.clone(),
+                clone_pending: true,
+            });
+            match rekey_until_done(&mut ctx, &dialer, &status, &reason).await {
+                Some(c) => client = c,
+                None => return,
+            }
+            want_full = true;
+            continue;
+        }
         // Renewal first: a report with an expired certificate is refused.
         if schedule.next(time::OffsetDateTime::now_utc(), &ctx.identity.validity) == Next::Renew {
             match renew(&mut client, &ctx, &dialer).await {
@@ -634,7 +666,7 @@ async fn rekey_until_done(
                 if let Err(e) = crate::fingerprint::write(
                     ctx.store.state_dir(),
                     new.host_id.as_str(),
-                    &ctx.host,
+                    &crate::fingerprint::Machine::of(&ctx.host),
                 ) {
                     tracing::warn!(error = %e, "Cannot record this machine's fingerprint");
                 }
@@ -643,6 +675,10 @@ async fn rekey_until_done(
                     Err(e) => tracing::error!(error = %e, "The new identity is unusable for TLS"),
                 }
                 ctx.identity = new;
+                ctx.view.send_replace(HostView {
+                    host_id: ctx.identity.host_id.clone(),
+                    clone_pending: false,
+                });
                 status.send_modify(|s| {
                     s.clone_pending = None;
                     s.last_error = None;
@@ -675,6 +711,18 @@ async fn rekey_until_done(
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// Why this identity is a copy on `machine`, when it is one.
+fn copied_here(ctx: &ReporterContext, machine: &crate::fingerprint::Machine) -> Option<String> {
+    match crate::fingerprint::check(
+        ctx.store.state_dir(),
+        ctx.identity.host_id.as_str(),
+        machine,
+    ) {
+        crate::fingerprint::Verdict::Clone { reason } => Some(reason),
+        _ => None,
     }
 }
 

@@ -180,6 +180,11 @@ async fn run(
     revocations.mark_unchanged();
     let mut session = Session::new(&host);
     let mut counted = false;
+    // A clone's collector whose own identity is still pending connects
+    // over the copied certificate and says whose copy it is: answered,
+    // never recorded on (or counted for) the original's row.
+    let mut clone_pending = false;
+    let mut scratch = crate::state::OpampRecord::default();
     tracing::info!(host_id = %host, cert_serial = %serial, ?remote, "OpAMP connection opened");
     let end = loop {
         tokio::select! {
@@ -206,11 +211,28 @@ async fn run(
                 };
                 let desired = configs.borrow().for_host(&host).cloned();
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                if !counted {
+                if let Some(d) = &msg.agent_description {
+                    let was = clone_pending;
+                    clone_pending = d.non_identifying(session::CLONE_OF_ATTRIBUTE).is_some();
+                    if clone_pending && !was {
+                        tracing::info!(host_id = %host, "OpAMP connection of a copy of this host awaiting its own identity; kept off the host's row");
+                    }
+                }
+                let verdict = if clone_pending {
+                    Some(session.on_message(&msg, &mut scratch, desired.as_ref(), now))
+                } else {
+                    None
+                };
+                if clone_pending && counted {
+                    counted = false;
+                    let still = hub.connected(&host, -1);
+                    hub.service.with_opamp(&host, |rec| rec.connected = still);
+                }
+                if !clone_pending && !counted {
                     counted = true;
                     hub.connected(&host, 1);
                 }
-                let verdict = hub.service.with_opamp(&host, |rec| {
+                let verdict = verdict.or_else(|| hub.service.with_opamp(&host, |rec| {
                     let before = (rec.reported_config_hash.clone(), rec.reported_config_status.clone());
                     let out = session.on_message(&msg, rec, desired.as_ref(), now);
                     if out.is_ok() {
@@ -231,7 +253,7 @@ async fn run(
                         }
                     }
                     out
-                });
+                }));
                 match verdict {
                     None => {
                         close(&mut socket, 1008, "host no longer enrolled").await;
@@ -272,10 +294,13 @@ async fn run(
                     break "server stopping";
                 }
                 let desired = configs.borrow_and_update().for_host(&host).cloned();
-                let push = hub
-                    .service
-                    .with_opamp(&host, |rec| session.on_config_change(rec, desired.as_ref()))
-                    .flatten();
+                let push = if clone_pending {
+                    session.on_config_change(&scratch, desired.as_ref())
+                } else {
+                    hub.service
+                        .with_opamp(&host, |rec| session.on_config_change(rec, desired.as_ref()))
+                        .flatten()
+                };
                 if let Some(push) = push {
                     tracing::info!(host_id = %host, hash = desired.as_ref().map(store::RemoteConfig::hash_hex), "Sending remote configuration");
                     if socket.send(Message::Binary(wire::encode_frame(&push).into())).await.is_err() {

@@ -464,3 +464,222 @@ fn a_copied_state_on_another_machine_re_keys_itself() -> R {
     );
     Ok(())
 }
+
+/// A whole disk copied (identity, supervisor storage with the collector's
+/// instance uid, the enabled agent and collector units) boots as a second
+/// machine running the real supervisor and collector: its collector unit
+/// waits for the agent to reset the copied uid (never connecting as the
+/// original's collector), runs under the copied certificate marked as a
+/// pending clone (kept off the original's row), and moves to the clone's
+/// own identity once the re-key is done. The original's row keeps its
+/// instance uid throughout.
+#[test]
+fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
+    use linkmesh_integration::{
+        harness::install_runtime,
+        testhost::{SERVER_ADDR, TestHost, TestNet},
+    };
+    let dir = linkmesh_integration::harness::scratch("clone-disk")?;
+    let mut net = TestNet::new()?;
+    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &["--report-interval", "1s", "--clone-policy", "quarantine"],
+    )?;
+    let a = TestHost::boot("lm-disk-a")?;
+    let mut b = TestHost::boot("lm-disk-b")?;
+    net.attach(&a)?;
+    a.copy_in(
+        &linkmesh_integration::harness::binary("linkmesh-agent")?,
+        "/usr/bin/linkmesh-agent",
+        0o755,
+    )?;
+    install_runtime(&a)?;
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
+    a.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
+    std::fs::create_dir_all(a.path("/etc/linkmesh"))?;
+    std::fs::write(
+        a.path("/etc/linkmesh/collector.yaml"),
+        linkmesh_integration::harness::QUIET_COLLECTOR_CONFIG,
+    )?;
+    let t = fleet.token(1, "1h")?;
+    std::fs::write(a.path("/root/token"), &t.token)?;
+    a.sh(&format!(
+        "linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token && rm /root/token && systemctl daemon-reload && systemctl enable --now linkmesh-agent",
+        fleet.url, t.ca_pin
+    ))?;
+    let original: Value = serde_json::from_str(&a.sh("linkmesh-agent status --json")?)?;
+    let original_id = original["host_id"].as_str().unwrap_or_default().to_owned();
+    let hosts = wait_hosts(&fleet, |h| {
+        h.iter()
+            .any(|h| h["host_id"] == original_id.as_str() && h["opamp"]["connected"] == true)
+    })?;
+    let original_uid = hosts[0]["opamp"]["instance_uid"].clone();
+    assert!(
+        original_uid.as_str().is_some_and(|u| !u.is_empty()),
+        "{hosts:?}"
+    );
+
+    // The disk, copied while the original runs (as a snapshot is taken).
+    for path in [
+        "/var/lib/linkmesh-agent",
+        "/etc/linkmesh",
+        "/etc/systemd/system",
+        "/usr/bin/linkmesh-agent",
+        "/usr/bin/opampsupervisor",
+        "/usr/bin/otelcol-contrib",
+    ] {
+        let to = b.path(path);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let _ = std::fs::remove_dir_all(&to);
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(a.path(path))
+            .arg(&to)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cp {path}: {}", text(&out));
+    }
+    let copied_uid = std::fs::read_to_string(
+        b.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml"),
+    )?;
+    // The collector's unit will not start on the copy before the agent ran.
+    b.sh("systemctl daemon-reload && systemctl start linkmesh-collector")?;
+    let props = b.unit_properties("linkmesh-collector.service", &["ActiveState", "Result"])?;
+    assert_eq!(
+        props.get("ActiveState").map(String::as_str),
+        Some("inactive"),
+        "{props:?}"
+    );
+    assert_eq!(
+        props.get("Result").map(String::as_str),
+        Some("exec-condition"),
+        "{props:?}"
+    );
+    assert!(
+        b.journal(Some("linkmesh-collector"), "")
+            .contains("this machine is a copy of host"),
+        "{}",
+        b.journal(Some("linkmesh-collector"), "")
+    );
+
+    // Its first boot. The original's row never takes the copy's collector.
+    b.reboot()?;
+    net.attach(&b)?;
+    let original_row_kept = |hosts: &[Value]| {
+        let orig = hosts
+            .iter()
+            .find(|h| h["host_id"] == original_id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            orig["opamp"]["instance_uid"], original_uid,
+            "the original's row took another collector: {hosts:?}"
+        );
+        assert_eq!(orig["hostname"], "lm-disk-a", "{hosts:?}");
+    };
+    // Held for approval: the copy's collector runs meanwhile, under the
+    // copied certificate, marked as a pending clone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let held = loop {
+        original_row_kept(&fleet.hosts()?);
+        let st: Value =
+            serde_json::from_str(&b.sh("linkmesh-agent status --json")?).unwrap_or_default();
+        let pending = st["runtime"]["reporter"]["clone_pending"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if pending.contains("hosts approve ")
+            && st["runtime"]["supervision"]["state"] == "running"
+            && fleet.log().contains("awaiting its own identity")
+        {
+            break pending;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the copy never ran its collector while held: {st}\nagent:\n{}\ncollector:\n{}",
+            b.journal(Some("linkmesh-agent"), "-n 40"),
+            b.journal(Some("linkmesh-collector"), "-n 20")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let config = std::fs::read_to_string(b.path("/var/lib/linkmesh-agent/supervisor.yaml"))?;
+    assert!(
+        config.contains(&format!("linkmesh.clone_of: \"{original_id}\"")),
+        "{config}"
+    );
+    let check = b.exec("linkmesh-agent check --json")?;
+    let doc: Value = serde_json::from_slice(&check.stdout).unwrap_or_default();
+    let machine = doc["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == "machine"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(machine["outcome"], "warn", "{doc}");
+    assert!(
+        machine["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hosts approve ID"),
+        "{machine}"
+    );
+    let id = held
+        .split("hosts approve ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .trim_end_matches([')', '.', ','])
+        .to_owned();
+    let out = fleet.admin(&["hosts", "approve", &id])?;
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Approved: its own identity, and its collector moves to it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let (clone_id, clone_uid) = loop {
+        let hosts = fleet.hosts()?;
+        original_row_kept(&hosts);
+        if let Some(c) = hosts
+            .iter()
+            .find(|h| h["cloned_from"] == original_id.as_str())
+            && c["opamp"]["connected"] == true
+            && c["opamp"]["instance_uid"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty())
+        {
+            break (c["host_id"].clone(), c["opamp"]["instance_uid"].clone());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the clone's collector never connected as its own host: {hosts:?}\nagent:\n{}\ncollector:\n{}",
+            b.journal(Some("linkmesh-agent"), "-n 40"),
+            b.journal(Some("linkmesh-collector"), "-n 20")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_ne!(clone_uid, original_uid);
+    let st: Value = serde_json::from_str(&b.sh("linkmesh-agent status --json")?)?;
+    assert_eq!(st["host_id"], clone_id, "{st}");
+    let uid_now = std::fs::read_to_string(
+        b.path("/var/lib/linkmesh-agent/supervisor/persistent_state.yaml"),
+    )?;
+    assert_ne!(uid_now, copied_uid);
+    let supervisor_config =
+        std::fs::read_to_string(b.path("/var/lib/linkmesh-agent/supervisor.yaml"))?;
+    assert!(
+        !supervisor_config.contains("linkmesh.clone_of")
+            && supervisor_config.contains(clone_id.as_str().unwrap_or("?")),
+        "{supervisor_config}"
+    );
+    // The original is untouched and still connected with its collector.
+    let orig = fleet
+        .hosts()?
+        .into_iter()
+        .find(|h| h["host_id"] == original_id.as_str())
+        .unwrap_or_default();
+    assert_eq!(orig["opamp"]["connected"], true, "{orig}");
+    assert_eq!(orig["opamp"]["instance_uid"], original_uid, "{orig}");
+    Ok(())
+}

@@ -67,12 +67,15 @@ fn agent_host(name: &str, serve_args: &str) -> anyhow::Result<TestHost> {
     Ok(host)
 }
 
-/// The supervisor's and the collector's pids once both run.
+/// The supervisor's and the collector's pids once both run: the collector
+/// is the supervisor's child listening on the local config's OTLP port
+/// (its short bootstrap run, also the supervisor's child, listens on
+/// nothing, so it is never taken for the collector).
 fn collector(host: &TestHost) -> anyhow::Result<(String, String)> {
     let text = wait_for(
         host,
         Duration::from_secs(60),
-        "p=$(systemctl show -p MainPID --value linkmesh-collector); echo $p $(pgrep -P $p)",
+        "p=$(systemctl show -p MainPID --value linkmesh-collector); c=$(ss -Hltnp 'sport = :4318' | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2); test -n \"$c\" && test \"$(ps -o ppid= -p $c | tr -d ' ')\" = \"$p\" && echo $p $c",
         |t| t.split_whitespace().count() == 2 && !t.starts_with("0 "),
     )?;
     let mut w = text.split_whitespace().map(str::to_owned);

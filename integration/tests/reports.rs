@@ -651,6 +651,7 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
             "key_permissions",
             "ca_pin",
             "certificate",
+            "machine",
             "server",
             "standing",
             "clock",

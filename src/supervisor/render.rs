@@ -20,6 +20,10 @@ use crate::{endpoint::ServerUrl, identity::HostId};
 /// The OpAMP path on the fleet server.
 pub const OPAMP_PATH: &str = "/v1/opamp";
 
+/// The non-identifying attribute a pending clone's collector carries: the
+/// host it was copied from.
+pub const CLONE_OF_ATTRIBUTE: &str = "linkmesh.clone_of";
+
 /// How much of the collector's last output the supervisor sends with a crash.
 pub const CRASH_LOG_SNIPPET_KIB: u32 = 4;
 
@@ -32,6 +36,11 @@ pub struct SupervisorInputs {
     pub host_id: HostId,
     /// Host name, reported as a non-identifying attribute.
     pub hostname: String,
+    /// This machine is a copy of that host and its own identity is still
+    /// pending: the collector runs, and its OpAMP connection (over the
+    /// copied certificate) says so, so the server keeps it off the
+    /// original's row ([`CLONE_OF_ATTRIBUTE`]).
+    pub clone_of: Option<HostId>,
     /// CA certificate file (`server.tls.ca_file`).
     pub ca_file: PathBuf,
     /// Client certificate file (the host's enrolment certificate).
@@ -147,6 +156,9 @@ pub fn render(i: &SupervisorInputs) -> String {
     let _ = writeln!(y, "      linkmesh.host.id: {}", q(i.host_id.as_str()));
     let _ = writeln!(y, "    non_identifying_attributes:");
     let _ = writeln!(y, "      host.name: {}", q(&i.hostname));
+    if let Some(original) = &i.clone_of {
+        let _ = writeln!(y, "      {CLONE_OF_ATTRIBUTE}: {}", q(original.as_str()));
+    }
     let _ = writeln!(y, "telemetry:");
     let _ = writeln!(y, "  logs:");
     let _ = writeln!(y, "    level: {}", q(i.log_level));
@@ -197,6 +209,7 @@ mod tests {
             server: "https://fleet.example:8443".parse().unwrap(),
             host_id: HostId::new("0b6c1a9e-4f1d-4d0e-9a51-2f3c6c1f0e77").unwrap(),
             hostname: "web-1".into(),
+            clone_of: None,
             ca_file: "/var/lib/linkmesh-agent/identity/ca.pem".into(),
             cert_file: "/var/lib/linkmesh-agent/identity/cert.pem".into(),
             key_file: "/var/lib/linkmesh-agent/identity/key.pem".into(),
@@ -242,6 +255,24 @@ mod tests {
         assert!(
             y.contains("executable: \"/opt/my otel/col: \\\\bin\""),
             "{y}"
+        );
+    }
+
+    #[test]
+    fn a_pending_clone_says_whose_copy_it_is() {
+        let mut i = inputs();
+        assert!(!render(&i).contains(CLONE_OF_ATTRIBUTE));
+        i.clone_of = Some(HostId::new("1b6c1a9e-4f1d-4d0e-9a51-2f3c6c1f0e77").unwrap());
+        let y = render(&i);
+        assert!(
+            y.contains(
+                "    non_identifying_attributes:\n      host.name: \"web-1\"\n      linkmesh.clone_of: \"1b6c1a9e-4f1d-4d0e-9a51-2f3c6c1f0e77\"\n"
+            ),
+            "{y}"
+        );
+        assert!(
+            y.contains("linkmesh.host.id: \"0b6c1a9e-4f1d-4d0e-9a51-2f3c6c1f0e77\""),
+            "the copied host id stays identifying: {y}"
         );
     }
 

@@ -73,7 +73,7 @@ impl Desired {
     fn fingerprint(&self, unit_text: &str) -> String {
         let config = std::fs::read(&self.unit.config).unwrap_or_default();
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(unit_text.as_bytes());
+        ctx.update(unit::running_part(&self.unit, unit_text).as_bytes());
         ctx.update(&[0]);
         ctx.update(&config);
         crate::hex::encode(ctx.finish().as_ref())

@@ -59,6 +59,13 @@ pub struct UnitInputs {
     pub config: PathBuf,
     /// Its storage directory (written by the supervisor).
     pub storage_dir: PathBuf,
+    /// The agent's executable and state directory, for the unit's start
+    /// condition (`linkmesh-agent runtime may-start`): on a clone's first
+    /// boot the collector waits for the agent to reset the copied OpAMP
+    /// instance uid instead of connecting as the original's collector.
+    pub agent: PathBuf,
+    /// The agent's state directory.
+    pub state_dir: PathBuf,
 }
 
 /// The unit file.
@@ -87,7 +94,7 @@ pub fn render_unit(i: &UnitInputs) -> String {
          \n\
          [Service]\n\
          Type=exec\n\
-         ExecStart={} --config {}\n\
+         {}ExecStart={} --config {}\n\
          Restart=always\n\
          RestartSec={}\n\
          # opampsupervisor stops its collector on SIGINT and exits; SIGKILL\n\
@@ -134,6 +141,7 @@ pub fn render_unit(i: &UnitInputs) -> String {
          [Install]\n\
          WantedBy=multi-user.target",
         START_LIMIT_INTERVAL.as_secs(),
+        start_condition(i),
         p(&i.supervisor),
         p(&i.config),
         RESTART_SEC.as_secs(),
@@ -141,6 +149,28 @@ pub fn render_unit(i: &UnitInputs) -> String {
         p(&i.storage_dir),
     );
     u
+}
+
+/// The unit's start condition (lines ending in a newline). It matters only
+/// when the unit starts, so it is left out of what decides whether a
+/// running collector must restart ([`running_part`]): an agent upgrade that
+/// adds or changes it never restarts the collector.
+pub fn start_condition(i: &UnitInputs) -> String {
+    let p = |p: &PathBuf| systemd_escape_path(&p.display().to_string());
+    format!(
+        "# Not on a clone until the agent has reset the OpAMP instance uid\n\
+         # copied with the disk (exit 1: skipped, not failed; the agent then\n\
+         # starts it). Without the agent installed it always starts.\n\
+         ExecCondition=/bin/sh -c 'test ! -x \"$$0\" || exec \"$$0\" runtime may-start --state \"$$1\"' {} {}\n",
+        p(&i.agent),
+        p(&i.state_dir)
+    )
+}
+
+/// What of the unit file a running collector depends on: all of it but the
+/// start condition.
+pub fn running_part(i: &UnitInputs, unit_text: &str) -> String {
+    unit_text.replacen(&start_condition(i), "", 1)
 }
 
 /// A path as one word of a unit file's command line or path list: spaces
@@ -386,6 +416,8 @@ mod tests {
             supervisor: "/usr/bin/opampsupervisor".into(),
             config: "/var/lib/linkmesh-agent/supervisor.yaml".into(),
             storage_dir: "/var/lib/linkmesh-agent/supervisor".into(),
+            agent: "/usr/bin/linkmesh-agent".into(),
+            state_dir: "/var/lib/linkmesh-agent".into(),
         }
     }
 
@@ -407,12 +439,33 @@ mod tests {
     }
 
     #[test]
+    fn the_start_condition_is_not_what_the_collector_runs() {
+        let i = inputs();
+        let text = render_unit(&i);
+        assert!(text.contains(&start_condition(&i)), "{text}");
+        let running = running_part(&i, &text);
+        assert!(!running.contains("ExecCondition="), "{running}");
+        assert!(running.contains("ExecStart=/usr/bin/opampsupervisor --config"));
+        // What the agent before the start condition wrote: the same text
+        // without it, so its recorded fingerprint still matches.
+        assert_eq!(running.lines().count() + 4, text.lines().count());
+    }
+
+    #[test]
     fn paths_are_escaped_for_systemd() {
         let mut i = inputs();
         i.supervisor = "/opt/my otel/100%/sup$".into();
         let u = render_unit(&i);
         assert!(
             u.contains("ExecStart=/opt/my\\x20otel/100%%/sup$$ --config "),
+            "{u}"
+        );
+        i.agent = "/opt/lm agent".into();
+        let u = render_unit(&i);
+        assert!(
+            u.contains(
+                "runtime may-start --state \"$$1\"' /opt/lm\\x20agent /var/lib/linkmesh-agent\n"
+            ),
             "{u}"
         );
     }

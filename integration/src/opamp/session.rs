@@ -15,6 +15,9 @@ use crate::{
 
 /// The identifying attribute that ties a collector to its host.
 pub const HOST_ID_ATTRIBUTE: &str = "linkmesh.host.id";
+/// The non-identifying attribute of a clone's collector whose own identity
+/// is pending (the agent's `supervisor::render::CLONE_OF_ATTRIBUTE`).
+pub const CLONE_OF_ATTRIBUTE: &str = linkmesh_agent::supervisor::render::CLONE_OF_ATTRIBUTE;
 
 /// Why a message was refused; the connection is closed after it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
