@@ -104,6 +104,7 @@ pub async fn run(
             lock_path,
         ));
     };
+    tidy_identity(&settings, &identity);
     tracing::info!(host_id = %identity.host_id, server = %identity.server, "Identity loaded");
     let facts = crate::host::collect();
     let clone = this_machine(&settings.state_dir, identity.host_id.as_str(), &facts);
@@ -308,6 +309,21 @@ fn reset_copied_uid(
         Err(e) => {
             tracing::warn!(error = %e, "Cannot reset the collector's OpAMP instance uid");
         }
+    }
+}
+
+/// Removes what an identity change killed after its swap left behind: the
+/// previous identity in the staging directory (a copied private key, on a
+/// clone) and the pending key of the identity now in place. A pending key
+/// of an unfinished re-key is kept for its retry.
+fn tidy_identity(settings: &Settings, identity: &Identity) {
+    let store = IdentityStore::new(&settings.state_dir);
+    let tidied = store.lock_exclusive().and_then(|lock| {
+        store.clear_staging(&lock)?;
+        store.clear_committed_pending(&lock, identity)
+    });
+    if let Err(e) = tidied {
+        tracing::warn!(error = %e, "Cannot remove what an interrupted identity change left");
     }
 }
 
