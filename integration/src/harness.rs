@@ -839,6 +839,84 @@ impl Drop for RunningAgent {
     }
 }
 
+/// A copy of `agent`'s directories at `dir`, as a disk image carries them,
+/// without the run lock and the status file of the agent that ran there.
+///
+/// # Errors
+/// When the copy fails.
+pub fn copy_agent(agent: &AgentEnv, dir: &Path) -> anyhow::Result<AgentEnv> {
+    let _ = std::fs::remove_dir_all(dir);
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(&agent.root)
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("cp -a {}: {}", agent.root.display(), text(&out));
+    }
+    let _ = std::fs::remove_file(dir.join("state").join(linkmesh_agent::app::RUN_LOCK));
+    let _ = std::fs::remove_file(dir.join("state/runtime-status.json"));
+    AgentEnv::new(dir)
+}
+
+/// Writes a machine-id (32 hex digits, distinct for each `n` and from any
+/// real one's pattern) to `path`.
+///
+/// # Errors
+/// When it cannot be written.
+pub fn write_machine_id(path: &Path, n: u64) -> anyhow::Result<()> {
+    std::fs::write(path, format!("c0ffee{n:026x}\n"))?;
+    Ok(())
+}
+
+/// `linkmesh-agent run` in `agent`'s directories as on the machine whose
+/// `/etc/machine-id` is the file `machine_id` (bound over it in a mount
+/// namespace of its own), after `wrapper` (a tracer, say) when not empty;
+/// in a process group of its own, its log in `run.log` beside it. Needs root.
+///
+/// # Errors
+/// When it cannot be started.
+pub fn run_on_machine(
+    agent: &AgentEnv,
+    machine_id: &Path,
+    wrapper: &[std::ffi::OsString],
+) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" /etc/machine-id && shift && exec \"$@\"",
+        "sh",
+    ])
+    .arg(machine_id)
+    .args(wrapper)
+    .arg(binary("linkmesh-agent")?)
+    .arg("run")
+    .env("LINKMESH_CONFIG", &agent.config)
+    .env("LINKMESH_STATE_DIR", &agent.state)
+    .env_remove("LINKMESH_TOKEN")
+    .env_remove("NOTIFY_SOCKET")
+    .env_remove("JOURNAL_STREAM")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(agent.root.join("run.log"))?)
+    .process_group(0);
+    Ok(cmd.spawn()?)
+}
+
+/// SIGKILL to `child`'s process group (it leads one), then reaps it.
+pub fn kill_group(mut child: Child) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -15,13 +15,14 @@
 //! Requires root (namespaces) and strace (scripts/test installs both).
 
 use std::{
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
-use linkmesh_integration::harness::{AgentEnv, Fleet, binary, scratch, text};
+use linkmesh_integration::harness::{
+    AgentEnv, Fleet, copy_agent, run_on_machine, scratch, text, write_machine_id,
+};
 
 /// Syscalls at which to kill: the conversation with the server and every
 /// step of writing the pending key and the new identity.
@@ -50,59 +51,26 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// A copy of `original`'s directory under `root`, and another machine's
 /// machine-id beside it.
 fn copy_of(original: &AgentEnv, root: &Path, n: u32) -> anyhow::Result<(AgentEnv, PathBuf)> {
-    let dir = root.join(format!("copy-{n}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(&original.root)
-        .arg(&dir)
-        .output()?;
-    anyhow::ensure!(out.status.success(), "cp: {}", text(&out));
-    let _ = std::fs::remove_file(dir.join("state/run.lock"));
-    let _ = std::fs::remove_file(dir.join("state/runtime-status.json"));
-    let machine_id = dir.join("machine-id");
-    std::fs::write(
-        &machine_id,
-        format!("{:032x}\n", 0xc0ff_ee00_u128 + u128::from(n)),
-    )?;
-    Ok((AgentEnv::new(&dir)?, machine_id))
+    let copy = copy_agent(original, &root.join(format!("copy-{n}")))?;
+    let machine_id = copy.root.join("machine-id");
+    write_machine_id(&machine_id, u64::from(n))?;
+    Ok((copy, machine_id))
 }
 
-/// `linkmesh-agent run` in `agent`'s directories on the machine whose id
-/// is in `machine_id`, under `strace_args` when given.
+/// `linkmesh-agent run` on the machine whose id is in `machine_id`, under
+/// strace with `strace_args` when given.
 fn run_on(
     agent: &AgentEnv,
     machine_id: &Path,
     strace_args: Option<&[String]>,
 ) -> anyhow::Result<Child> {
-    let bin = binary("linkmesh-agent")?;
-    let mut script = String::from("mount --bind \"$1\" /etc/machine-id && shift && exec \"$@\"");
-    script.push('\n');
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-    ])
-    .arg(machine_id);
-    if let Some(a) = strace_args {
-        cmd.arg(which("strace")).args(a);
-    }
-    cmd.arg(&bin)
-        .arg("run")
-        .env("LINKMESH_CONFIG", &agent.config)
-        .env("LINKMESH_STATE_DIR", &agent.state)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(agent.root.join("run.log"))?)
-        .process_group(0);
-    Ok(cmd.spawn()?)
+    let wrapper: Vec<std::ffi::OsString> = match strace_args {
+        Some(a) => std::iter::once(which("strace").into_os_string())
+            .chain(a.iter().map(Into::into))
+            .collect(),
+        None => Vec::new(),
+    };
+    run_on_machine(agent, machine_id, &wrapper)
 }
 
 fn which(tool: &str) -> PathBuf {
@@ -149,13 +117,8 @@ fn killed_or_rekeyed(child: &mut Child, agent: &AgentEnv, original: &str) -> any
     }
 }
 
-fn stop(mut child: Child) {
-    // Its own process group: strace and the agent it runs end together.
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = child.wait();
+fn stop(child: Child) {
+    linkmesh_integration::harness::kill_group(child);
 }
 
 #[test]

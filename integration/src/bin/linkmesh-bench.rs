@@ -111,9 +111,14 @@ struct Args {
     repeat: usize,
     /// Run only this measurement: `continuity` (the upgrade drill),
     /// `idle-conns` (the server holding idle TLS connections) or `rollback`
-    /// (bad agent upgrades put back by the watcher, `--upgrades` of them).
-    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback"])]
+    /// (bad agent upgrades put back by the watcher, `--upgrades` of them),
+    /// `clones` (a copied identity's first start to its own, `--clones`).
+    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback", "clones"])]
     only: Option<String>,
+    /// Copies of an enrolled host started one after another on machines of
+    /// their own, each timed to its own identity (0 skips them; needs root).
+    #[arg(long, default_value_t = 10)]
+    clones: usize,
     /// Idle TLS connections the server is made to hold (0 skips it).
     #[arg(long, default_value_t = 1000)]
     idle_conns: usize,
@@ -225,11 +230,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             Some("continuity") => continuity()?,
             Some("idle-conns") => idle_connections(&args)?,
             Some("rollback") => rollback(&args)?,
+            Some("clones") => clones(&args)?,
             _ => {
                 let mut figures = one_run(&args, &agent_bin)?;
                 figures.extend(idle_connections(&args)?);
                 figures.extend(continuity()?);
                 figures.extend(rollback(&args)?);
+                figures.extend(clones(&args)?);
                 figures
             }
         });
@@ -261,6 +268,86 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// addresses, 60 per address, under its per-address bound of 64, with the
 /// first-request timeout raised so they stay): its RSS and open descriptors
 /// while it holds them, and enrolment latency for everyone else meanwhile.
+/// A clone's first start to an identity of its own: an enrolled host's
+/// state copied `--clones` times, each copy's `run` started (idle runtime)
+/// in a mount namespace whose `/etc/machine-id` is another machine's, timed
+/// from the spawn to the new identity committed on disk, and to its first
+/// report as the new host accepted. One copy at a time.
+fn clones(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    use linkmesh_integration::harness::{copy_agent, kill_group, run_on_machine, write_machine_id};
+    if args.clones == 0 {
+        return Ok(Vec::new());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "--only clones needs root (each copy runs in a mount namespace); run as root or pass --clones 0"
+        );
+    }
+    let dir = scratch("bench-clones")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &["--report-interval", "1s"])?;
+    let original = AgentEnv::new(&dir.path().join("original"))?;
+    original.write_config("[runtime]\nkind = \"none\"\n")?;
+    let t = fleet.token(1, "1h")?;
+    let out = original.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+    if !out.status.success() {
+        bail!("enrol: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let original_id = original.identity()?.host_id.to_string();
+    let (mut to_identity, mut to_report) = (Vec::new(), Vec::new());
+    for n in 0..args.clones {
+        let copy = copy_agent(&original, &dir.path().join(format!("copy-{n}")))?;
+        let machine_id = copy.root.join("machine-id");
+        write_machine_id(&machine_id, n as u64)?;
+        let status_file = copy.state.join("runtime-status.json");
+        let started = Instant::now();
+        let child = run_on_machine(&copy, &machine_id, &[])?;
+        let deadline = started + Duration::from_secs(30);
+        let mut identity_at = None;
+        let reported_at = loop {
+            if identity_at.is_none()
+                && copy
+                    .identity()
+                    .is_ok_and(|i| i.host_id.as_str() != original_id)
+            {
+                identity_at = Some(started.elapsed());
+            }
+            let reported = std::fs::read(&status_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|s| s["reporter"]["reports"].as_u64() >= Some(1));
+            if identity_at.is_some() && reported {
+                break started.elapsed();
+            }
+            if Instant::now() > deadline {
+                kill_group(child);
+                bail!(
+                    "copy {n} had no identity of its own after 30 s: {}",
+                    std::fs::read_to_string(copy.root.join("run.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        kill_group(child);
+        to_identity.push(identity_at.unwrap_or(reported_at).as_secs_f64() * 1000.0);
+        to_report.push(reported_at.as_secs_f64() * 1000.0);
+        let _ = std::fs::remove_dir_all(&copy.root);
+    }
+    Ok(vec![
+        figure(
+            "clone_start_to_own_identity_ms",
+            "ms",
+            "a copied identity's `run` spawned in another machine's mount namespace to the re-keyed identity on disk (1 ms polls)",
+            to_identity,
+        ),
+        figure(
+            "clone_start_to_first_report_ms",
+            "ms",
+            "the same, to the status file showing the first report as the new host",
+            to_report,
+        ),
+    ])
+}
+
 fn idle_connections(args: &Args) -> anyhow::Result<Vec<Figure>> {
     if args.idle_conns == 0 {
         return Ok(Vec::new());
