@@ -46,6 +46,7 @@ CONFIG_DIR=/etc/linkmesh
 STATE_DIR=/var/lib/linkmesh-agent
 UNIT_PATH=/etc/systemd/system/linkmesh-agent.service
 UPGRADE_UNIT_PATH=/etc/systemd/system/linkmesh-upgrade.service
+ENROLL_UNIT_PATH=/etc/systemd/system/linkmesh-enroll.service
 PROBATION=$STATE_DIR/upgrade/probation.json
 OUTCOME=$STATE_DIR/upgrade/outcome.json
 OUTCOME_BEFORE=""
@@ -319,6 +320,7 @@ download_agent() {
 	fetch_verified "$NAME" || die 5 "$SERVER offers no $NAME (artifacts/$NAME.sha256: 404); pick another --version"
 	fetch linkmesh-agent.service "$WORK/linkmesh-agent.service"
 	fetch linkmesh-upgrade.service "$WORK/linkmesh-upgrade.service"
+	fetch linkmesh-enroll.service "$WORK/linkmesh-enroll.service"
 	fetch collector.yaml "$WORK/collector.yaml"
 }
 
@@ -547,6 +549,11 @@ start_service() {
 		run install -m 0644 "$WORK/linkmesh-upgrade.service" "$UPGRADE_UNIT_PATH"
 		run systemctl daemon-reload
 		run systemctl enable --quiet linkmesh-upgrade.service
+	fi
+	if [ "$METHOD" = binary ] && ! cmp -s "$WORK/linkmesh-enroll.service" "$ENROLL_UNIT_PATH" 2>/dev/null; then
+		run install -m 0644 "$WORK/linkmesh-enroll.service" "$ENROLL_UNIT_PATH"
+		run systemctl daemon-reload
+		run systemctl enable --quiet linkmesh-enroll.service
 	fi
 	run systemctl enable --quiet linkmesh-agent.service
 	if [ "$CHANGED" -eq 1 ] || ! systemctl is-active --quiet linkmesh-agent.service; then

@@ -231,16 +231,22 @@ enum ConfigCommand {
 #[command(group = clap::ArgGroup::new("trust").required(true).args(["ca_pin", "ca_file"]))]
 struct EnrollArgs {
     /// Fleet server URL, https://HOST[:PORT] [default: `server` from the configuration].
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "LINKMESH_SERVER")]
     server: Option<String>,
     /// File holding the enrolment token (preferred: keeps it off the command line).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "LINKMESH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// The enrolment token; prefer --token-file or LINKMESH_TOKEN, as argv is visible to other users.
     #[arg(long, value_name = "TOKEN", hide_default_value = true)]
     token: Option<String>,
-    /// Pin of the server's CA, sha256:HEX (repeat for several).
-    #[arg(long, value_name = "sha256:HEX")]
+    /// Pin of the server's CA, sha256:HEX (repeat for several; in the
+    /// environment, separated by commas).
+    #[arg(
+        long,
+        value_name = "sha256:HEX",
+        env = "LINKMESH_CA_PIN",
+        value_delimiter = ','
+    )]
     ca_pin: Vec<String>,
     /// PEM file with the server's CA certificate, instead of a pin.
     #[arg(long, value_name = "FILE", conflicts_with = "ca_pin")]

@@ -323,6 +323,8 @@ pub const INSTALL_SH: &str = include_str!("../../install/install.sh");
 pub const AGENT_UNIT: &str = include_str!("../../systemd/linkmesh-agent.service");
 /// The upgrade watcher's unit the installer's binary method puts in place.
 pub const UPGRADE_UNIT: &str = include_str!("../../systemd/linkmesh-upgrade.service");
+/// The first-boot enrolment unit the installer's binary method puts in place.
+pub const ENROLL_UNIT: &str = include_str!("../../systemd/linkmesh-enroll.service");
 /// The default local collector configuration the installer puts in place.
 pub const COLLECTOR_YAML: &str = include_str!("../../packaging/collector.yaml");
 /// The collector-runtime installer.
@@ -360,6 +362,10 @@ fn download_routes(d: Downloads) -> axum::Router {
         .route(
             "/linkmesh-upgrade.service",
             get(move || async move { text(UPGRADE_UNIT.to_owned()) }),
+        )
+        .route(
+            "/linkmesh-enroll.service",
+            get(move || async move { text(ENROLL_UNIT.to_owned()) }),
         )
         .route(
             "/collector.yaml",

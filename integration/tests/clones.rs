@@ -683,3 +683,149 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
     assert_eq!(orig["opamp"]["instance_uid"], original_uid, "{orig}");
     Ok(())
 }
+
+/// A host made from a generalised image enrols on its first boot from the
+/// token its provisioning left in `/etc/linkmesh/enroll.env` (retrying
+/// while the network is not up yet), removes the spent token, starts the
+/// agent, and never enrols again on later boots. A refused token leaves no
+/// identity and the agent stopped, and a corrected file then enrols.
+#[test]
+fn an_image_enrols_on_its_first_boot_from_its_token_file_and_never_again() -> R {
+    use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
+    let dir = linkmesh_integration::harness::scratch("first-boot")?;
+    let mut net = TestNet::new()?;
+    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &["--report-interval", "1s"],
+    )?;
+    let mut h = TestHost::boot("lm-first-boot")?;
+    h.copy_in(
+        &linkmesh_integration::harness::binary("linkmesh-agent")?,
+        "/usr/bin/linkmesh-agent",
+        0o755,
+    )?;
+    let systemd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    for unit in ["linkmesh-agent.service", "linkmesh-enroll.service"] {
+        h.copy_in(
+            &systemd.join(unit),
+            &format!("/etc/systemd/system/{unit}"),
+            0o644,
+        )?;
+    }
+    h.sh("systemctl daemon-reload && systemctl enable --quiet linkmesh-agent linkmesh-enroll")?;
+    let t = fleet.token(1, "1h")?;
+    std::fs::create_dir_all(h.path("/etc/linkmesh"))?;
+    std::fs::write(
+        h.path("/etc/linkmesh/enroll.env"),
+        format!(
+            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
+            fleet.url, t.ca_pin, t.token
+        ),
+    )?;
+
+    // First boot; the network comes a moment later.
+    h.reboot()?;
+    std::thread::sleep(Duration::from_secs(1));
+    net.attach(&h)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let active = h.sh("systemctl is-active linkmesh-agent || true")?;
+        if active.trim() == "active"
+            && h.path("/var/lib/linkmesh-agent/identity/identity.toml")
+                .exists()
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no enrolment at first boot:\n{}",
+            h.journal(Some("linkmesh-enroll"), "-n 30")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !h.path("/etc/linkmesh/enroll.env").exists(),
+        "the spent token stays on disk"
+    );
+    let journal = h.journal(Some("linkmesh-enroll"), "");
+    assert!(
+        !journal.contains(&t.token),
+        "the token in the journal: {journal}"
+    );
+    let hosts = wait_hosts(&fleet, |h| {
+        h.len() == 1 && h[0]["hostname"] == "lm-first-boot"
+    })?;
+    let host_id = hosts[0]["host_id"].clone();
+
+    // Every later boot: nothing to enrol, the same host.
+    h.reboot()?;
+    net.attach(&h)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while h.sh("systemctl is-active linkmesh-agent || true")?.trim() != "active" {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start after a reboot"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let props = h.unit_properties(
+        "linkmesh-enroll.service",
+        &["ConditionResult", "ActiveState"],
+    )?;
+    assert_eq!(
+        props.get("ConditionResult").map(String::as_str),
+        Some("no"),
+        "{props:?}"
+    );
+    let st: Value = serde_json::from_str(&h.sh("linkmesh-agent status --json")?)?;
+    assert_eq!(st["host_id"], host_id, "{st}");
+    assert_eq!(fleet.hosts()?.len(), 1);
+
+    // Generalised again, with a token the server refuses: no identity, the
+    // agent stays stopped, the unit says why.
+    h.sh("systemctl stop linkmesh-agent && linkmesh-agent image-prep >/dev/null")?;
+    std::fs::write(
+        h.path("/etc/linkmesh/enroll.env"),
+        format!(
+            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
+            fleet.url, t.ca_pin, t.token
+        ),
+    )?;
+    let (code, _) = h.run("systemctl start linkmesh-enroll")?;
+    assert_ne!(code, 0);
+    let journal = h.journal(Some("linkmesh-enroll"), "-n 20");
+    assert!(journal.contains("refused enrolment"), "{journal}");
+    assert!(!h.path("/var/lib/linkmesh-agent/identity").exists());
+    assert!(
+        h.path("/etc/linkmesh/enroll.env").exists(),
+        "kept for a retry"
+    );
+    assert_eq!(
+        h.sh("systemctl is-active linkmesh-agent || true")?.trim(),
+        "inactive"
+    );
+    // Corrected: enrolled, and the agent started by the unit.
+    let t2 = fleet.token(1, "1h")?;
+    std::fs::write(
+        h.path("/etc/linkmesh/enroll.env"),
+        format!(
+            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
+            fleet.url, t2.ca_pin, t2.token
+        ),
+    )?;
+    h.sh("systemctl restart linkmesh-enroll")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.sh("systemctl is-active linkmesh-agent || true")?.trim() != "active" {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start after the corrected enrolment:\n{}",
+            h.journal(Some("linkmesh-enroll"), "-n 20")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!h.path("/etc/linkmesh/enroll.env").exists());
+    wait_hosts(&fleet, |h| h.len() == 2)?;
+    Ok(())
+}

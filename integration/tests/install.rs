@@ -492,7 +492,7 @@ fn an_install_killed_at_any_step_completes_on_a_rerun_with_one_identity() -> R {
         bed.fleet.url
     ))?;
     anyhow::ensure!(out.status.success(), "cannot fetch install.sh");
-    let reset = "systemctl disable --now linkmesh-agent >/dev/null 2>&1; rm -rf /usr/bin/linkmesh-agent /usr/bin/.linkmesh-agent.new /etc/linkmesh /var/lib/linkmesh-agent /etc/systemd/system/linkmesh-agent.service /etc/systemd/system/linkmesh-upgrade.service; systemctl daemon-reload";
+    let reset = "systemctl disable --now linkmesh-agent >/dev/null 2>&1; rm -rf /usr/bin/linkmesh-agent /usr/bin/.linkmesh-agent.new /etc/linkmesh /var/lib/linkmesh-agent /etc/systemd/system/linkmesh-agent.service /etc/systemd/system/linkmesh-upgrade.service /etc/systemd/system/linkmesh-enroll.service; systemctl daemon-reload";
     let mut killed = 0;
     for n in 1..=120 {
         host.exec(reset)?;

@@ -18,6 +18,8 @@ LM_IDENTITY=$LM_STATE/identity/identity.toml
 LM_SCRIPT_UNIT=/etc/systemd/system/linkmesh-agent.service
 # The upgrade watcher's unit and its open probation.
 LM_UPGRADE_UNIT=linkmesh-upgrade.service
+# The first-boot enrolment from /etc/linkmesh/enroll.env (images).
+LM_ENROLL_UNIT=linkmesh-enroll.service
 LM_PROBATION=$LM_STATE/upgrade/probation.json
 # The collector runtime's unit, written by the agent.
 LM_COLLECTOR_UNIT=linkmesh-collector.service
@@ -108,6 +110,7 @@ lm_configure() {
 	# The package keeps the unit enabled; to keep the agent off for good, use
 	# `systemctl mask linkmesh-agent`, which survives upgrades.
 	systemctl enable --quiet "$LM_UNIT" 2>/dev/null || lm_say "could not enable $LM_UNIT"
+	systemctl enable --quiet "$LM_ENROLL_UNIT" 2>/dev/null || lm_say "could not enable $LM_ENROLL_UNIT"
 	if [ -f "$LM_IDENTITY" ]; then
 		# restart also starts a stopped unit: after an upgrade the new binary
 		# runs; after a reinstall the agent is back.
@@ -133,6 +136,7 @@ lm_stop() {
 		rm -f "$LM_PROBATION"
 	fi
 	systemctl disable --quiet "$LM_UPGRADE_UNIT" 2>/dev/null || true
+	systemctl disable --quiet "$LM_ENROLL_UNIT" 2>/dev/null || true
 	systemctl stop "$LM_UNIT" 2>/dev/null || true
 	systemctl disable --quiet "$LM_UNIT" 2>/dev/null || true
 }
