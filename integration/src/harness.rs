@@ -917,6 +917,61 @@ pub fn kill_group(mut child: Child) {
     let _ = child.wait();
 }
 
+/// The row of host `id` in a `hosts --json` listing (`Null` when absent).
+pub fn host_row(hosts: &[serde_json::Value], id: &str) -> serde_json::Value {
+    hosts
+        .iter()
+        .find(|h| h["host_id"] == id)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A gRPC client of the server presenting `id` (mutual TLS), as the
+/// agent's reporter dials.
+///
+/// # Errors
+/// When the TLS configuration or the channel cannot be made.
+pub fn mtls_client(
+    id: &linkmesh_agent::identity::Identity,
+) -> anyhow::Result<linkmesh_agent::proto::Client<tonic::transport::Channel>> {
+    let tls = std::sync::Arc::new(linkmesh_agent::tls::mtls_client_config(id)?);
+    let dialer = linkmesh_agent::transport::Dialer::new(
+        id.server.clone(),
+        tls,
+        None,
+        Duration::from_secs(5),
+    );
+    Ok(linkmesh_agent::proto::Client::new(dialer.channel()?))
+}
+
+/// A `Rekey` as a copy of `id` on the machine whose machine-id hashes to
+/// `machine_id_hash` sends it, for `key`.
+///
+/// # Errors
+/// The server's refusal, or `unavailable` when it cannot be dialled.
+pub async fn rekey_as_copy(
+    id: &linkmesh_agent::identity::Identity,
+    key: &rcgen::KeyPair,
+    machine_id_hash: &str,
+) -> Result<linkmesh_agent::proto::EnrollResponse, tonic::Status> {
+    use linkmesh_agent::proto;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(key)
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut facts: proto::HostFacts = (&linkmesh_agent::host::collect()).into();
+    facts.machine_id_hash = machine_id_hash.to_owned();
+    facts.hostname = "the-clone".into();
+    mtls_client(id)
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+        .rekey(proto::RekeyRequest {
+            csr_der: csr.der().to_vec(),
+            host: Some(facts),
+            agent_version: linkmesh_agent::version::AGENT_VERSION.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -971,6 +1026,22 @@ pub fn enrolled_agent(
         collector_config.display(),
         bins.join("alloy-not-installed").display(),
     ))?;
+    let t = fleet.token(1, "1h")?;
+    let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
+    if !out.status.success() {
+        bail!("enrol failed: {}", text(&out));
+    }
+    Ok(agent)
+}
+
+/// An agent enrolled with `fleet` under `root` that manages no collector
+/// runtime (`kind = "none"`): for what is about the identity alone.
+///
+/// # Errors
+/// When the enrolment fails.
+pub fn idle_enrolled_agent(root: &Path, fleet: &Fleet) -> anyhow::Result<AgentEnv> {
+    let agent = AgentEnv::new(root)?;
+    agent.write_config("[runtime]\nkind = \"none\"\n")?;
     let t = fleet.token(1, "1h")?;
     let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
     if !out.status.success() {

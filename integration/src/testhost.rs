@@ -572,3 +572,27 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A scratch directory named after `name`, a [`TestNet`], and a reference
+/// server in its namespace on [`SERVER_ADDR`]:8443 asking for a report
+/// every second (`serve_args` after that): what hosts attached to the net
+/// enrol with.
+///
+/// # Errors
+/// When the namespace or the server cannot be made.
+pub fn server_across_the_veth(
+    name: &str,
+    serve_args: &[&str],
+) -> anyhow::Result<(tempfile::TempDir, TestNet, crate::harness::Fleet)> {
+    let dir = crate::harness::scratch(name)?;
+    let net = TestNet::new()?;
+    let mut args = vec!["--report-interval", "1s"];
+    args.extend_from_slice(serve_args);
+    let fleet = crate::harness::Fleet::start_in_netns(
+        &dir.path().join("fleet"),
+        net.netns(),
+        &format!("{SERVER_ADDR}:8443"),
+        &args,
+    )?;
+    Ok((dir, net, fleet))
+}

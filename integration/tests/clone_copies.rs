@@ -21,7 +21,7 @@ use std::{
 };
 
 use linkmesh_integration::harness::{
-    AgentEnv, Fleet, copy_agent, run_on_machine, scratch, text, write_machine_id,
+    AgentEnv, Fleet, copy_agent, run_on_machine, scratch, write_machine_id,
 };
 
 /// Syscalls at which to kill: the conversation with the server and every
@@ -129,11 +129,8 @@ fn kill_minus_nine_at_every_step_of_a_re_key_leaves_one_whole_identity_and_a_rer
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = scratch("rekey-kill")?;
     let fleet = Fleet::start(&dir.path().join("fleet"), &["--report-interval", "1s"])?;
-    let original = AgentEnv::new(&dir.path().join("original"))?;
-    original.write_config("[runtime]\nkind = \"none\"\n")?;
-    let t = fleet.token(1, "1h")?;
-    let out = original.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
-    anyhow::ensure!(out.status.success(), "{}", text(&out));
+    let original =
+        linkmesh_integration::harness::idle_enrolled_agent(&dir.path().join("original"), &fleet)?;
     let original_id = host_on_disk(&original)?;
     let original_files = linkmesh_integration::harness::snapshot(&original.state.join("identity"));
 
@@ -324,11 +321,7 @@ fn fifty_copies_of_one_image_starting_at_once_become_fifty_hosts() -> anyhow::Re
     assert_eq!(uids.len(), COPIES as usize, "a duplicate uid: {hosts:?}");
     assert!(!uids.contains(original_uid.as_str()), "{hosts:?}");
     assert!(!ids.contains(original_id.as_str()));
-    let orig = hosts
-        .iter()
-        .find(|h| h["host_id"] == original_id.as_str())
-        .cloned()
-        .unwrap_or_default();
+    let orig = linkmesh_integration::harness::host_row(&hosts, &original_id);
     assert_eq!(
         orig["opamp"]["instance_uid"],
         original_uid.as_str(),

@@ -182,42 +182,12 @@ mod rekey {
     //! start, on a machine with another machine-id, is in
     //! `a_copied_state_on_another_machine_re_keys_itself` below).
 
-    use std::{sync::Arc, time::Duration};
+    use std::time::Duration;
 
-    use linkmesh_agent::{
-        identity::Identity, proto, reporter::refusal_standing, tls::mtls_client_config,
-        transport::Dialer,
-    };
+    use linkmesh_agent::{proto, reporter::refusal_standing};
     use linkmesh_integration::harness::{fleet_with_agent, text};
 
-    fn client(id: &Identity) -> anyhow::Result<proto::Client<tonic::transport::Channel>> {
-        let tls = Arc::new(mtls_client_config(id)?);
-        let dialer = Dialer::new(id.server.clone(), tls, None, Duration::from_secs(5));
-        Ok(proto::Client::new(dialer.channel()?))
-    }
-
-    /// A re-key as a clone with `machine_id_hash` sends it, with `key`.
-    async fn rekey(
-        id: &Identity,
-        key: &rcgen::KeyPair,
-        machine_id_hash: &str,
-    ) -> Result<proto::EnrollResponse, tonic::Status> {
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(key)
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let mut facts: proto::HostFacts = (&linkmesh_agent::host::collect()).into();
-        facts.machine_id_hash = machine_id_hash.to_owned();
-        facts.hostname = "the-clone".into();
-        client(id)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
-            .rekey(proto::RekeyRequest {
-                csr_der: csr.der().to_vec(),
-                host: Some(facts),
-                agent_version: linkmesh_agent::version::AGENT_VERSION.into(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
-    }
+    use linkmesh_integration::harness::{mtls_client as client, rekey_as_copy as rekey};
 
     fn standing(r: Result<proto::EnrollResponse, tonic::Status>) -> proto::Standing {
         match r {
@@ -357,16 +327,10 @@ mod rekey {
 fn a_copied_state_on_another_machine_re_keys_itself() -> R {
     use linkmesh_integration::{
         harness::{binary, snapshot},
-        testhost::{SERVER_ADDR, TestHost, TestNet},
+        testhost::TestHost,
     };
-    let dir = linkmesh_integration::harness::scratch("clone-hosts")?;
-    let mut net = TestNet::new()?;
-    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
-        &dir.path().join("fleet"),
-        net.netns(),
-        &format!("{SERVER_ADDR}:8443"),
-        &["--report-interval", "1s"],
-    )?;
+    let (_dir, mut net, fleet) =
+        linkmesh_integration::testhost::server_across_the_veth("clone-hosts", &[])?;
     let a = TestHost::boot("lm-clone-a")?;
     let b = TestHost::boot("lm-clone-b")?;
     for h in [&a, &b] {
@@ -465,6 +429,15 @@ fn a_copied_state_on_another_machine_re_keys_itself() -> R {
     Ok(())
 }
 
+/// The agent's and the collector's last journal lines, for a failure.
+fn journals(host: &linkmesh_integration::testhost::TestHost) -> String {
+    format!(
+        "agent:\n{}\ncollector:\n{}",
+        host.journal(Some("linkmesh-agent"), "-n 40"),
+        host.journal(Some("linkmesh-collector"), "-n 20")
+    )
+}
+
 /// A whole disk copied (identity, supervisor storage with the collector's
 /// instance uid, the enabled agent and collector units) boots as a second
 /// machine running the real supervisor and collector: its collector unit
@@ -475,17 +448,10 @@ fn a_copied_state_on_another_machine_re_keys_itself() -> R {
 /// instance uid throughout.
 #[test]
 fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
-    use linkmesh_integration::{
-        harness::install_runtime,
-        testhost::{SERVER_ADDR, TestHost, TestNet},
-    };
-    let dir = linkmesh_integration::harness::scratch("clone-disk")?;
-    let mut net = TestNet::new()?;
-    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
-        &dir.path().join("fleet"),
-        net.netns(),
-        &format!("{SERVER_ADDR}:8443"),
-        &["--report-interval", "1s", "--clone-policy", "quarantine"],
+    use linkmesh_integration::{harness::install_runtime, testhost::TestHost};
+    let (_dir, mut net, fleet) = linkmesh_integration::testhost::server_across_the_veth(
+        "clone-disk",
+        &["--clone-policy", "quarantine"],
     )?;
     let a = TestHost::boot("lm-disk-a")?;
     let mut b = TestHost::boot("lm-disk-b")?;
@@ -570,11 +536,7 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
     b.reboot()?;
     net.attach(&b)?;
     let original_row_kept = |hosts: &[Value]| {
-        let orig = hosts
-            .iter()
-            .find(|h| h["host_id"] == original_id.as_str())
-            .cloned()
-            .unwrap_or_default();
+        let orig = linkmesh_integration::harness::host_row(hosts, &original_id);
         assert_eq!(
             orig["opamp"]["instance_uid"], original_uid,
             "the original's row took another collector: {hosts:?}"
@@ -600,9 +562,8 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "the copy never ran its collector while held: {st}\nagent:\n{}\ncollector:\n{}",
-            b.journal(Some("linkmesh-agent"), "-n 40"),
-            b.journal(Some("linkmesh-collector"), "-n 20")
+            "the copy never ran its collector while held: {st}\n{}",
+            journals(&b)
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -653,9 +614,8 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "the clone's collector never connected as its own host: {hosts:?}\nagent:\n{}\ncollector:\n{}",
-            b.journal(Some("linkmesh-agent"), "-n 40"),
-            b.journal(Some("linkmesh-collector"), "-n 20")
+            "the clone's collector never connected as its own host: {hosts:?}\n{}",
+            journals(&b)
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -674,13 +634,26 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
         "{supervisor_config}"
     );
     // The original is untouched and still connected with its collector.
-    let orig = fleet
-        .hosts()?
-        .into_iter()
-        .find(|h| h["host_id"] == original_id.as_str())
-        .unwrap_or_default();
+    let orig = linkmesh_integration::harness::host_row(&fleet.hosts()?, &original_id);
     assert_eq!(orig["opamp"]["connected"], true, "{orig}");
     assert_eq!(orig["opamp"]["instance_uid"], original_uid, "{orig}");
+    Ok(())
+}
+
+/// The first-boot enrolment file, as cloud-init would write it.
+fn write_enroll_env(
+    h: &linkmesh_integration::testhost::TestHost,
+    fleet: &linkmesh_integration::harness::Fleet,
+    t: &linkmesh_integration::harness::TokenInfo,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(h.path("/etc/linkmesh"))?;
+    std::fs::write(
+        h.path("/etc/linkmesh/enroll.env"),
+        format!(
+            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
+            fleet.url, t.ca_pin, t.token
+        ),
+    )?;
     Ok(())
 }
 
@@ -691,15 +664,9 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
 /// identity and the agent stopped, and a corrected file then enrols.
 #[test]
 fn an_image_enrols_on_its_first_boot_from_its_token_file_and_never_again() -> R {
-    use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
-    let dir = linkmesh_integration::harness::scratch("first-boot")?;
-    let mut net = TestNet::new()?;
-    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
-        &dir.path().join("fleet"),
-        net.netns(),
-        &format!("{SERVER_ADDR}:8443"),
-        &["--report-interval", "1s"],
-    )?;
+    use linkmesh_integration::testhost::TestHost;
+    let (_dir, mut net, fleet) =
+        linkmesh_integration::testhost::server_across_the_veth("first-boot", &[])?;
     let mut h = TestHost::boot("lm-first-boot")?;
     h.copy_in(
         &linkmesh_integration::harness::binary("linkmesh-agent")?,
@@ -716,14 +683,7 @@ fn an_image_enrols_on_its_first_boot_from_its_token_file_and_never_again() -> R 
     }
     h.sh("systemctl daemon-reload && systemctl enable --quiet linkmesh-agent linkmesh-enroll")?;
     let t = fleet.token(1, "1h")?;
-    std::fs::create_dir_all(h.path("/etc/linkmesh"))?;
-    std::fs::write(
-        h.path("/etc/linkmesh/enroll.env"),
-        format!(
-            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
-            fleet.url, t.ca_pin, t.token
-        ),
-    )?;
+    write_enroll_env(&h, &fleet, &t)?;
 
     // First boot; the network comes a moment later.
     h.reboot()?;
@@ -786,13 +746,7 @@ fn an_image_enrols_on_its_first_boot_from_its_token_file_and_never_again() -> R 
     // Generalised again, with a token the server refuses: no identity, the
     // agent stays stopped, the unit says why.
     h.sh("systemctl stop linkmesh-agent && linkmesh-agent image-prep >/dev/null")?;
-    std::fs::write(
-        h.path("/etc/linkmesh/enroll.env"),
-        format!(
-            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
-            fleet.url, t.ca_pin, t.token
-        ),
-    )?;
+    write_enroll_env(&h, &fleet, &t)?;
     let (code, _) = h.run("systemctl start linkmesh-enroll")?;
     assert_ne!(code, 0);
     let journal = h.journal(Some("linkmesh-enroll"), "-n 20");
@@ -808,13 +762,7 @@ fn an_image_enrols_on_its_first_boot_from_its_token_file_and_never_again() -> R 
     );
     // Corrected: enrolled, and the agent started by the unit.
     let t2 = fleet.token(1, "1h")?;
-    std::fs::write(
-        h.path("/etc/linkmesh/enroll.env"),
-        format!(
-            "LINKMESH_SERVER={}\nLINKMESH_CA_PIN={}\nLINKMESH_TOKEN={}\n",
-            fleet.url, t2.ca_pin, t2.token
-        ),
-    )?;
+    write_enroll_env(&h, &fleet, &t2)?;
     h.sh("systemctl restart linkmesh-enroll")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while h.sh("systemctl is-active linkmesh-agent || true")?.trim() != "active" {

@@ -4,12 +4,9 @@
 //! `hosts revoke` refuses a host at once, across restarts, and its agent
 //! stops reporting while its collector keeps running.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use linkmesh_agent::{
-    identity::Identity, proto, reporter::refusal_standing, tls::mtls_client_config,
-    transport::Dialer,
-};
+use linkmesh_agent::{identity::Identity, proto, reporter::refusal_standing};
 use linkmesh_integration::harness::{AgentEnv, Fleet, alive, fleet_with_agent, text};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
@@ -18,11 +15,7 @@ type R = anyhow::Result<()>;
 
 const T: Duration = Duration::from_secs(20);
 
-fn client(id: &Identity) -> anyhow::Result<proto::Client<tonic::transport::Channel>> {
-    let tls = Arc::new(mtls_client_config(id)?);
-    let dialer = Dialer::new(id.server.clone(), tls, None, Duration::from_secs(5));
-    Ok(proto::Client::new(dialer.channel()?))
-}
+use linkmesh_integration::harness::mtls_client as client;
 
 /// Renews `id` with a new key, as the agent does, and returns the identity
 /// the server's answer makes (not stored anywhere).
@@ -135,6 +128,13 @@ fn a_superseded_certificate_is_refused_everywhere_and_an_unstored_renewal_is_ren
         assert!(
             status.message().contains("replaced by a renewal"),
             "{status:?}"
+        );
+        // Nor does a copy holding the superseded certificate get an
+        // identity of its own (issue 14).
+        let k = rcgen::KeyPair::generate()?;
+        refused_as(
+            linkmesh_integration::harness::rekey_as_copy(&old, &k, &"ab".repeat(32)).await,
+            proto::Standing::Superseded,
         );
         assert_eq!(standing(&old).await?, proto::Standing::Superseded);
         assert_eq!(standing(&kept).await?, proto::Standing::Current);

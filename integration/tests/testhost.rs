@@ -146,7 +146,8 @@ fn the_agent_runs_as_a_notify_service_and_logs_to_journald() -> R {
 #[test]
 fn hosts_enrol_over_a_veth_link_to_the_server_namespace() -> R {
     use linkmesh_integration::{harness::binary, testhost::SERVER_ADDR};
-    let (_dir, mut net, fleet) = server_across_the_veth("veth")?;
+    let (_dir, mut net, fleet) =
+        linkmesh_integration::testhost::server_across_the_veth("veth", &[])?;
     assert_eq!(fleet.url, format!("https://{SERVER_ADDR}:8443"));
     let mut hosts = Vec::new();
     for name in ["lm-net-a", "lm-net-b"] {
@@ -418,7 +419,8 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
 #[test]
 fn telemetry_flows_from_the_collector_to_its_sink_never_through_the_server() -> R {
     use linkmesh_integration::harness::{binary, install_runtime};
-    let (_dir, mut net, fleet) = server_across_the_veth("telemetry")?;
+    let (_dir, mut net, fleet) =
+        linkmesh_integration::testhost::server_across_the_veth("telemetry", &[])?;
     let host = TestHost::boot("lm-telemetry")?;
     net.attach(&host)?;
     host.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
@@ -541,25 +543,4 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// A test network with the reference server in its namespace on
-/// `SERVER_ADDR:8443`, asking for a report every second.
-fn server_across_the_veth(
-    name: &str,
-) -> anyhow::Result<(
-    tempfile::TempDir,
-    linkmesh_integration::testhost::TestNet,
-    linkmesh_integration::harness::Fleet,
-)> {
-    use linkmesh_integration::testhost::SERVER_ADDR;
-    let dir = linkmesh_integration::harness::scratch(name)?;
-    let net = linkmesh_integration::testhost::TestNet::new()?;
-    let fleet = linkmesh_integration::harness::Fleet::start_in_netns(
-        &dir.path().join("fleet"),
-        net.netns(),
-        &format!("{SERVER_ADDR}:8443"),
-        &["--report-interval", "1s"],
-    )?;
-    Ok((dir, net, fleet))
 }

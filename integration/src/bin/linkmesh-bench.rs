@@ -289,13 +289,8 @@ fn clones(args: &Args) -> anyhow::Result<Vec<Figure>> {
     }
     let dir = scratch("bench-clones")?;
     let fleet = Fleet::start(&dir.path().join("fleet"), &["--report-interval", "1s"])?;
-    let original = AgentEnv::new(&dir.path().join("original"))?;
-    original.write_config("[runtime]\nkind = \"none\"\n")?;
-    let t = fleet.token(1, "1h")?;
-    let out = original.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
-    if !out.status.success() {
-        bail!("enrol: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let original =
+        linkmesh_integration::harness::idle_enrolled_agent(&dir.path().join("original"), &fleet)?;
     let original_id = original.identity()?.host_id.to_string();
     let (mut to_identity, mut to_report) = (Vec::new(), Vec::new());
     for n in 0..args.clones {
