@@ -334,3 +334,57 @@ fn fifty_copies_of_one_image_starting_at_once_become_fifty_hosts() -> anyhow::Re
     );
     Ok(())
 }
+
+/// A running agent whose machine becomes another one under it (a live
+/// clone, a snapshot with its memory booted elsewhere): the next report
+/// finds the fingerprint changed, stops reporting as the original and
+/// re-keys, without a restart.
+#[test]
+fn a_machine_that_changes_under_a_running_agent_is_re_keyed_at_the_next_report()
+-> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = scratch("live-clone")?;
+    let fleet = Fleet::start(&dir.path().join("fleet"), &["--report-interval", "1s"])?;
+    let original =
+        linkmesh_integration::harness::idle_enrolled_agent(&dir.path().join("original"), &fleet)?;
+    let original_id = host_on_disk(&original)?;
+    // The copy starts on the machine it was enrolled on (this one's id)...
+    let copy = copy_agent(&original, &dir.path().join("live"))?;
+    let machine_id = copy.root.join("machine-id");
+    std::fs::copy("/etc/machine-id", &machine_id)?;
+    let child = run_on_machine(&copy, &machine_id, &[])?;
+    let status_file = copy.state.join("runtime-status.json");
+    let reports = || {
+        std::fs::read(&status_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|s| s["reporter"]["reports"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + LIMIT;
+    while reports() < 2 {
+        if Instant::now() > deadline {
+            stop(child);
+            anyhow::bail!(
+                "no reports as the original:\n{}",
+                std::fs::read_to_string(copy.root.join("run.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(host_on_disk(&copy)?, original_id);
+    // ...then the machine under it changes (the bound file is rewritten).
+    write_machine_id(&machine_id, 4242)?;
+    let mut child = child;
+    let rekeyed = killed_or_rekeyed(&mut child, &copy, &original_id);
+    let log = std::fs::read_to_string(copy.root.join("run.log")).unwrap_or_default();
+    stop(child);
+    anyhow::ensure!(!rekeyed?, "the agent exited:\n{log}");
+    assert!(log.contains("This machine became a copy of host"), "{log}");
+    let hosts = fleet.hosts()?;
+    let clone = linkmesh_integration::harness::host_row(&hosts, &host_on_disk(&copy)?);
+    assert_eq!(clone["cloned_from"], original_id.as_str(), "{hosts:?}");
+    Ok(())
+}
