@@ -410,6 +410,11 @@ fn desired(settings: &Settings, spec: &ChildSpec) -> service::Desired {
             storage_dir: settings.state_dir.join(SUPERVISOR_STORAGE),
             agent: agent_executable(),
             state_dir: settings.state_dir.clone(),
+            environment: spec
+                .env
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect(),
         },
         collector: spec
             .requires
@@ -715,6 +720,18 @@ fn prepare_supervisor(
         args: vec!["--config".into(), path.into_os_string()],
         requires: vec![("collector".to_owned(), collector)],
         launcher: Some(PathBuf::from("/proc/self/exe")),
+        // Its OpAMP connection follows the agent's proxy rule.
+        env: crate::transport::proxy_environment(
+            crate::transport::proxy_for(
+                this_host.server.host(),
+                settings.proxy_url.as_deref(),
+                |k| std::env::var(k).ok(),
+            )
+            .as_ref(),
+        )
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
     })
 }
 

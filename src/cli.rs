@@ -885,11 +885,18 @@ fn enroll(settings: &Settings, args: EnrollArgs) -> Result<(), Failure> {
     };
     let timeout = config::parse_duration(&args.timeout)
         .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    let proxy = crate::transport::proxy_for(server.host(), settings.proxy_url.as_deref(), |k| {
+        std::env::var(k).ok()
+    });
+    if let Some(p) = &proxy {
+        tracing::info!(proxy = %p.authority, source = %p.source, "Enrolling through an HTTP proxy");
+    }
     let opts = EnrollOptions {
         server,
         trust,
         force: args.force,
         timeout,
+        proxy,
     };
 
     let store = IdentityStore::new(&settings.state_dir);

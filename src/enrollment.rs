@@ -41,6 +41,9 @@ pub struct EnrollOptions {
     pub force: bool,
     /// Bound on each network step.
     pub timeout: Duration,
+    /// The HTTP CONNECT proxy to reach the server through (the rule every
+    /// connection follows: [`crate::transport::proxy_for`]).
+    pub proxy: Option<crate::transport::Proxy>,
 }
 
 /// What enrolment did.
@@ -205,7 +208,7 @@ pub async fn enroll(
     }
     let token = token()?;
     let tls = Arc::new(enrol_client_config(&opts.trust)?);
-    let channel = connect_once(&opts.server, tls, opts.timeout).await?;
+    let channel = connect_once(&opts.server, tls, opts.proxy.as_ref(), opts.timeout).await?;
     let mut client = proto::Client::new(channel);
     let rejected = |s: tonic::Status| EnrollError::Rejected {
         server: opts.server.clone(),

@@ -31,6 +31,14 @@ pub enum ConnectError {
         /// The last error.
         reason: String,
     },
+    /// The HTTP CONNECT proxy could not be reached or refused the tunnel.
+    #[error("cannot reach {server} through the proxy: {reason}")]
+    Proxy {
+        /// The server URL.
+        server: String,
+        /// The proxy's failure, naming the proxy.
+        reason: String,
+    },
     /// The TLS handshake failed; the token was not sent.
     #[error("TLS with {server} failed, nothing was sent: {reason}")]
     Handshake {
@@ -49,17 +57,52 @@ pub enum ConnectError {
     },
 }
 
-/// Connects to `server` with `tls` and returns a gRPC channel over that one
-/// connection, whose requests time out after `timeout`. Every step (resolve,
-/// connect, handshake) is bounded by `timeout` too.
+/// Opens a TLS connection to `server`: directly (resolve, then each address
+/// in turn) or through the HTTP CONNECT `proxy`, then the handshake with
+/// `tls`. Every step is bounded by `timeout`. The one way the agent reaches
+/// the server: enrolment, reports, renewal, re-key and `check` all dial here.
 ///
 /// # Errors
 /// [`ConnectError`] for the step that failed.
-pub async fn connect_once(
+pub async fn dial_tls(
     server: &ServerUrl,
     tls: Arc<rustls::ClientConfig>,
+    proxy: Option<&Proxy>,
     timeout: Duration,
-) -> Result<Channel, ConnectError> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let authority = server.authority();
+    let tcp = match proxy {
+        Some(p) => connect_via_proxy(p, &authority, timeout)
+            .await
+            .map_err(|e| ConnectError::Proxy {
+                server: server.to_string(),
+                reason: e.to_string(),
+            })?,
+        None => connect_direct(server, timeout).await?,
+    };
+    let _ = tcp.set_nodelay(true);
+    let handshake_err = |reason: String| ConnectError::Handshake {
+        server: server.to_string(),
+        reason,
+    };
+    let name = rustls::pki_types::ServerName::try_from(server.host().to_owned())
+        .map_err(|e| handshake_err(format!("invalid server name: {e}")))?;
+    match tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(handshake_err(explain_handshake_error(&e))),
+        Err(_) => Err(handshake_err(format!(
+            "handshake timed out after {timeout:?}"
+        ))),
+    }
+}
+
+/// Resolves `server` and connects to the first address that accepts.
+async fn connect_direct(server: &ServerUrl, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let authority = server.authority();
     let resolved = tokio::time::timeout(timeout, tokio::net::lookup_host(authority.clone())).await;
     let addrs: Vec<SocketAddr> = match resolved {
@@ -76,52 +119,39 @@ pub async fn connect_once(
         }
     };
     let mut last = String::from("no addresses");
-    let mut tcp = None;
     for addr in &addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                tcp = Some(s);
-                break;
-            }
+            Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => last = e.to_string(),
             Err(_) => last = format!("connect timed out after {timeout:?}"),
         }
     }
-    let Some(tcp) = tcp else {
-        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-        return Err(ConnectError::Unreachable {
-            server: server.to_string(),
-            addrs: if list.is_empty() {
-                authority
-            } else {
-                list.join(", ")
-            },
-            reason: last,
-        });
-    };
-    let _ = tcp.set_nodelay(true);
-
-    let handshake_err = |reason: String| ConnectError::Handshake {
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    Err(ConnectError::Unreachable {
         server: server.to_string(),
-        reason,
-    };
-    let name = rustls::pki_types::ServerName::try_from(server.host().to_owned())
-        .map_err(|e| handshake_err(format!("invalid server name: {e}")))?;
-    let tls_stream = match tokio::time::timeout(
-        timeout,
-        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(handshake_err(explain_handshake_error(&e))),
-        Err(_) => {
-            return Err(handshake_err(format!(
-                "handshake timed out after {timeout:?}"
-            )));
-        }
-    };
+        addrs: if list.is_empty() {
+            authority
+        } else {
+            list.join(", ")
+        },
+        reason: last,
+    })
+}
 
+/// Connects to `server` (through `proxy` when given) with `tls` and returns
+/// a gRPC channel over that one connection, whose requests time out after
+/// `timeout`.
+///
+/// # Errors
+/// [`ConnectError`] for the step that failed.
+pub async fn connect_once(
+    server: &ServerUrl,
+    tls: Arc<rustls::ClientConfig>,
+    proxy: Option<&Proxy>,
+    timeout: Duration,
+) -> Result<Channel, ConnectError> {
+    let authority = server.authority();
+    let tls_stream = dial_tls(server, tls, proxy, timeout).await?;
     // Hand the established stream to tonic exactly once.
     let slot = Arc::new(std::sync::Mutex::new(Some(TokioIo::new(tls_stream))));
     let connector = tower::service_fn(move |_: http::Uri| {
@@ -205,6 +235,24 @@ pub fn proxy_for(
         format!("{authority}:80")
     };
     Some(Proxy { authority, source })
+}
+
+/// The environment a Go program (opampsupervisor: gorilla/websocket with
+/// `http.ProxyFromEnvironment`) needs to reach the server the way the agent
+/// does: through `proxy`'s authority when there is one, else directly.
+/// Each entry sets a variable (`Some`) or removes it (`None`). Go reads
+/// the upper-case name first and skips empty values, so the lower-case
+/// spellings are removed rather than emptied. Pure.
+pub fn proxy_environment(proxy: Option<&Proxy>) -> Vec<(&'static str, Option<String>)> {
+    match proxy {
+        Some(p) => vec![
+            ("HTTPS_PROXY", Some(format!("http://{}", p.authority))),
+            ("https_proxy", None),
+            ("NO_PROXY", None),
+            ("no_proxy", None),
+        ],
+        None => vec![("HTTPS_PROXY", None), ("https_proxy", None)],
+    }
 }
 
 /// Opens a tunnel to `target` (`host:port`) through an HTTP CONNECT proxy.
@@ -323,30 +371,15 @@ impl Dialer {
     async fn dial_inner(
         &self,
     ) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
-        let authority = self.server.authority();
-        let tcp = match &self.proxy {
-            Some(p) => connect_via_proxy(p, &authority, self.timeout).await?,
-            None => tokio::time::timeout(self.timeout, TcpStream::connect(authority.as_str()))
-                .await
-                .map_err(|_| std::io::Error::other(format!("connecting to {authority} timed out")))?
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{authority}: {e}")))?,
-        };
-        let _ = tcp.set_nodelay(true);
-        let name = rustls::pki_types::ServerName::try_from(self.server.host().to_owned())
-            .map_err(|e| std::io::Error::other(format!("invalid server name: {e}")))?;
         let tls = self
             .tls
             .read()
             .map(|t| t.clone())
             .map_err(|_| std::io::Error::other("TLS configuration lock poisoned"))?;
-        let stream = tokio::time::timeout(
-            self.timeout,
-            tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
-        .map_err(|e| std::io::Error::other(explain_handshake_error(&e)))?;
-        Ok(TokioIo::new(stream))
+        dial_tls(&self.server, tls, self.proxy.as_ref(), self.timeout)
+            .await
+            .map(TokioIo::new)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     /// A lazily connecting channel that redials through this dialer whenever
@@ -384,6 +417,24 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| (*v).to_owned())
         }
+    }
+
+    #[test]
+    fn the_supervisor_gets_the_agents_proxy_and_nothing_else() {
+        let p = Proxy {
+            authority: "proxy.corp:3128".into(),
+            source: "proxy.url".into(),
+        };
+        let env = proxy_environment(Some(&p));
+        assert_eq!(
+            env[0],
+            ("HTTPS_PROXY", Some("http://proxy.corp:3128".into()))
+        );
+        assert!(env[1..].iter().all(|(_, v)| v.is_none()), "{env:?}");
+        assert!(env.iter().any(|(k, _)| *k == "no_proxy"));
+        let direct = proxy_environment(None);
+        assert!(direct.iter().all(|(_, v)| v.is_none()), "{direct:?}");
+        assert!(direct.iter().any(|(k, _)| *k == "https_proxy"));
     }
 
     #[test]

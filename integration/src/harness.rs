@@ -917,6 +917,122 @@ pub fn kill_group(mut child: Child) {
     let _ = child.wait();
 }
 
+/// An executable the tests need, from the PATH.
+///
+/// # Errors
+/// When it is not installed, naming the script that installs it.
+pub fn tool(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{name} is required: run scripts/test (scripts/install-test-deps installs it)"
+            )
+        })
+}
+
+/// A real HTTP CONNECT proxy (tinyproxy) for a test, stopped when dropped.
+pub struct Tinyproxy {
+    child: Option<Child>,
+    /// `http://LISTEN:PORT`.
+    pub url: String,
+    /// Its log (connections at `LogLevel Connect`).
+    pub log: PathBuf,
+}
+
+impl Tinyproxy {
+    /// Starts tinyproxy on `listen`:`port` (in the network namespace
+    /// `netns` when given), admitting clients from `allow` (an address or
+    /// CIDR) and tunnels to port `connect_port` only; its files in `dir`.
+    ///
+    /// # Errors
+    /// When tinyproxy is missing or does not start listening.
+    pub fn start(
+        dir: &Path,
+        listen: &str,
+        port: u16,
+        allow: &str,
+        connect_port: &str,
+        netns: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let bin = tool("tinyproxy")?;
+        let conf = dir.join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen {listen}\nTimeout 30\nLogLevel Connect\nMaxClients 50\nAllow {allow}\nConnectPort {connect_port}\n"
+            ),
+        )?;
+        let log = dir.join("tinyproxy.log");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
+            .args(["-d", "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::options().append(true).open(&log)?)
+            .spawn()?;
+        let me = Self {
+            child: Some(child),
+            url: format!("http://{listen}:{port}"),
+            log,
+        };
+        // Ready once it accepts a connection (from its namespace).
+        let probe = format!("exec 3<>/dev/tcp/{listen}/{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, "bash", "-c", &probe]);
+                    c
+                }
+                None => {
+                    let mut c = Command::new("bash");
+                    c.args(["-c", &probe]);
+                    c
+                }
+            };
+            if c.stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                return Ok(me);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("tinyproxy did not start listening: {}", me.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Stops it (as a proxy that went down).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The row of host `id` in a `hosts --json` listing (`Null` when absent).
 pub fn host_row(hosts: &[serde_json::Value], id: &str) -> serde_json::Value {
     hosts

@@ -65,21 +65,12 @@ fn run_on(
     strace_args: Option<&[String]>,
 ) -> anyhow::Result<Child> {
     let wrapper: Vec<std::ffi::OsString> = match strace_args {
-        Some(a) => std::iter::once(which("strace").into_os_string())
+        Some(a) => std::iter::once(linkmesh_integration::harness::tool("strace")?.into_os_string())
             .chain(a.iter().map(Into::into))
             .collect(),
         None => Vec::new(),
     };
     run_on_machine(agent, machine_id, &wrapper)
-}
-
-fn which(tool: &str) -> PathBuf {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{tool} is required: run scripts/test (it installs it)"))
 }
 
 /// The host id on disk, read as the agent reads it: `Err` when the

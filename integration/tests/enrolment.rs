@@ -529,9 +529,13 @@ fn raw_enroll_as(
     rt.block_on(async {
         let trust = tls::Trust::Pins(vec![pin.parse()?]);
         let config = std::sync::Arc::new(tls::enrol_client_config(&trust)?);
-        let channel =
-            transport::connect_once(&server.parse()?, config, std::time::Duration::from_secs(10))
-                .await?;
+        let channel = transport::connect_once(
+            &server.parse()?,
+            config,
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await?;
         let mut client = proto::Client::new(channel);
         Ok(client
             .enroll(proto::EnrollRequest {

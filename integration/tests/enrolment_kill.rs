@@ -59,7 +59,7 @@ fn walk_kill_points(
     fleet: &Fleet,
     previous: Option<&Fleet>,
 ) -> anyhow::Result<u32> {
-    let strace = which_strace();
+    let strace = linkmesh_integration::harness::tool("strace")?;
     let agent_bin = binary("linkmesh-agent")?;
     let mut killed_runs = 0;
     let mut scenario = 0;
@@ -138,16 +138,4 @@ fn walk_kill_points(
     }
     eprintln!("killed {killed_runs} enrolments at distinct steps; every one recovered");
     Ok(killed_runs)
-}
-
-fn which_strace() -> std::path::PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = std::path::Path::new(dir).join("strace");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "strace is required for the kill -9 test: run scripts/test (it installs it) or apt-get install strace"
-    );
 }

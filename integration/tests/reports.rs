@@ -393,7 +393,7 @@ fn beyond_the_grace_window_renewal_is_refused_and_nothing_re_enrols() -> R {
 
 #[test]
 fn a_host_clock_an_hour_off_is_measured_and_reported_as_skew() -> R {
-    let faketime = which("faketime");
+    let faketime = linkmesh_integration::harness::tool("faketime")?;
     let (_dir, _fleet, agent) = fleet_with_agent("rep-clock", &[])?;
     let identity_before = snapshot(&agent.state.join("identity"));
     let agent_bin = linkmesh_integration::harness::binary("linkmesh-agent")?;
@@ -515,102 +515,110 @@ impl Drop for AgentCmd {
     }
 }
 
-fn which(name: &str) -> std::path::PathBuf {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is required: run scripts/test (it installs it) or apt-get install {name}"
-            )
-        })
-}
-
 #[test]
-fn reports_go_through_an_http_connect_proxy() -> R {
-    let tinyproxy = which("tinyproxy");
+fn enrolment_and_reports_go_through_an_http_connect_proxy() -> R {
     let (dir, fleet, agent) = fleet_with_agent("rep-proxy", &[])?;
     let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let fleet_port = fleet.addr.rsplit(':').next().unwrap_or("0").to_owned();
-    let conf = dir.path().join("tinyproxy.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "Port {proxy_port}\nListen 127.0.0.1\nTimeout 30\nLogLevel Connect\nMaxClients 20\nAllow 127.0.0.1\nConnectPort {fleet_port}\n"
-        ),
+    let mut proxy = linkmesh_integration::harness::Tinyproxy::start(
+        dir.path(),
+        "127.0.0.1",
+        proxy_port,
+        "127.0.0.1",
+        &fleet_port,
+        None,
     )?;
-    let proxy_log = dir.path().join("tinyproxy.log");
-    let mut proxy = std::process::Command::new(tinyproxy)
-        .args(["-d", "-c"])
-        .arg(&conf)
-        .stdout(std::fs::File::create(&proxy_log)?)
-        .stderr(std::fs::File::options().append(true).open(&proxy_log)?)
-        .spawn()?;
-    let result = (|| -> R {
-        let cfg = std::fs::read_to_string(&agent.config)?;
-        agent.write_config(&format!(
-            "{cfg}[proxy]\nurl = \"http://127.0.0.1:{proxy_port}\"\n"
-        ))?;
-        let run = agent.spawn_run(&[], &[])?;
-        let s = run.wait_status(T, "reports via proxy", |s| reports(s) >= 2)?;
-        assert_eq!(
-            s["reporter"]["proxy"],
-            format!("127.0.0.1:{proxy_port} via proxy.url").as_str()
-        );
-        let log = std::fs::read_to_string(&proxy_log)?;
+    let connects = |proxy: &linkmesh_integration::harness::Tinyproxy| {
+        proxy
+            .log_text()
+            .matches("Established connection to host \"127.0.0.1\"")
+            .count()
+    };
+    let cfg = std::fs::read_to_string(&agent.config)?;
+    let with_proxy = format!("{cfg}[proxy]\nurl = \"{}\"\n", proxy.url);
+
+    // Enrolment dials through the proxy as every other connection does:
+    // the configured one, and HTTPS_PROXY.
+    for (config, env) in [
+        (Some(with_proxy.as_str()), None),
+        (None, Some(proxy.url.as_str())),
+    ] {
+        let other = AgentEnv::new(&dir.path().join(format!("enrol-{}", connects(&proxy))))?;
+        if let Some(c) = config {
+            other.write_config(c)?;
+        }
+        let t = fleet.token(1, "1h")?;
+        let before = connects(&proxy);
+        let mut cmd = other.cmd()?;
+        cmd.args(["enroll", "--server", &fleet.url, "--ca-pin", &t.ca_pin])
+            .env("LINKMESH_TOKEN", &t.token)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy");
+        if let Some(url) = env {
+            cmd.env("HTTPS_PROXY", url);
+        }
+        let out = cmd.output()?;
+        assert!(out.status.success(), "{}", text(&out));
         assert!(
-            log.contains("Established connection to host \"127.0.0.1\" using file descriptor")
-                || log.contains("CONNECT"),
-            "{log}"
+            connects(&proxy) > before,
+            "enrolment bypassed the proxy: {}",
+            proxy.log_text()
         );
-        drop(run);
-        // The environment works too, and NO_PROXY exempts the server.
-        agent.write_config(&cfg)?;
-        let run = agent.spawn_run(
-            &[],
-            &[
-                ("HTTPS_PROXY", &format!("http://127.0.0.1:{proxy_port}")),
-                ("NO_PROXY", ""),
-            ],
-        )?;
-        let s = run.wait_status(T, "reports via HTTPS_PROXY", |s| reports(s) >= 1)?;
-        assert_eq!(
-            s["reporter"]["proxy"],
-            format!("127.0.0.1:{proxy_port} via HTTPS_PROXY").as_str()
-        );
-        drop(run);
-        let run = agent.spawn_run(
-            &[],
-            &[
-                ("HTTPS_PROXY", &format!("http://127.0.0.1:{proxy_port}")),
-                ("NO_PROXY", "127.0.0.1"),
-            ],
-        )?;
-        let s = run.wait_status(T, "direct", |s| reports(s) >= 1)?;
-        assert_eq!(s["reporter"]["proxy"], Value::Null);
-        // A proxy that is down is named in the error.
-        let _ = proxy.kill();
-        let _ = proxy.wait();
-        drop(run);
-        let run = agent.spawn_run(
-            &[],
-            &[("HTTPS_PROXY", &format!("http://127.0.0.1:{proxy_port}"))],
-        )?;
-        run.wait_status(T, "proxy error", |s| {
-            s["reporter"]["last_error"].as_str().is_some_and(|e| {
-                e.contains(&format!("proxy 127.0.0.1:{proxy_port} is unreachable"))
-            })
-        })?;
-        assert!(alive(run.pid()));
-        Ok(())
-    })();
-    let _ = proxy.kill();
-    let _ = proxy.wait();
-    result
+    }
+
+    agent.write_config(&with_proxy)?;
+    let run = agent.spawn_run(&[], &[])?;
+    let s = run.wait_status(T, "reports via proxy", |s| reports(s) >= 2)?;
+    assert_eq!(
+        s["reporter"]["proxy"],
+        format!("127.0.0.1:{proxy_port} via proxy.url").as_str()
+    );
+    assert!(connects(&proxy) >= 3, "{}", proxy.log_text());
+    drop(run);
+    // The environment works too, and NO_PROXY exempts the server.
+    agent.write_config(&cfg)?;
+    let run = agent.spawn_run(&[], &[("HTTPS_PROXY", &proxy.url), ("NO_PROXY", "")])?;
+    let s = run.wait_status(T, "reports via HTTPS_PROXY", |s| reports(s) >= 1)?;
+    assert_eq!(
+        s["reporter"]["proxy"],
+        format!("127.0.0.1:{proxy_port} via HTTPS_PROXY").as_str()
+    );
+    drop(run);
+    let run = agent.spawn_run(
+        &[],
+        &[("HTTPS_PROXY", &proxy.url), ("NO_PROXY", "127.0.0.1")],
+    )?;
+    let s = run.wait_status(T, "direct", |s| reports(s) >= 1)?;
+    assert_eq!(s["reporter"]["proxy"], Value::Null);
+    // A proxy that is down is named in the error, for reports and enrolment.
+    proxy.stop();
+    drop(run);
+    let run = agent.spawn_run(&[], &[("HTTPS_PROXY", &proxy.url)])?;
+    run.wait_status(T, "proxy error", |s| {
+        s["reporter"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("proxy 127.0.0.1:{proxy_port} is unreachable")))
+    })?;
+    assert!(alive(run.pid()));
+    let other = AgentEnv::new(&dir.path().join("enrol-proxy-down"))?;
+    let t = fleet.token(1, "1h")?;
+    let out = other
+        .cmd()?
+        .args(["enroll", "--server", &fleet.url, "--ca-pin", &t.ca_pin])
+        .env("LINKMESH_TOKEN", &t.token)
+        .env("HTTPS_PROXY", &proxy.url)
+        .env_remove("NO_PROXY")
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("proxy 127.0.0.1:{proxy_port} is unreachable")),
+        "{}",
+        text(&out)
+    );
+    assert!(!other.state.join("identity").exists());
+    Ok(())
 }
 
 #[test]

@@ -184,6 +184,107 @@ fn hosts_enrol_over_a_veth_link_to_the_server_namespace() -> R {
     Ok(())
 }
 
+/// One proxy rule for every connection (issue 16, item 1): with `[proxy]
+/// url` set, enrolment, reports and the supervisor's OpAMP connection all
+/// reach the server through the HTTP CONNECT proxy. The proxy runs in the
+/// server's namespace, so the server sees what came through it from the
+/// proxy's address and what came directly from the host's.
+#[test]
+fn enrolment_reports_and_the_supervisor_all_go_through_the_proxy() -> R {
+    use linkmesh_integration::{
+        harness::{QUIET_COLLECTOR_CONFIG, Tinyproxy, binary, install_runtime},
+        testhost::SERVER_ADDR,
+    };
+    let (dir, mut net, fleet) =
+        linkmesh_integration::testhost::server_across_the_veth("proxy", &[])?;
+    let proxy = Tinyproxy::start(
+        dir.path(),
+        SERVER_ADDR,
+        3128,
+        "192.0.2.0/24",
+        "8443",
+        Some(net.netns()),
+    )?;
+    let host = TestHost::boot("lm-proxy")?;
+    let host_addr = net.attach(&host)?;
+    host.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
+    install_runtime(&host)?;
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
+    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
+    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
+    std::fs::write(
+        host.path("/etc/linkmesh/collector.yaml"),
+        QUIET_COLLECTOR_CONFIG,
+    )?;
+    std::fs::write(
+        host.path("/etc/linkmesh/agent.toml"),
+        format!("[proxy]\nurl = \"{}\"\n", proxy.url),
+    )?;
+    let t = fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    host.sh(&format!(
+        "linkmesh-agent enroll --server {} --ca-pin {} --token-file /root/token && systemctl daemon-reload && systemctl enable --now linkmesh-agent",
+        fleet.url, t.ca_pin
+    ))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let hosts = fleet.hosts()?;
+        if hosts
+            .first()
+            .is_some_and(|h| h["opamp"]["connected"] == true)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no OpAMP connection through the proxy: {hosts:?}\nproxy:\n{}\ncollector:\n{}",
+            proxy.log_text(),
+            host.journal(Some("linkmesh-collector"), "-n 30")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let unit_text =
+        std::fs::read_to_string(host.path("/etc/systemd/system/linkmesh-collector.service"))?;
+    assert!(
+        unit_text.contains(&format!("Environment=\"HTTPS_PROXY={}\"", proxy.url)),
+        "{unit_text}"
+    );
+    // The server saw the supervisor's OpAMP connections come from the
+    // proxy, never from the host itself.
+    let log = fleet.log();
+    let opened: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("OpAMP connection opened"))
+        .collect();
+    assert!(!opened.is_empty(), "{log}");
+    let host_ip = host_addr.split('/').next().unwrap_or(&host_addr).to_owned();
+    for line in &opened {
+        assert!(
+            line.contains(&format!("Some({SERVER_ADDR}:")),
+            "not through the proxy: {line}"
+        );
+        assert!(!line.contains(&format!("Some({host_ip}:")), "{line}");
+    }
+    // Enrolment, reports and OpAMP: at least three tunnels.
+    let tunnels = proxy
+        .log_text()
+        .matches(&format!("Established connection to host \"{SERVER_ADDR}\""))
+        .count();
+    assert!(tunnels >= 3, "{}", proxy.log_text());
+    let st: serde_json::Value = serde_json::from_str(&host.sh("linkmesh-agent status --json")?)?;
+    assert!(
+        st["runtime"]["reporter"]["reports"].as_u64() >= Some(1),
+        "{st}"
+    );
+    assert_eq!(
+        st["runtime"]["reporter"]["proxy"],
+        format!("{SERVER_ADDR}:3128 via proxy.url").as_str(),
+        "{st}"
+    );
+    Ok(())
+}
+
 #[test]
 fn alloy_is_detected_watched_and_an_upgrade_without_restart_shows() -> R {
     use linkmesh_integration::harness::binary;

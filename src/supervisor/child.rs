@@ -34,6 +34,8 @@ pub struct ChildSpec {
     /// The agent executable providing `launch`; `None` starts the program
     /// directly (it is then not killed when the agent dies).
     pub launcher: Option<PathBuf>,
+    /// Changes to the inherited environment: set (`Some`) or removed.
+    pub env: Vec<(String, Option<String>)>,
 }
 
 /// Bounds of each step of a stop.
@@ -138,6 +140,12 @@ pub fn spawn(spec: &ChildSpec) -> Result<Running, SpawnError> {
         }
         None => tokio::process::Command::new(&spec.program),
     };
+    for (k, v) in &spec.env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
     cmd.args(&spec.args)
         .stdin(Stdio::null())
         .process_group(0)

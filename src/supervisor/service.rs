@@ -177,7 +177,7 @@ pub fn stopped_on_request(state_dir: &Path) -> bool {
 }
 
 enum Request {
-    Apply(Desired, oneshot::Sender<()>),
+    Apply(Box<Desired>, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -221,7 +221,7 @@ impl UnitSupervisor {
         let (tx, rx) = oneshot::channel();
         if self
             .requests
-            .send(Request::Apply(desired, tx))
+            .send(Request::Apply(Box::new(desired), tx))
             .await
             .is_ok()
         {
@@ -564,7 +564,7 @@ async fn watch_unit(
             },
             req = requests.recv() => match req {
                 Some(Request::Apply(d, done)) => {
-                    w.desired = d;
+                    w.desired = *d;
                     if let Err(e) = w.ensure(true).await {
                         tracing::error!(error = %e, "Cannot apply the collector runtime's unit");
                     }

@@ -66,6 +66,9 @@ pub struct UnitInputs {
     pub agent: PathBuf,
     /// The agent's state directory.
     pub state_dir: PathBuf,
+    /// Variables set for the supervisor (the agent's proxy, see
+    /// [`crate::transport::proxy_environment`]).
+    pub environment: Vec<(String, String)>,
 }
 
 /// The unit file.
@@ -94,7 +97,7 @@ pub fn render_unit(i: &UnitInputs) -> String {
          \n\
          [Service]\n\
          Type=exec\n\
-         {}ExecStart={} --config {}\n\
+         {}{}ExecStart={} --config {}\n\
          Restart=always\n\
          RestartSec={}\n\
          # opampsupervisor stops its collector on SIGINT and exits; SIGKILL\n\
@@ -142,6 +145,7 @@ pub fn render_unit(i: &UnitInputs) -> String {
          WantedBy=multi-user.target",
         START_LIMIT_INTERVAL.as_secs(),
         start_condition(i),
+        environment(i),
         p(&i.supervisor),
         p(&i.config),
         RESTART_SEC.as_secs(),
@@ -165,6 +169,20 @@ pub fn start_condition(i: &UnitInputs) -> String {
         p(&i.agent),
         p(&i.state_dir)
     )
+}
+
+/// `Environment=` lines, one per variable, quoted for systemd.
+fn environment(i: &UnitInputs) -> String {
+    let mut out = String::new();
+    for (k, v) in &i.environment {
+        let value = format!("{k}={v}")
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('%', "%%")
+            .replace('$', "$$");
+        let _ = writeln!(out, "Environment=\"{value}\"");
+    }
+    out
 }
 
 /// What of the unit file a running collector depends on: all of it but the
@@ -418,6 +436,7 @@ mod tests {
             storage_dir: "/var/lib/linkmesh-agent/supervisor".into(),
             agent: "/usr/bin/linkmesh-agent".into(),
             state_dir: "/var/lib/linkmesh-agent".into(),
+            environment: Vec::new(),
         }
     }
 
@@ -435,6 +454,18 @@ mod tests {
         assert_eq!(
             got, want,
             "golden file differs; LINKMESH_UPDATE_GOLDEN=1 cargo test --lib unit rewrites it"
+        );
+    }
+
+    #[test]
+    fn the_proxy_goes_in_the_supervisors_environment() {
+        let mut i = inputs();
+        assert!(!render_unit(&i).contains("Environment="));
+        i.environment = vec![("HTTPS_PROXY".into(), "http://proxy.corp:3128".into())];
+        let u = render_unit(&i);
+        assert!(
+            u.contains("Environment=\"HTTPS_PROXY=http://proxy.corp:3128\"\nExecStart="),
+            "{u}"
         );
     }
 

@@ -587,6 +587,7 @@ fn one_run(args: &Args, agent_bin: &std::path::Path) -> anyhow::Result<Vec<Figur
             trust: Trust::Pins(vec![pin]),
             force: false,
             timeout: Duration::from_secs(10),
+            proxy: None,
         };
         let token = Token::parse(&t.token, "bench")?;
         let start = Instant::now();
@@ -1144,9 +1145,13 @@ fn fleet_figures(
     let identities: Vec<Identity> = rt.block_on(async {
         use futures_util::StreamExt as _;
         let tls_cfg = std::sync::Arc::new(tls::enrol_client_config(&Trust::Pins(vec![pin]))?);
-        let channel =
-            linkmesh_agent::transport::connect_once(&server, tls_cfg, Duration::from_secs(30))
-                .await?;
+        let channel = linkmesh_agent::transport::connect_once(
+            &server,
+            tls_cfg,
+            None,
+            Duration::from_secs(30),
+        )
+        .await?;
         let results: Vec<anyhow::Result<Identity>> = futures_util::stream::iter(0..args.fleet)
             .map(|i| {
                 let mut client = proto::Client::new(channel.clone());
