@@ -158,7 +158,7 @@ pub async fn run(
     // time systemd (and `systemctl restart`) hears READY; the publisher
     // rewrites it on every change from there.
     let state_dir = settings.state_dir.clone();
-    publish_now(&mut report_rx, &mut reporter_rx, &state_dir);
+    publish_now(&mut report_rx, &mut reporter_rx, &state_dir).await;
     let publisher = tokio::spawn(publish(report_rx, reporter_rx, state_dir));
     if fault == Some(crate::fault::Fault::NeverReady) {
         tracing::error!("Injected fault: never telling systemd READY (a test build)");
@@ -471,7 +471,7 @@ impl Managed {
         }
         match detection.kind {
             RuntimeKind::Otelcol => {
-                let spec = prepare_supervisor(settings, this_host, &detection)?;
+                let (spec, _) = prepare_supervisor(settings, this_host, &detection).await?;
                 if !unit_mode(settings) && service::stopped_on_request(&settings.state_dir) {
                     tracing::info!(
                         "The collector runtime was stopped with `linkmesh-agent runtime stop`; `linkmesh-agent runtime start` starts it"
@@ -575,8 +575,11 @@ impl Managed {
                     return Self::start(settings, this_host, options, report).await;
                 }
                 let config_path = settings.state_dir.join(SUPERVISOR_CONFIG);
-                let before = std::fs::read(&config_path).unwrap_or_default();
-                let new_spec = match prepare_supervisor(settings, this_host, &detection) {
+                let (new_spec, config_changed) = match prepare_supervisor(
+                    settings, this_host, &detection,
+                )
+                .await
+                {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(error = %e, "Reload failed; keeping the running supervisor");
@@ -587,11 +590,10 @@ impl Managed {
                         });
                     }
                 };
-                let after = std::fs::read(&config_path).unwrap_or_default();
                 forward.abort();
                 let forward = forward_supervision(supervisor.status(), detection.clone(), report);
                 match &supervisor {
-                    Runner::Child(child) if new_spec != spec || before != after => {
+                    Runner::Child(child) if new_spec != spec || config_changed => {
                         tracing::info!(config = %config_path.display(), "Supervisor configuration changed; restarting it");
                         child.apply(new_spec.clone()).await;
                     }
@@ -618,13 +620,19 @@ impl Managed {
         match self {
             Self::Otelcol {
                 supervisor,
-                forward,
+                mut forward,
                 ..
             } => {
                 supervisor.stop().await;
-                // Let the final state reach the status file.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                forward.abort();
+                // The supervisor's task is gone, and with it its status
+                // sender: the forwarder passes on the final state and ends.
+                // Bounded, should anything else hold a sender.
+                if tokio::time::timeout(Duration::from_secs(1), &mut forward)
+                    .await
+                    .is_err()
+                {
+                    forward.abort();
+                }
             }
             Self::Alloy { watcher, .. } => watcher.abort(),
             Self::Idle | Self::Stopped => {}
@@ -668,13 +676,14 @@ async fn detect(settings: &Settings) -> Detection {
     }
 }
 
-/// Renders the supervisor's configuration (written only when it changed)
-/// and returns how to run it.
-fn prepare_supervisor(
+/// Renders the supervisor's configuration (written only when it changed,
+/// off the async thread) and returns how to run it, and whether the file
+/// changed.
+async fn prepare_supervisor(
     settings: &Settings,
     this_host: &ThisHost,
     detection: &Detection,
-) -> Result<ChildSpec, AppError> {
+) -> Result<(ChildSpec, bool), AppError> {
     let state = &settings.state_dir;
     let identity_dir = IdentityStore::new(state).identity_dir();
     let collector = detection
@@ -709,12 +718,27 @@ fn prepare_supervisor(
     };
     let yaml = render(&inputs);
     let path = state.join(SUPERVISOR_CONFIG);
-    ensure_private_dir(state, 0o700)?;
-    if std::fs::read(&path).ok().as_deref() != Some(yaml.as_bytes()) {
-        write_atomic(&path, yaml.as_bytes(), 0o600)?;
+    let (dir, file) = (state.clone(), path.clone());
+    let changed = tokio::task::spawn_blocking(move || -> Result<bool, AppError> {
+        ensure_private_dir(&dir, 0o700)?;
+        if std::fs::read(&file).ok().as_deref() == Some(yaml.as_bytes()) {
+            return Ok(false);
+        }
+        write_atomic(&file, yaml.as_bytes(), 0o600)?;
+        Ok(true)
+    })
+    .await
+    .map_err(|e| {
+        AppError::Fs(crate::fs::FsError::new(
+            "write",
+            &path,
+            std::io::Error::other(e.to_string()),
+        ))
+    })??;
+    if changed {
         tracing::info!(path = %path.display(), "Wrote supervisor configuration");
     }
-    Ok(ChildSpec {
+    let spec = ChildSpec {
         name: "opampsupervisor".to_owned(),
         program: supervisor,
         args: vec!["--config".into(), path.into_os_string()],
@@ -732,7 +756,8 @@ fn prepare_supervisor(
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect(),
-    })
+    };
+    Ok((spec, changed))
 }
 
 fn warn_if_restart_pending(alloy: Option<&runtime::AlloyInfo>) {
@@ -770,8 +795,8 @@ fn forward_supervision(
 }
 
 /// Writes the runtime's and the reporter's current state to the status
-/// file (atomically) and marks both as seen.
-fn publish_now(
+/// file (atomically, fsynced, off the async thread) and marks both as seen.
+async fn publish_now(
     runtime: &mut watch::Receiver<Option<RuntimeReport>>,
     reporter: &mut watch::Receiver<crate::reporter::ReporterStatus>,
     state_dir: &Path,
@@ -783,8 +808,13 @@ fn publish_now(
             runtime: r,
             reporter: rep,
         };
-        if let Err(e) = crate::published::write(state_dir, &state) {
-            tracing::warn!(error = %e, "Cannot write status file");
+        let dir = state_dir.to_owned();
+        let written =
+            tokio::task::spawn_blocking(move || crate::published::write(&dir, &state)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot write status file"),
+            Err(e) => tracing::warn!(error = %e, "Cannot write status file"),
         }
     }
 }
@@ -801,7 +831,7 @@ async fn publish(
             c = runtime.changed() => if c.is_err() { return },
             c = reporter.changed() => if c.is_err() { return },
         }
-        publish_now(&mut runtime, &mut reporter, &state_dir);
+        publish_now(&mut runtime, &mut reporter, &state_dir).await;
     }
 }
 

@@ -72,6 +72,40 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FsErr
     result
 }
 
+/// [`write_atomic`] on a blocking thread, for async callers: its fsyncs
+/// must not stall the (single-threaded) runtime.
+///
+/// # Errors
+/// As [`write_atomic`].
+pub async fn write_atomic_off_thread(
+    path: PathBuf,
+    bytes: Vec<u8>,
+    mode: u32,
+) -> Result<(), FsError> {
+    off_thread(path.clone(), move || write_atomic(&path, &bytes, mode)).await
+}
+
+/// [`ensure_private_dir`] on a blocking thread, for async callers.
+///
+/// # Errors
+/// As [`ensure_private_dir`].
+pub async fn ensure_private_dir_off_thread(dir: PathBuf, mode: u32) -> Result<(), FsError> {
+    off_thread(dir.clone(), move || ensure_private_dir(&dir, mode)).await
+}
+
+async fn off_thread(
+    path: PathBuf,
+    f: impl FnOnce() -> Result<(), FsError> + Send + 'static,
+) -> Result<(), FsError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(FsError::new(
+            "write",
+            &path,
+            io::Error::other(e.to_string()),
+        ))
+    })
+}
+
 /// Flushes a directory's entries (new, renamed or removed files) to disk.
 ///
 /// # Errors

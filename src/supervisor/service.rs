@@ -30,7 +30,7 @@ use super::{
     policy::RestartPolicy,
     unit::{self, ShortRuns, Snapshot, UNIT_NAME, UnitInputs},
 };
-use crate::fs::write_atomic;
+use crate::fs::write_atomic_off_thread;
 
 /// How long one `systemctl` call may take.
 pub const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(45);
@@ -387,12 +387,12 @@ impl Watch {
             }
         }
         // The unit's sandbox makes the storage writable; it must exist.
-        crate::fs::ensure_private_dir(&d.unit.storage_dir, 0o700)?;
+        crate::fs::ensure_private_dir_off_thread(d.unit.storage_dir.clone(), 0o700).await?;
         let text = unit::render_unit(&d.unit);
         let path = d.unit_path();
         let written = std::fs::read(&path).ok().as_deref() != Some(text.as_bytes());
         if written {
-            write_atomic(&path, text.as_bytes(), 0o644)?;
+            write_atomic_off_thread(path.clone(), text.clone().into_bytes(), 0o644).await?;
             tracing::info!(path = %path.display(), "Wrote the collector runtime's unit");
             systemctl(&["daemon-reload"]).await?;
         }
@@ -423,7 +423,12 @@ impl Watch {
             }
             // Recorded first: a start that is interrupted is then not
             // repeated as a restart by the next agent.
-            write_atomic(&applied_path, format!("{fingerprint}\n").as_bytes(), 0o600)?;
+            write_atomic_off_thread(
+                applied_path.clone(),
+                format!("{fingerprint}\n").into_bytes(),
+                0o600,
+            )
+            .await?;
             tracing::info!(
                 unit = UNIT_NAME,
                 action,
