@@ -530,10 +530,7 @@ pub fn standing_check(
 pub fn certificate_check(id: &Identity, now: time::OffsetDateTime, agent_running: bool) -> Check {
     const TITLE: &str = "certificate is valid and not near expiry";
     let v = &id.validity;
-    let fmt = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
+    let fmt = crate::clock::rfc3339;
     if now >= v.not_after {
         return bad(
             "certificate",
@@ -606,12 +603,7 @@ pub fn version_check(info: &proto::ServerInfoResponse, allow_ahead: bool) -> Che
             "check the server",
         );
     };
-    let behind = info
-        .skew_policy
-        .as_ref()
-        .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
-            p.minor_versions_behind
-        });
+    let behind = proto::SkewPolicy::window(info.skew_policy.as_ref());
     let verdict = version::skew(&agent, &server, behind);
     let detail = verdict.explain(&agent, &server);
     match verdict {

@@ -1101,12 +1101,7 @@ fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
                     );
                 }
                 let last = rep.last_report_unix_ms.map(|ms| {
-                    time::OffsetDateTime::from_unix_timestamp(i64::try_from(ms / 1000).unwrap_or(0))
-                        .ok()
-                        .and_then(|t| {
-                            t.format(&time::format_description::well_known::Rfc3339)
-                                .ok()
-                        })
+                    crate::clock::rfc3339_unix_s(i64::try_from(ms / 1000).unwrap_or(0))
                         .unwrap_or_default()
                 });
                 println!(

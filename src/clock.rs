@@ -20,6 +20,13 @@ pub fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// [`rfc3339`] of Unix seconds; `None` out of range.
+pub fn rfc3339_unix_s(secs: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .map(rfc3339)
+}
+
 /// [`rfc3339`] of Unix milliseconds (the epoch for one out of range).
 pub fn rfc3339_unix_ms(ms: u64) -> String {
     let ns = i128::from(ms) * 1_000_000;

@@ -230,11 +230,7 @@ pub async fn enroll(
         .server_version
         .parse()
         .map_err(|e: version::VersionError| bad(e.to_string()))?;
-    let behind = info
-        .skew_policy
-        .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
-            p.minor_versions_behind
-        });
+    let behind = proto::SkewPolicy::window(info.skew_policy.as_ref());
     let agent = version::agent_version();
     let verdict = version::skew(&agent, &server_version, behind);
     match verdict {
@@ -282,11 +278,11 @@ pub async fn enroll(
         .map(CertificateDer::from)
         .collect();
     let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let enrolled_at = OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| OffsetDateTime::now_utc())
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let enrolled_at = crate::clock::rfc3339(
+        OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+    );
     let identity = Identity::new(
         host_id.clone(),
         opts.server.clone(),

@@ -52,18 +52,8 @@ pub struct OsRelease {
 /// Parses os-release text (shell-style `KEY=value`, values optionally quoted).
 pub fn parse_os_release(text: &str) -> OsRelease {
     let mut os = OsRelease::default();
-    for line in text.lines() {
-        let Some((k, v)) = line.trim().split_once('=') else {
-            continue;
-        };
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-            .unwrap_or(v)
-            .replace("\\\"", "\"");
-        match k {
+    for (k, v) in crate::kv::assignments(text) {
+        match k.as_str() {
             "ID" => os.id = v,
             "ID_LIKE" => os.id_like = v,
             "VERSION_ID" => os.version_id = v,

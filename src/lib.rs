@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod backoff;
 pub mod check;
 pub mod cli;
 pub mod clock;
@@ -19,6 +20,7 @@ pub mod hex;
 pub mod host;
 pub mod identity;
 pub mod image_prep;
+pub mod kv;
 pub mod proto;
 pub mod published;
 pub mod reporter;

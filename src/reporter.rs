@@ -99,16 +99,18 @@ pub struct HostView {
     pub clone_pending: bool,
 }
 
-/// The delay before retry `failures` (1-based): 1 s × 1.6ⁿ⁻¹ capped at
-/// 120 s, ±20 % from `jitter` in `[-1, 1]`.
+/// The reporter's retries: 1 s × 1.6ⁿ⁻¹ capped at 120 s, ±20 %.
+pub const RETRY: crate::backoff::Exponential = crate::backoff::Exponential {
+    initial: Duration::from_secs(1),
+    factor: 1.6,
+    max: Duration::from_secs(120),
+    jitter_percent: 20,
+};
+
+/// The delay before retry `failures` (1-based), ±20 % from `jitter` in
+/// `[-1, 1]` ([`RETRY`]).
 pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
-    let base = (1.6f64.powi(
-        i32::try_from(failures.saturating_sub(1))
-            .unwrap_or(i32::MAX)
-            .min(64),
-    ))
-    .min(120.0);
-    Duration::from_secs_f64(base * (1.0 + 0.2 * jitter.clamp(-1.0, 1.0)))
+    RETRY.delay(failures, jitter)
 }
 
 /// What a failed exchange calls for.
@@ -502,12 +504,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                 let midpoint = (crate::clock::unix_ms(before) + crate::clock::unix_ms(after)) / 2;
                 let offset = midpoint as i64 - resp.server_time_unix_ms;
                 let new_verdict = resp.server_version.parse::<Version>().ok().map(|sv| {
-                    let behind = resp
-                        .skew_policy
-                        .as_ref()
-                        .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
-                            p.minor_versions_behind
-                        });
+                    let behind = proto::SkewPolicy::window(resp.skew_policy.as_ref());
                     (
                         version::skew(&version::agent_version(), &sv, behind),
                         sv,

@@ -366,15 +366,8 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
             not_after,
         }) => {
             let at = |t: &rustls_pki_types::UnixTime| {
-                time::OffsetDateTime::from_unix_timestamp(
-                    i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                )
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| format!("unix {}", t.as_secs()))
+                crate::clock::rfc3339_unix_s(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
+                    .unwrap_or_else(|| format!("unix {}", t.as_secs()))
             };
             format!(
                 "the fleet server's own TLS certificate expired at {} (this host's clock says {}); this host's certificate is not the one at fault: the server must renew its certificate (restarting linkmesh-fleet issues a new one), or, if the host's clock is wrong, fix the clock",

@@ -1000,18 +1000,12 @@ fn new_host_id() -> Result<String, ring::error::Unspecified> {
 }
 
 fn now_unix_ms() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+    i64::try_from(linkmesh_agent::clock::now_unix_ms()).unwrap_or(i64::MAX)
 }
 
 /// Unix seconds as RFC 3339.
 pub fn rfc3339(unix: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
+    linkmesh_agent::clock::rfc3339_unix_s(unix).unwrap_or_else(|| unix.to_string())
 }
 
 #[cfg(test)]

@@ -298,8 +298,8 @@ pub struct ServeRecord {
     /// The report interval agents are told.
     #[serde(default)]
     pub report_interval_secs: u64,
-    /// The skew window.
-    #[serde(default)]
+    /// The skew window (the agent's default when an older record has none).
+    #[serde(default = "default_window")]
     pub minor_versions_behind: u32,
     /// Runtime pins: kind -> version.
     #[serde(default)]
@@ -578,4 +578,8 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::new(path, e))?;
     bytes.push(b'\n');
     write_atomic(path, &bytes, 0o600).map_err(|e| StateError::new(path, e))
+}
+
+fn default_window() -> u32 {
+    linkmesh_agent::version::DEFAULT_MINOR_VERSIONS_BEHIND
 }

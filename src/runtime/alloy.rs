@@ -83,22 +83,10 @@ pub fn inspect(mut exe: Executable, probes: &dyn Probes) -> AlloyInfo {
     }
 }
 
-/// `KEY=value` lines of a shell environment file, quotes removed.
+/// `KEY=value` lines of a shell environment file, quotes removed
+/// ([`crate::kv::assignments`]).
 pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.split_once('=')?;
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                .unwrap_or(v);
-            Some((k.trim().to_owned(), v.to_owned()))
-        })
-        .collect()
+    crate::kv::assignments(text)
 }
 
 /// The value of `--server.http.listen-addr` in Alloy's arguments.

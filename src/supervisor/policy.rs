@@ -36,6 +36,18 @@ impl Default for RestartPolicy {
     }
 }
 
+impl RestartPolicy {
+    /// The delays: doubling from `initial` to `max`, ± `jitter_percent`.
+    pub fn backoff(&self) -> crate::backoff::Exponential {
+        crate::backoff::Exponential {
+            initial: self.initial,
+            factor: 2.0,
+            max: self.max,
+            jitter_percent: self.jitter_percent,
+        }
+    }
+}
+
 /// What to do after an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Restart {
@@ -69,22 +81,9 @@ impl Backoff {
         if ran_for >= self.policy.stable_after {
             self.consecutive = 0;
         }
-        let exponent = self.consecutive.min(30);
         self.consecutive = self.consecutive.saturating_add(1);
-        let base = self
-            .policy
-            .initial
-            .checked_mul(1u32 << exponent)
-            .unwrap_or(self.policy.max)
-            .min(self.policy.max);
-        let spread = base.as_secs_f64() * f64::from(self.policy.jitter_percent) / 100.0;
-        let jittered = (base.as_secs_f64() + spread * jitter.clamp(-1.0, 1.0)).max(0.0);
         Restart {
-            delay: Duration::from_secs_f64(jittered).min(
-                self.policy
-                    .max
-                    .mul_f64(1.0 + f64::from(self.policy.jitter_percent) / 100.0),
-            ),
+            delay: self.policy.backoff().delay(self.consecutive, jitter),
             consecutive_failures: self.consecutive,
             crash_loop: self.consecutive >= self.policy.crash_loop_after,
         }

@@ -11,7 +11,7 @@ use crate::{
     identity::IdentityStore,
     proto,
     tls::{Trust, enrol_client_config},
-    version::{self, Version, VersionError},
+    version::{Version, VersionError},
 };
 
 /// Whom to ask.
@@ -78,11 +78,7 @@ pub fn server_side(
 pub fn asked(info: &proto::ServerInfoResponse, server: &str) -> Result<ServerSide, VersionError> {
     Ok(ServerSide {
         version: info.server_version.parse()?,
-        minor_versions_behind: info
-            .skew_policy
-            .map_or(version::DEFAULT_MINOR_VERSIONS_BEHIND, |p| {
-                p.minor_versions_behind
-            }),
+        minor_versions_behind: proto::SkewPolicy::window(info.skew_policy.as_ref()),
         source: Source::Asked {
             server: server.to_owned(),
         },
