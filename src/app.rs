@@ -529,7 +529,7 @@ impl Managed {
                     detection: rx,
                 })
             }
-            RuntimeKind::Auto | RuntimeKind::None => {
+            RuntimeKind::None => {
                 tracing::info!(
                     "No collector runtime to manage; reload (SIGHUP) after installing one"
                 );

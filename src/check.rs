@@ -724,7 +724,7 @@ pub fn runtime_version_check(d: &Detection, pins: &[proto::RuntimePin]) -> Check
                 _ => ok("runtime_version", TITLE, format!("alloy {installed}")),
             }
         }
-        RuntimeKind::Auto | RuntimeKind::None => bad(
+        RuntimeKind::None => bad(
             "runtime_version",
             TITLE,
             Outcome::Warn,

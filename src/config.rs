@@ -69,12 +69,20 @@ pub struct Settings {
     pub sources: Vec<PathBuf>,
 }
 
-/// Which collector runtime the agent manages.
+/// Which collector runtime the configuration asks for (`runtime.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeChoice {
+    /// Detect: opampsupervisor + otelcol-contrib, else Alloy, else none.
+    Auto,
+    /// This runtime, whatever is installed.
+    Only(RuntimeKind),
+}
+
+/// Which collector runtime the agent manages: a choice resolved by
+/// detection ([`crate::runtime::detect`]), never `auto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeKind {
-    /// Detect: opampsupervisor + otelcol-contrib, else Alloy, else none.
-    Auto,
     /// otelcol-contrib run by opampsupervisor.
     Otelcol,
     /// Grafana Alloy (watched and reported, not run).
@@ -101,7 +109,7 @@ pub enum RuntimeMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeSettings {
     /// Which runtime.
-    pub kind: RuntimeKind,
+    pub kind: RuntimeChoice,
     /// How opampsupervisor is run.
     pub mode: RuntimeMode,
     /// opampsupervisor executable.
@@ -397,17 +405,17 @@ fn validate(
     let alloy = abs_path("runtime.alloy", DEFAULT_ALLOY, &mut bad);
 
     let kind = match get("runtime.kind") {
-        None | Some(("auto", _)) => RuntimeKind::Auto,
-        Some(("otelcol", _)) => RuntimeKind::Otelcol,
-        Some(("alloy", _)) => RuntimeKind::Alloy,
-        Some(("none", _)) => RuntimeKind::None,
+        None | Some(("auto", _)) => RuntimeChoice::Auto,
+        Some(("otelcol", _)) => RuntimeChoice::Only(RuntimeKind::Otelcol),
+        Some(("alloy", _)) => RuntimeChoice::Only(RuntimeKind::Alloy),
+        Some(("none", _)) => RuntimeChoice::Only(RuntimeKind::None),
         Some((v, src)) => {
             bad(
                 src,
                 "runtime.kind",
                 format!("{} is not one of auto, otelcol, alloy, none", shown(v)),
             );
-            RuntimeKind::Auto
+            RuntimeChoice::Auto
         }
     };
 
@@ -668,7 +676,7 @@ mod tests {
         let s = from_texts(&[], no_env).unwrap();
         assert_eq!(s.server, None);
         assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-        assert_eq!(s.runtime.kind, RuntimeKind::Auto);
+        assert_eq!(s.runtime.kind, RuntimeChoice::Auto);
         assert_eq!(s.runtime.supervisor, PathBuf::from(DEFAULT_SUPERVISOR));
         assert_eq!(s.report_interval, Duration::from_secs(30));
         assert_eq!(s.proxy_url, None);
@@ -720,7 +728,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.server.unwrap().to_string(), "https://b.example:8443");
-        assert_eq!(s.runtime.kind, RuntimeKind::Otelcol);
+        assert_eq!(s.runtime.kind, RuntimeChoice::Only(RuntimeKind::Otelcol));
         assert_eq!(s.report_interval, Duration::from_secs(60));
         assert_eq!(s.sources.len(), 3);
     }

@@ -200,7 +200,7 @@ pub fn runtime_status(r: Option<&RuntimeReport>) -> proto::RuntimeStatus {
     let kind = match r.kind {
         RuntimeKind::Otelcol => "otelcol",
         RuntimeKind::Alloy => "alloy",
-        RuntimeKind::Auto | RuntimeKind::None => "none",
+        RuntimeKind::None => "none",
     };
     let d = &r.detection;
     let mut s = proto::RuntimeStatus {
@@ -259,7 +259,7 @@ pub fn runtime_status(r: Option<&RuntimeReport>) -> proto::RuntimeStatus {
                 };
             }
         }
-        RuntimeKind::Auto | RuntimeKind::None => {}
+        RuntimeKind::None => {}
     }
     s
 }

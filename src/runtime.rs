@@ -11,7 +11,7 @@ pub mod probe;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{RuntimeKind, RuntimeSettings};
+use crate::config::{RuntimeChoice, RuntimeKind, RuntimeSettings};
 
 /// Paths the official packages install each executable to.
 pub const PACKAGE_PATHS_COLLECTOR: &[&str] = &[
@@ -250,15 +250,17 @@ pub fn detect(settings: &RuntimeSettings, probes: &dyn Probes) -> Detection {
     .map(|(path, origin)| alloy::inspect(executable(path, origin, probes, UNIT_ALLOY), probes));
 
     let kind = match settings.kind {
-        RuntimeKind::Auto if collector.is_some() && supervisor.is_some() => RuntimeKind::Otelcol,
-        RuntimeKind::Auto if alloy.is_some() => RuntimeKind::Alloy,
-        RuntimeKind::Auto => RuntimeKind::None,
-        k => k,
+        RuntimeChoice::Auto if collector.is_some() && supervisor.is_some() => RuntimeKind::Otelcol,
+        RuntimeChoice::Auto if alloy.is_some() => RuntimeKind::Alloy,
+        RuntimeChoice::Auto => RuntimeKind::None,
+        RuntimeChoice::Only(k) => k,
     };
-    if settings.kind == RuntimeKind::Otelcol && (collector.is_none() || supervisor.is_none()) {
+    if settings.kind == RuntimeChoice::Only(RuntimeKind::Otelcol)
+        && (collector.is_none() || supervisor.is_none())
+    {
         notes.push("runtime.kind is otelcol but opampsupervisor or otelcol-contrib is missing: install them with install-opamp.sh".into());
     }
-    if settings.kind == RuntimeKind::Alloy && alloy.is_none() {
+    if settings.kind == RuntimeChoice::Only(RuntimeKind::Alloy) && alloy.is_none() {
         notes.push("runtime.kind is alloy but no alloy executable was found".into());
     }
 
@@ -413,7 +415,7 @@ mod tests {
         }
     }
 
-    fn settings(kind: RuntimeKind) -> RuntimeSettings {
+    fn settings(kind: RuntimeChoice) -> RuntimeSettings {
         RuntimeSettings {
             kind,
             mode: crate::config::RuntimeMode::Auto,
@@ -469,7 +471,7 @@ mod tests {
 
     #[test]
     fn supervised_otelcol_from_package_paths() {
-        let d = detect(&settings(RuntimeKind::Auto), &otel_host());
+        let d = detect(&settings(RuntimeChoice::Auto), &otel_host());
         assert_eq!(d.kind, RuntimeKind::Otelcol);
         let c = d.collector.unwrap();
         assert_eq!(
@@ -489,13 +491,17 @@ mod tests {
         let mut f = otel_host();
         f.packages.clear();
         f.records.insert("opampsupervisor", "0.158.0".into());
-        let s = detect(&settings(RuntimeKind::Auto), &f).supervisor.unwrap();
+        let s = detect(&settings(RuntimeChoice::Auto), &f)
+            .supervisor
+            .unwrap();
         assert_eq!(
             (s.version.as_deref(), s.version_source.as_deref()),
             (Some("0.158.0"), Some("install record"))
         );
         f.records.clear();
-        let s = detect(&settings(RuntimeKind::Auto), &f).supervisor.unwrap();
+        let s = detect(&settings(RuntimeChoice::Auto), &f)
+            .supervisor
+            .unwrap();
         assert_eq!(s.version, None);
         assert!(s.version_error.unwrap().contains("no --version"));
     }
@@ -511,7 +517,7 @@ mod tests {
             .insert("/usr/local/bin/opampsupervisor".into(), Ok(String::new()));
         f.path
             .insert("opampsupervisor", "/usr/local/bin/opampsupervisor".into());
-        let mut s = settings(RuntimeKind::Auto);
+        let mut s = settings(RuntimeChoice::Auto);
         s.collector = "/srv/custom/otelcol".into();
         let d = detect(&s, &f);
         assert_eq!(d.kind, RuntimeKind::Otelcol);
@@ -528,7 +534,7 @@ mod tests {
         f.units.insert(UNIT_COLLECTOR, unit("enabled", "active"));
         f.units
             .insert(UNIT_SUPERVISOR, unit("disabled", "inactive"));
-        let d = detect(&settings(RuntimeKind::Auto), &f);
+        let d = detect(&settings(RuntimeChoice::Auto), &f);
         let codes: Vec<_> = d.conflicts.iter().map(|c| c.code.as_ref()).collect();
         assert_eq!(codes, ["standalone_collector_service"]);
         assert!(
@@ -538,7 +544,7 @@ mod tests {
         );
         f.units.insert(UNIT_COLLECTOR, unit("disabled", "inactive"));
         f.units.insert(UNIT_SUPERVISOR, unit("enabled", "inactive"));
-        let d = detect(&settings(RuntimeKind::Auto), &f);
+        let d = detect(&settings(RuntimeChoice::Auto), &f);
         let codes: Vec<_> = d.conflicts.iter().map(|c| c.code.as_ref()).collect();
         assert_eq!(codes, ["standalone_supervisor_service"]);
     }
@@ -547,9 +553,9 @@ mod tests {
     fn a_collector_without_supervisor_is_not_the_otelcol_runtime() {
         let mut f = otel_host();
         f.exes.remove(Path::new(DEFAULT_SUPERVISOR));
-        let d = detect(&settings(RuntimeKind::Auto), &f);
+        let d = detect(&settings(RuntimeChoice::Auto), &f);
         assert_eq!(d.kind, RuntimeKind::None);
-        let d = detect(&settings(RuntimeKind::Otelcol), &f);
+        let d = detect(&settings(RuntimeChoice::Only(RuntimeKind::Otelcol)), &f);
         assert_eq!(d.kind, RuntimeKind::Otelcol);
         assert!(d.notes[0].contains("install-opamp.sh"));
     }
@@ -569,7 +575,7 @@ mod tests {
         f.http = Some(Ok(
             "alloy_build_info{branch=\"HEAD\",version=\"v1.17.0\"} 1\n".into(),
         ));
-        let d = detect(&settings(RuntimeKind::Auto), &f);
+        let d = detect(&settings(RuntimeChoice::Auto), &f);
         assert_eq!(d.kind, RuntimeKind::Alloy);
         let a = d.alloy.unwrap();
         assert_eq!(a.executable.version.as_deref(), Some("v1.18.1"));
@@ -582,7 +588,7 @@ mod tests {
         );
 
         f.http = None;
-        let a = detect(&settings(RuntimeKind::Auto), &f).alloy.unwrap();
+        let a = detect(&settings(RuntimeChoice::Auto), &f).alloy.unwrap();
         assert_eq!(a.running_version, None);
         assert!(!a.restart_pending);
         assert!(a.running_error.unwrap().contains("connection refused"));
@@ -590,7 +596,7 @@ mod tests {
 
     #[test]
     fn nothing_installed() {
-        let d = detect(&settings(RuntimeKind::Auto), &Fake::default());
+        let d = detect(&settings(RuntimeChoice::Auto), &Fake::default());
         assert_eq!(d.kind, RuntimeKind::None);
         assert!(d.collector.is_none() && d.supervisor.is_none() && d.alloy.is_none());
     }

@@ -59,6 +59,15 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Something to be stored could not be made or encoded (a key pair, a
+    /// record): nothing on disk is at fault, and nothing was replaced.
+    #[error("cannot write {path}: {reason}; the identity in place was left untouched")]
+    Unwritable {
+        /// The file it was for.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The identity's parts do not fit together.
     #[error(
         "identity in {dir} is inconsistent: {error}; the identity was left untouched (re-enrol with --force to replace it)"
@@ -300,7 +309,7 @@ impl IdentityStore {
         }
         remove_dir_all_if_exists(&dir)?;
         ensure_private_dir(&dir, 0o700)?;
-        let pair = rcgen::KeyPair::generate().map_err(|e| StoreError::Corrupt {
+        let pair = rcgen::KeyPair::generate().map_err(|e| StoreError::Unwritable {
             path: key_path.clone(),
             reason: format!("cannot generate a key pair: {e}"),
         })?;
@@ -321,7 +330,7 @@ impl IdentityStore {
         remove_dir_all_if_exists(&staging)?;
         ensure_private_dir(&staging, 0o700)?;
 
-        let key_pem = key_pem(identity.key()).ok_or_else(|| StoreError::Corrupt {
+        let key_pem = key_pem(identity.key()).ok_or_else(|| StoreError::Unwritable {
             path: staging.join(KEY_FILE),
             reason: "only PKCS#8 private keys can be stored".into(),
         })?;
@@ -338,7 +347,7 @@ impl IdentityStore {
             ca_pin: identity.ca_pin.to_string(),
             enrolled_at: identity.enrolled_at.clone(),
         };
-        let meta = toml::to_string(&meta).map_err(|e| StoreError::Corrupt {
+        let meta = toml::to_string(&meta).map_err(|e| StoreError::Unwritable {
             path: staging.join(META_FILE),
             reason: e.to_string(),
         })?;
