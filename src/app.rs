@@ -146,7 +146,7 @@ pub async fn run(
         identity,
         interval: settings.report_interval,
         proxy,
-        install_method: install_method(&settings.state_dir),
+        install_method: InstallMethod::read(&settings.state_dir),
         host: facts,
         runtime: report_tx.subscribe(),
         clone,
@@ -836,13 +836,56 @@ async fn publish(
 }
 
 /// How the agent was installed, as the installer or package recorded it in
-/// `STATE/install-method` (deb, rpm, script); `binary` when nothing did.
-pub fn install_method(state_dir: &Path) -> String {
-    std::fs::read_to_string(state_dir.join(INSTALL_METHOD_FILE))
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|m| ["deb", "rpm", "script", "binary"].contains(&m.as_str()))
-        .unwrap_or_else(|| "binary".to_owned())
+/// `STATE/install-method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallMethod {
+    /// The deb package.
+    Deb,
+    /// The rpm package.
+    Rpm,
+    /// The one-liner's binary method (`install.sh` records `script`).
+    Script,
+    /// Nothing recorded: a binary put in place by hand.
+    Unrecorded,
+}
+
+impl InstallMethod {
+    /// From the record's text; anything else is [`Self::Unrecorded`].
+    pub fn parse(recorded: &str) -> Self {
+        match recorded.trim() {
+            "deb" => Self::Deb,
+            "rpm" => Self::Rpm,
+            "script" => Self::Script,
+            _ => Self::Unrecorded,
+        }
+    }
+
+    /// The recorded method in `state_dir`.
+    pub fn read(state_dir: &Path) -> Self {
+        std::fs::read_to_string(state_dir.join(INSTALL_METHOD_FILE))
+            .map_or(Self::Unrecorded, |s| Self::parse(&s))
+    }
+
+    /// The name reports and the fleet's drift use: deb, rpm, script, binary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deb => "deb",
+            Self::Rpm => "rpm",
+            Self::Script => "script",
+            Self::Unrecorded => "binary",
+        }
+    }
+
+    /// How a previous version is put back: by the package, else by the
+    /// one-liner's binary method.
+    pub fn rollback(self) -> crate::upgrade::probation::Method {
+        use crate::upgrade::probation::Method;
+        match self {
+            Self::Deb => Method::Deb,
+            Self::Rpm => Method::Rpm,
+            Self::Script | Self::Unrecorded => Method::Binary,
+        }
+    }
 }
 
 /// Probes that find nothing, when the real ones could not run.

@@ -617,9 +617,7 @@ fn upgrade(settings: &Settings, cmd: UpgradeCommand) -> Result<(), Failure> {
                 .parse::<version::Version>()
                 .map_err(|e| Failure::usage(format!("--to: {e}")))?;
             let method = match method.as_deref() {
-                None => {
-                    Method::from_install_method(&crate::app::install_method(&settings.state_dir))
-                }
+                None => crate::app::InstallMethod::read(&settings.state_dir).rollback(),
                 Some("deb") => Method::Deb,
                 Some("rpm") => Method::Rpm,
                 Some("binary" | "script") => Method::Binary,

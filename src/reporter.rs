@@ -73,7 +73,7 @@ pub struct ReporterContext {
     /// The proxy to use, if any.
     pub proxy: Option<Proxy>,
     /// How the agent was installed.
-    pub install_method: String,
+    pub install_method: crate::app::InstallMethod,
     /// Facts about the host.
     pub host: HostFacts,
     /// The runtime's state.
@@ -467,7 +467,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         let runtime = ctx.runtime.borrow_and_update().clone();
         let full = full_report(
             &ctx.identity,
-            &ctx.install_method,
+            ctx.install_method.as_str(),
             &ctx.host,
             runtime_status(runtime.as_ref()),
             verdict,

@@ -98,15 +98,16 @@ pub fn run(paths: &ConfigPaths, to: Option<&Version>) -> Vec<Check> {
         .collect();
     checks.push(space_check(&gathered));
 
-    let method = crate::app::install_method(&settings.state_dir);
+    let method = crate::app::InstallMethod::read(&settings.state_dir);
     checks.push(ok(
         "rollback",
         "the way back is known",
         format!(
-            "linkmesh-agent {} ({method} install); to roll back to it: {}",
+            "linkmesh-agent {} ({} install); to roll back to it: {}",
             version::AGENT_VERSION,
+            method.as_str(),
             rollback_command(
-                &method,
+                method.rollback(),
                 &server,
                 &store.identity_dir().join(crate::identity::store::CA_FILE),
                 &id.ca_pin.to_string(),
@@ -313,16 +314,13 @@ pub fn space_check(places: &[Place]) -> Check {
 /// host on its package (`dpkg`/`rpm` then downgrade) and a script-installed
 /// one on the binary, verifying the server against the stored CA.
 pub fn rollback_command(
-    method: &str,
+    method: crate::upgrade::probation::Method,
     server: &str,
     ca_file: &Path,
     ca_pin: &str,
     version: &str,
 ) -> String {
-    let method = match method {
-        "deb" | "rpm" => method,
-        _ => "binary",
-    };
+    let method = method.as_str();
     format!(
         "curl -fsS --cacert {} {server}/install.sh | sh -s -- --server {server} --ca-pin {ca_pin} --version {version} --method {method}",
         ca_file.display()
@@ -434,15 +432,29 @@ mod tests {
 
     #[test]
     fn the_rollback_command_keeps_the_method() {
+        use crate::app::InstallMethod;
         let ca = Path::new("/var/lib/linkmesh-agent/identity/ca.pem");
-        let c = rollback_command("deb", "https://f:8443", ca, "sha256:ab", "0.2.0");
+        let c = rollback_command(
+            InstallMethod::Deb.rollback(),
+            "https://f:8443",
+            ca,
+            "sha256:ab",
+            "0.2.0",
+        );
         assert!(c.ends_with("--version 0.2.0 --method deb"), "{c}");
         assert!(c.contains(
             "--cacert /var/lib/linkmesh-agent/identity/ca.pem https://f:8443/install.sh"
         ));
         for m in ["script", "binary", "something"] {
             assert!(
-                rollback_command(m, "https://f", ca, "p", "1.0.0").ends_with("--method binary")
+                rollback_command(
+                    InstallMethod::parse(m).rollback(),
+                    "https://f",
+                    ca,
+                    "p",
+                    "1.0.0"
+                )
+                .ends_with("--method binary")
             );
         }
     }

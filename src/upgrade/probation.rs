@@ -23,15 +23,6 @@ pub enum Method {
 }
 
 impl Method {
-    /// From the recorded install method (`STATE/install-method`).
-    pub fn from_install_method(m: &str) -> Self {
-        match m {
-            "deb" => Self::Deb,
-            "rpm" => Self::Rpm,
-            _ => Self::Binary,
-        }
-    }
-
     /// The stable name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -585,8 +576,12 @@ mod tests {
 
     #[test]
     fn methods_and_records_round_trip() {
-        assert_eq!(Method::from_install_method("deb"), Method::Deb);
-        assert_eq!(Method::from_install_method("script"), Method::Binary);
+        use crate::app::InstallMethod;
+        assert_eq!(InstallMethod::parse("deb\n").rollback(), Method::Deb);
+        assert_eq!(InstallMethod::parse("script").rollback(), Method::Binary);
+        assert_eq!(InstallMethod::parse("").rollback(), Method::Binary);
+        assert_eq!(InstallMethod::parse("script").as_str(), "script");
+        assert_eq!(InstallMethod::parse("dunno").as_str(), "binary");
         let p = Probation {
             from: "0.1.0".into(),
             to: "0.2.0".into(),
