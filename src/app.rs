@@ -898,8 +898,8 @@ impl runtime::Probes for NoProbes {
     fn which(&self, _: &str) -> Option<PathBuf> {
         None
     }
-    fn run(&self, _: &Path, _: &[&str]) -> Result<String, String> {
-        Err("detection unavailable".into())
+    fn run(&self, _: &Path, _: &[&str]) -> Result<String, runtime::ProbeError> {
+        Err(runtime::ProbeError::Unavailable)
     }
     fn package_version(&self, _: &str) -> Option<String> {
         None
@@ -913,8 +913,8 @@ impl runtime::Probes for NoProbes {
     fn read_file(&self, _: &Path) -> Option<String> {
         None
     }
-    fn http_get(&self, _: &str, _: &str) -> Result<String, String> {
-        Err("detection unavailable".into())
+    fn http_get(&self, _: &str, _: &str) -> Result<String, runtime::ProbeError> {
+        Err(runtime::ProbeError::Unavailable)
     }
 }
 

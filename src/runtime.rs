@@ -101,6 +101,45 @@ impl UnitState {
     }
 }
 
+/// Why a probe got no answer; its text is what detection records
+/// (`version_error`, `running_error`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The command could not be started or waited for.
+    #[error("cannot run {command}: {reason}")]
+    Spawn {
+        /// The executable.
+        command: String,
+        /// Why.
+        reason: String,
+    },
+    /// It ran and failed.
+    #[error("{command} failed: {output}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
+    /// It did not finish in time (it was killed).
+    #[error("{command} did not finish within {after:?}")]
+    Timeout {
+        /// The executable.
+        command: String,
+        /// The bound.
+        after: std::time::Duration,
+    },
+    /// An HTTP probe got no usable answer.
+    #[error("{reason}")]
+    Http {
+        /// Why: connection, timeout, status or a malformed answer.
+        reason: String,
+    },
+    /// Detection could not run at all.
+    #[error("detection unavailable")]
+    Unavailable,
+}
+
 /// The I/O detection needs, injected so [`detect`] is testable.
 pub trait Probes {
     /// Whether `path` is an executable regular file.
@@ -108,7 +147,7 @@ pub trait Probes {
     /// `name` resolved through `PATH`.
     fn which(&self, name: &str) -> Option<PathBuf>;
     /// Output (stdout then stderr) of `exe args…`, or why it failed.
-    fn run(&self, exe: &Path, args: &[&str]) -> Result<String, String>;
+    fn run(&self, exe: &Path, args: &[&str]) -> Result<String, ProbeError>;
     /// Installed version of a package from dpkg or rpm.
     fn package_version(&self, package: &str) -> Option<String>;
     /// Version recorded by `install-opamp.sh` for `name`.
@@ -118,7 +157,7 @@ pub trait Probes {
     /// Contents of a text file.
     fn read_file(&self, path: &Path) -> Option<String>;
     /// Body of `GET http://{addr}{path}`, or why it failed.
-    fn http_get(&self, addr: &str, path: &str) -> Result<String, String>;
+    fn http_get(&self, addr: &str, path: &str) -> Result<String, ProbeError>;
 }
 
 /// Where an executable was found.
@@ -220,7 +259,7 @@ pub fn detect(settings: &RuntimeSettings, probes: &dyn Probes) -> Detection {
                     ))
                 }
             },
-            Err(err) => e.version_error = Some(err),
+            Err(err) => e.version_error = Some(err.to_string()),
         }
         e
     });
@@ -373,12 +412,12 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         files: BTreeMap<PathBuf, String>,
-        exes: BTreeMap<PathBuf, Result<String, String>>,
+        exes: BTreeMap<PathBuf, Result<String, ProbeError>>,
         path: BTreeMap<&'static str, PathBuf>,
         packages: BTreeMap<&'static str, String>,
         records: BTreeMap<&'static str, String>,
         units: BTreeMap<&'static str, UnitState>,
-        http: Option<Result<String, String>>,
+        http: Option<Result<String, ProbeError>>,
     }
 
     impl Probes for Fake {
@@ -388,12 +427,15 @@ mod tests {
         fn which(&self, name: &str) -> Option<PathBuf> {
             self.path.get(name).cloned()
         }
-        fn run(&self, exe: &Path, args: &[&str]) -> Result<String, String> {
+        fn run(&self, exe: &Path, args: &[&str]) -> Result<String, ProbeError> {
             assert_eq!(args, ["--version"]);
             self.exes
                 .get(exe)
                 .cloned()
-                .unwrap_or(Err("not found".into()))
+                .unwrap_or(Err(ProbeError::Spawn {
+                    command: exe.display().to_string(),
+                    reason: "not found".into(),
+                }))
         }
         fn package_version(&self, p: &str) -> Option<String> {
             self.packages.get(p).cloned()
@@ -407,11 +449,11 @@ mod tests {
         fn read_file(&self, p: &Path) -> Option<String> {
             self.files.get(p).cloned()
         }
-        fn http_get(&self, addr: &str, path: &str) -> Result<String, String> {
+        fn http_get(&self, addr: &str, path: &str) -> Result<String, ProbeError> {
             assert_eq!((addr, path), ("127.0.0.1:12345", "/metrics"));
-            self.http
-                .clone()
-                .unwrap_or(Err("connection refused".into()))
+            self.http.clone().unwrap_or(Err(ProbeError::Http {
+                reason: "connection refused".into(),
+            }))
         }
     }
 

@@ -37,7 +37,7 @@ pub fn inspect(mut exe: Executable, probes: &dyn Probes) -> AlloyInfo {
             b
         }
         Err(e) => {
-            exe.version_error = Some(e);
+            exe.version_error = Some(e.to_string());
             None
         }
     };

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Probes, UnitState, parse_package_version};
+use super::{ProbeError, Probes, UnitState, parse_package_version};
 
 /// Bound on any one external command or HTTP request.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,7 +34,7 @@ impl Probes for HostProbes {
         which::which(name).ok()
     }
 
-    fn run(&self, exe: &Path, args: &[&str]) -> Result<String, String> {
+    fn run(&self, exe: &Path, args: &[&str]) -> Result<String, ProbeError> {
         run_bounded(exe, args)
     }
 
@@ -97,29 +97,27 @@ impl Probes for HostProbes {
         Some(s)
     }
 
-    fn http_get(&self, addr: &str, path: &str) -> Result<String, String> {
-        http_get(addr, path, PROBE_TIMEOUT)
+    fn http_get(&self, addr: &str, path: &str) -> Result<String, ProbeError> {
+        http_get(addr, path, PROBE_TIMEOUT).map_err(|reason| ProbeError::Http { reason })
     }
 }
 
-fn run_bounded(exe: &Path, args: &[&str]) -> Result<String, String> {
+fn run_bounded(exe: &Path, args: &[&str]) -> Result<String, ProbeError> {
     let (ok, stdout, stderr) = run_capture(exe, args)?;
     let out = stdout + &stderr;
     if ok {
         Ok(out)
     } else {
-        Err(format!(
-            "{} {} failed: {}",
-            exe.display(),
-            args.join(" "),
-            out.trim()
-        ))
+        Err(ProbeError::Failed {
+            command: format!("{} {}", exe.display(), args.join(" ")),
+            output: out.trim().to_owned(),
+        })
     }
 }
 
 /// Runs a command with a deadline; returns whether it succeeded, its stdout
 /// and its stderr.
-fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), String> {
+fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), ProbeError> {
     // Children never speak to systemd for the agent.
     let mut child = Command::new(exe)
         .args(args)
@@ -128,7 +126,10 @@ fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), Stri
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+        .map_err(|e| ProbeError::Spawn {
+            command: exe.display().to_string(),
+            reason: e.to_string(),
+        })?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let out_reader = std::thread::spawn(move || {
@@ -152,13 +153,18 @@ fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), Stri
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{} did not finish within {PROBE_TIMEOUT:?}",
-                    exe.display()
-                ));
+                return Err(ProbeError::Timeout {
+                    command: exe.display().to_string(),
+                    after: PROBE_TIMEOUT,
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("waiting for {}: {e}", exe.display())),
+            Err(e) => {
+                return Err(ProbeError::Spawn {
+                    command: exe.display().to_string(),
+                    reason: format!("waiting for it: {e}"),
+                });
+            }
         }
     };
     let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
@@ -242,8 +248,16 @@ mod tests {
         let ok = run_bounded(Path::new("sh"), &["-c", "echo out; echo err >&2"]).unwrap();
         assert_eq!(ok, "out\nerr\n");
         let err = run_bounded(Path::new("sh"), &["-c", "echo nope; exit 3"]).unwrap_err();
-        assert!(err.contains("failed: nope"), "{err}");
+        assert!(
+            matches!(&err, ProbeError::Failed { output, .. } if output == "nope"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("failed: nope"), "{err}");
         let err = run_bounded(Path::new("/nonexistent/bin"), &[]).unwrap_err();
-        assert!(err.contains("cannot run /nonexistent/bin"), "{err}");
+        assert!(matches!(err, ProbeError::Spawn { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("cannot run /nonexistent/bin"),
+            "{err}"
+        );
     }
 }
