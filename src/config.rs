@@ -91,6 +91,17 @@ pub enum RuntimeKind {
     None,
 }
 
+impl RuntimeKind {
+    /// Its name in the configuration, reports and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Otelcol => "otelcol",
+            Self::Alloy => "alloy",
+            Self::None => "none",
+        }
+    }
+}
+
 /// How the supervisor is run (`runtime.mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -26,6 +26,7 @@ pub mod published;
 pub mod reporter;
 pub mod runtime;
 pub mod signal;
+pub mod status;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
