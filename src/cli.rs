@@ -747,94 +747,11 @@ fn launch(parent_pid: i32, command: &[std::ffi::OsString]) -> Result<(), Failure
 }
 
 fn detect(settings: &Settings, json: bool) -> Result<(), Failure> {
-    let probes = crate::runtime::probe::HostProbes {
-        state_dir: settings.state_dir.clone(),
-    };
-    let d = crate::runtime::detect(&settings.runtime, &probes);
-    // What is running, where a running agent knows: the collector's own
-    // telemetry, and the server's OpAMP view from the last report.
-    let running = crate::published::read(&settings.state_dir)
-        .filter(|s| s.agent_running)
-        .map(|s| {
-            serde_json::json!({
-                "version": s.state.runtime.supervision.and_then(|sup| sup.collector_version),
-                "opamp": s.state.reporter.opamp,
-            })
-        });
+    let d = crate::detect::Detected::gather(settings);
     if json {
-        let mut doc = serde_json::to_value(&d).context("encode detection")?;
-        if let (Some(obj), Some(r)) = (doc.as_object_mut(), running) {
-            obj.insert("collector_running".into(), r);
-        }
-        println!("{doc}");
-        return Ok(());
-    }
-    let kind = serde_json::to_value(d.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    println!("runtime: {kind}");
-    let show = |name: &str, e: &Option<crate::runtime::Executable>| match e {
-        Some(e) => {
-            let version = match (&e.version, &e.version_error) {
-                (Some(v), _) => {
-                    format!("{v} (from {})", e.version_source.as_deref().unwrap_or("?"))
-                }
-                (None, Some(err)) => format!("unknown: {err}"),
-                (None, None) => "unknown".to_owned(),
-            };
-            let unit = e
-                .unit
-                .as_ref()
-                .map(|u| format!(", unit {}/{}", u.enabled, u.active))
-                .unwrap_or_default();
-            println!("  {name:<16} {}  version {version}{unit}", e.path.display());
-        }
-        None => println!("  {name:<16} not found"),
-    };
-    show("collector", &d.collector);
-    if let Some(r) = &running {
-        let own = r["version"].as_str().unwrap_or("unknown");
-        let o = &r["opamp"];
-        let seen = match (
-            o["collector_name"].as_str(),
-            o["collector_version"].as_str(),
-        ) {
-            (Some(n), Some(v)) if !v.is_empty() => format!("; the server sees {n} {v} over OpAMP"),
-            _ => String::new(),
-        };
-        println!("  collector runs   version {own} (its own telemetry){seen}");
-    }
-    show("opampsupervisor", &d.supervisor);
-    show("alloy", &d.alloy.as_ref().map(|a| a.executable.clone()));
-    if let Some(a) = &d.alloy {
-        println!("  alloy config     {}", a.config_file.display());
-        match &a.remotecfg {
-            Some(r) => println!(
-                "  alloy remotecfg  url {}, id {}",
-                r.url.as_deref().unwrap_or("(unset)"),
-                r.id.as_deref().unwrap_or("(unset)")
-            ),
-            None => println!("  alloy remotecfg  none"),
-        }
-        match (&a.running_version, &a.running_error) {
-            (Some(v), _) => println!(
-                "  alloy running    {v}{}",
-                if a.restart_pending {
-                    " (installed build differs: restart pending)"
-                } else {
-                    ""
-                }
-            ),
-            (None, Some(e)) => println!("  alloy running    unknown: {e}"),
-            (None, None) => {}
-        }
-    }
-    for c in &d.conflicts {
-        println!("conflict: {}", c.message);
-    }
-    for n in &d.notes {
-        println!("note: {n}");
+        println!("{}", serde_json::to_value(&d).context("encode detection")?);
+    } else {
+        print!("{}", d.human());
     }
     Ok(())
 }

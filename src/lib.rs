@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod detect;
 pub mod endpoint;
 pub mod enrollment;
 pub mod fault;
