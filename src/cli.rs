@@ -1,7 +1,7 @@
 //! The command line: parsing with clap, dispatch, and exit codes
 //! (0 ok, 1 runtime failure, 2 usage, 64 bad configuration).
 
-use std::{io::Write, path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -47,11 +47,11 @@ enum Command {
     Run {
         /// Grace period for stopping the supervisor: SIGINT, then SIGTERM to
         /// its process group after two thirds of it, then SIGKILL.
-        #[arg(long, value_name = "DURATION", default_value = "15s")]
-        stop_timeout: String,
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration)]
+        stop_timeout: Duration,
         /// How often a watched Alloy is re-inspected.
-        #[arg(long, value_name = "DURATION", default_value = "60s")]
-        alloy_poll: String,
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+        alloy_poll: Duration,
     },
     /// Pre-flight and health checks; exits non-zero when any fails.
     Check {
@@ -139,8 +139,8 @@ struct ServerFirstArgs {
     #[arg(long)]
     allow_ahead: bool,
     /// Bound on each network step.
-    #[arg(long, value_name = "DURATION", default_value = "5s")]
-    timeout: String,
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    timeout: Duration,
     /// Print stable JSON.
     #[arg(long)]
     json: bool,
@@ -200,8 +200,8 @@ enum RuntimeCommand {
         #[arg(long)]
         to: String,
         /// How long the new runtime must stay healthy.
-        #[arg(long, value_name = "DURATION", default_value = "60s")]
-        window: String,
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+        window: Duration,
     },
     /// Record how a runtime upgrade ended (install-opamp.sh, after it put
     /// the previous binaries back).
@@ -255,11 +255,17 @@ struct EnrollArgs {
     #[arg(long)]
     force: bool,
     /// Bound on each network step.
-    #[arg(long, value_name = "DURATION", default_value = "15s")]
-    timeout: String,
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration)]
+    timeout: Duration,
     /// Print the outcome as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A duration flag, read by the configuration's parser (`500ms`, `15s`,
+/// `2m`, `1h`, `1d`); clap names the flag in the error and exits 2.
+fn duration(text: &str) -> Result<Duration, String> {
+    config::parse_duration(text).map_err(|e| e.to_string())
 }
 
 /// A failure with the exit code it maps to.
@@ -301,8 +307,7 @@ fn server_first(paths: &ConfigPaths, args: ServerFirstArgs) -> Result<(), Failur
             .map_err(|e| Failure::usage(format!("--to: {e}")))?,
         None => version::agent_version(),
     };
-    let timeout = config::parse_duration(&args.timeout)
-        .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    let timeout = args.timeout;
     let mut notes = Vec::new();
     let (state_dir, proxy_url) = match config::load(paths, |k| std::env::var(k).ok()) {
         Ok(s) => (s.state_dir, s.proxy_url),
@@ -456,10 +461,6 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             stop_timeout,
             alloy_poll,
         } => {
-            let stop_timeout = config::parse_duration(&stop_timeout)
-                .map_err(|e| Failure::usage(format!("--stop-timeout: {e}")))?;
-            let alloy_poll = config::parse_duration(&alloy_poll)
-                .map_err(|e| Failure::usage(format!("--alloy-poll: {e}")))?;
             let options = crate::app::RunOptions {
                 stop_timeout,
                 alloy_poll,
@@ -490,8 +491,6 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Enroll(args) => enroll(&settings, args),
         Command::Runtime(RuntimeCommand::Probation { from, to, window }) => {
-            let window = config::parse_duration(&window)
-                .map_err(|e| Failure::usage(format!("--window: {e}")))?;
             runtime_probation(&settings, &from, &to, window)
         }
         Command::Runtime(RuntimeCommand::Outcome {
@@ -798,8 +797,7 @@ fn enroll(settings: &Settings, args: EnrollArgs) -> Result<(), Failure> {
                 .map_err(|e| Failure::usage(format!("--ca-pin: {e}")))?,
         ),
     };
-    let timeout = config::parse_duration(&args.timeout)
-        .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    let timeout = args.timeout;
     let proxy = crate::transport::proxy_for(server.host(), settings.proxy_url.as_deref(), |k| {
         std::env::var(k).ok()
     });
