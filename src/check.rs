@@ -813,10 +813,35 @@ fn conflicts_check(d: &Detection) -> Check {
     }
 }
 
+/// Why the server could not be asked for its information.
+#[derive(Debug, thiserror::Error)]
+pub enum ContactError {
+    /// This host's identity makes no TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// No async runtime for the exchange.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The channel could not be set up.
+    #[error(transparent)]
+    Connect(#[from] crate::transport::ConnectError),
+    /// The server did not answer in time.
+    #[error("{server} did not answer within {}s", .after.as_secs())]
+    Timeout {
+        /// The server.
+        server: String,
+        /// The bound.
+        after: Duration,
+    },
+    /// The dial failed (explained) or the server refused (its words).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Asks the server for its information over mutual TLS, measuring the
 /// clock offset.
-fn contact(id: &Identity, settings: &Settings) -> Result<ServerView, String> {
-    let tls = Arc::new(mtls_client_config(id).map_err(|e| e.to_string())?);
+fn contact(id: &Identity, settings: &Settings) -> Result<ServerView, ContactError> {
+    let tls = Arc::new(mtls_client_config(id)?);
     server_info(
         &id.server,
         tls,
@@ -830,35 +855,35 @@ fn contact(id: &Identity, settings: &Settings) -> Result<ServerView, String> {
 /// by `timeout` per step; the clock offset measured around it.
 ///
 /// # Errors
-/// Why the server could not be asked, for people.
+/// [`ContactError`]: why the server could not be asked, for people.
 pub fn server_info(
     server: &crate::endpoint::ServerUrl,
     tls: Arc<rustls::ClientConfig>,
     proxy_url: Option<&str>,
     timeout: Duration,
-) -> Result<ServerView, String> {
+) -> Result<ServerView, ContactError> {
     let proxy = proxy_for(server.host(), proxy_url, |k| std::env::var(k).ok());
     let dialer = Dialer::new(server.clone(), tls, proxy, timeout);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(ContactError::Runtime)?;
     rt.block_on(async {
-        let mut client = proto::Client::new(dialer.channel().map_err(|e| e.to_string())?);
+        let mut client = proto::Client::new(dialer.channel()?);
         let before = SystemTime::now();
         let info =
             tokio::time::timeout(timeout * 2, client.server_info(proto::ServerInfoRequest {}))
                 .await
-                .map_err(|_| {
-                    format!(
-                        "{server} did not answer within {}s",
-                        (timeout * 2).as_secs()
-                    )
+                .map_err(|_| ContactError::Timeout {
+                    server: server.to_string(),
+                    after: timeout * 2,
                 })?
                 .map_err(|s| {
-                    dialer
-                        .last_error()
-                        .unwrap_or_else(|| s.message().to_owned())
+                    ContactError::Refused(
+                        dialer
+                            .last_error()
+                            .unwrap_or_else(|| s.message().to_owned()),
+                    )
                 })?
                 .into_inner();
         let after = SystemTime::now();

@@ -72,7 +72,7 @@ pub fn run(paths: &ConfigPaths, to: Option<&Version>) -> Vec<Check> {
                 format!("{server}: {e}"),
                 "the fleet server is upgraded first and must be up for that: check it and the network path",
             ));
-            upgrade::gate::recorded(&settings.state_dir, &server, e.clone(), &mut Vec::new())
+            upgrade::gate::recorded(&settings.state_dir, &server, e.to_string(), &mut Vec::new())
         }
     };
     let offered = view

@@ -61,7 +61,7 @@ pub fn server_side(
                     Ok(side) => return (Some(side), notes),
                     Err(e) => format!("{server} answered with {e}"),
                 },
-                Err(e) => e,
+                Err(e) => e.to_string(),
             }
         }
         Err(e) => e.to_string(),
