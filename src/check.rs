@@ -155,20 +155,26 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
     let store = IdentityStore::new(&settings.state_dir);
     let identity = identity_check(&store, &mut checks);
     let key_path = store.identity_dir().join(crate::identity::store::KEY_FILE);
+    // Loading the identity already refuses a key readable by others and a
+    // pin that does not match the stored CA; what it does not look at is
+    // who owns the key.
     if identity.is_some() {
-        checks.push(ok(
-            "key_permissions",
-            "private key is readable only by its owner",
-            format!("{} mode 0600", key_path.display()),
-        ));
-        checks.push(ok(
-            "ca_pin",
-            "CA pin matches the stored CA",
-            identity
-                .as_ref()
-                .map(|i| i.ca_pin.to_string())
-                .unwrap_or_default(),
-        ));
+        use std::os::unix::fs::MetadataExt as _;
+        checks.push(match std::fs::metadata(&key_path) {
+            Ok(m) => key_owner_check(
+                &key_path,
+                m.mode(),
+                m.uid(),
+                nix::unistd::geteuid().as_raw(),
+            ),
+            Err(e) => bad(
+                "key_permissions",
+                KEY_TITLE,
+                Outcome::Fail,
+                format!("{}: {e}", key_path.display()),
+                "re-enrol with --force if the identity is gone",
+            ),
+        });
     }
     // What the running agent published, read once for every check below.
     let published = crate::published::read(&settings.state_dir);
@@ -422,6 +428,40 @@ pub fn state_dir_check(dir: &Path, euid: u32) -> Check {
         ),
         Ok(_) => ok("state_dir", TITLE, format!("{} mode 0700", dir.display())),
     }
+}
+
+const KEY_TITLE: &str = "private key is readable only by the agent's user";
+
+/// The key's owner and mode: owned by the user the agent runs as (root, or
+/// the service user) and readable by nobody else. Pure.
+pub fn key_owner_check(path: &std::path::Path, mode: u32, owner: u32, euid: u32) -> Check {
+    let mode = mode & 0o7777;
+    if owner != euid {
+        return bad(
+            "key_permissions",
+            KEY_TITLE,
+            Outcome::Fail,
+            format!(
+                "{} is owned by uid {owner}, not by the agent's uid {euid}",
+                path.display()
+            ),
+            format!("chown {euid} {}", path.display()),
+        );
+    }
+    if mode & 0o077 != 0 {
+        return bad(
+            "key_permissions",
+            KEY_TITLE,
+            Outcome::Fail,
+            format!("{} has mode {mode:04o}", path.display()),
+            format!("chmod 600 {}", path.display()),
+        );
+    }
+    ok(
+        "key_permissions",
+        KEY_TITLE,
+        format!("{} mode {mode:04o}, owned by uid {owner}", path.display()),
+    )
 }
 
 /// Whether the identity belongs to this machine (see [`crate::fingerprint`]):
@@ -929,6 +969,22 @@ pub fn print(checks: &[Check], json: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_must_be_the_agents_own() {
+        let p = std::path::Path::new("/var/lib/linkmesh-agent/identity/key.pem");
+        assert_eq!(key_owner_check(p, 0o100600, 0, 0).outcome, Outcome::Ok);
+        let c = key_owner_check(p, 0o100600, 1000, 0);
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.contains("owned by uid 1000"), "{c:?}");
+        assert_eq!(
+            c.hint.as_deref(),
+            Some("chown 0 /var/lib/linkmesh-agent/identity/key.pem")
+        );
+        let c = key_owner_check(p, 0o100640, 0, 0);
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.contains("mode 0640"), "{c:?}");
+    }
 
     #[test]
     fn a_copy_says_so_and_what_it_waits_for() {

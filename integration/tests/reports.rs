@@ -657,7 +657,6 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
             "state_dir",
             "identity",
             "key_permissions",
-            "ca_pin",
             "certificate",
             "machine",
             "server",
