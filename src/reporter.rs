@@ -401,11 +401,14 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         )));
     });
 
+    // The record changes only when this task re-keys: read once, and again
+    // after a re-key.
+    let mut fingerprint = crate::fingerprint::read(ctx.store.state_dir());
     loop {
         // The fingerprint at each report: a running machine can be copied
         // too (a live clone, a snapshot booted elsewhere with its memory).
         let machine = crate::fingerprint::Machine::now();
-        if let Some(reason) = copied_here(&ctx, &machine) {
+        if let Some(reason) = copied_here(fingerprint.as_ref(), &ctx, &machine) {
             tracing::warn!(host_id = %ctx.identity.host_id, "This machine became a copy of host {} ({reason}): it stops reporting as that host and asks the server for an identity of its own", ctx.identity.host_id);
             ctx.host = crate::host::collect();
             ctx.view.send_replace(HostView {
@@ -416,6 +419,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                 Some(c) => client = c,
                 None => return,
             }
+            fingerprint = crate::fingerprint::read(ctx.store.state_dir());
             want_full = true;
             continue;
         }
@@ -712,11 +716,16 @@ async fn rekey_until_done(
 }
 
 /// Why this identity is a copy on `machine`, when it is one.
-fn copied_here(ctx: &ReporterContext, machine: &crate::fingerprint::Machine) -> Option<String> {
-    match crate::fingerprint::check(
-        ctx.store.state_dir(),
+fn copied_here(
+    recorded: Option<&crate::fingerprint::Recorded>,
+    ctx: &ReporterContext,
+    machine: &crate::fingerprint::Machine,
+) -> Option<String> {
+    match crate::fingerprint::judge(
+        recorded,
         ctx.identity.host_id.as_str(),
-        machine,
+        &machine.machine_id_hash,
+        &machine.product_uuid_hash,
     ) {
         crate::fingerprint::Verdict::Clone { reason } => Some(reason),
         _ => None,

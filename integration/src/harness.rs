@@ -601,6 +601,22 @@ pub fn install_runtime(host: &crate::testhost::TestHost) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Puts the shipped agent unit in a throw-away host and `collector_config`
+/// as its local collector configuration (`/etc/linkmesh/collector.yaml`).
+///
+/// # Errors
+/// When a file cannot be written.
+pub fn install_agent_unit(
+    host: &crate::testhost::TestHost,
+    collector_config: &str,
+) -> anyhow::Result<()> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
+    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
+    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
+    std::fs::write(host.path("/etc/linkmesh/collector.yaml"), collector_config)?;
+    Ok(())
+}
+
 /// Debian's name for this machine's architecture, as artifacts are named.
 pub const DEB_ARCH: &str = if cfg!(target_arch = "aarch64") {
     "arm64"

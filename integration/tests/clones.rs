@@ -462,12 +462,8 @@ fn a_cloned_disk_boots_with_a_collector_of_its_own() -> R {
         0o755,
     )?;
     install_runtime(&a)?;
-    let unit =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
-    a.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
-    std::fs::create_dir_all(a.path("/etc/linkmesh"))?;
-    std::fs::write(
-        a.path("/etc/linkmesh/collector.yaml"),
+    linkmesh_integration::harness::install_agent_unit(
+        &a,
         linkmesh_integration::harness::QUIET_COLLECTOR_CONFIG,
     )?;
     let t = fleet.token(1, "1h")?;

@@ -53,12 +53,8 @@ fn wait_for(
 fn agent_host(name: &str, serve_args: &str) -> anyhow::Result<TestHost> {
     let host = TestHost::boot(name)?;
     install_agent_server_and_runtime(&host)?;
-    let unit =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
-    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
-    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
-    std::fs::write(
-        host.path("/etc/linkmesh/collector.yaml"),
+    linkmesh_integration::harness::install_agent_unit(
+        &host,
         "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:4318\nexporters:\n  nop:\nservice:\n  pipelines:\n    logs: {receivers: [otlp], exporters: [nop]}\n",
     )?;
     enrol_in_host(&host, serve_args)?;

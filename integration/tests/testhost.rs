@@ -209,14 +209,7 @@ fn enrolment_reports_and_the_supervisor_all_go_through_the_proxy() -> R {
     let host_addr = net.attach(&host)?;
     host.copy_in(&binary("linkmesh-agent")?, "/usr/bin/linkmesh-agent", 0o755)?;
     install_runtime(&host)?;
-    let unit =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/linkmesh-agent.service");
-    host.copy_in(&unit, "/etc/systemd/system/linkmesh-agent.service", 0o644)?;
-    std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
-    std::fs::write(
-        host.path("/etc/linkmesh/collector.yaml"),
-        QUIET_COLLECTOR_CONFIG,
-    )?;
+    linkmesh_integration::harness::install_agent_unit(&host, QUIET_COLLECTOR_CONFIG)?;
     std::fs::write(
         host.path("/etc/linkmesh/agent.toml"),
         format!("[proxy]\nurl = \"{}\"\n", proxy.url),
