@@ -30,8 +30,9 @@ const MAX_MEMBER: u64 = 64 << 20;
 
 /// What a backup holds: the state's top-level entries that are state (the
 /// lock, logs and anything else are left out).
-const ENTRIES: [&str; 8] = [
+const ENTRIES: [&str; 9] = [
     "clones",
+    crate::repository::keys::KEYS_DIR,
     migrate::FORMAT_FILE,
     "server.json",
     "ca",

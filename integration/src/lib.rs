@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod harness;
 pub mod migrate;
 pub mod opamp;
+pub mod repository;
 pub mod sealed;
 pub mod server;
 pub mod service;

@@ -311,6 +311,9 @@ pub struct Downloads {
     /// Directory of artifacts (`linkmesh-agent-VERSION-linux-ARCH` and
     /// `.sha256` files beside them); `None` serves none.
     pub artifacts: Option<std::path::PathBuf>,
+    /// The signed package repositories generated from the artifacts,
+    /// served at `/apt/`, `/yum/` and `/keys/`.
+    pub repositories: Option<std::sync::Arc<crate::repository::Repositories>>,
     /// The agent version `/agent/latest` names.
     pub latest_agent: String,
     /// Runtime pins served at `/runtime/pins` as `NAME VERSION` lines.
@@ -345,7 +348,8 @@ fn download_routes(d: Downloads) -> axum::Router {
     let latest = d.latest_agent.clone();
     let pins: String = d.pins.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
     let dir = d.artifacts.clone();
-    axum::Router::new()
+    let repos = d.repositories.clone();
+    let router = axum::Router::new()
         .route(
             "/install.sh",
             get(move || async move { text(INSTALL_SH.to_owned()) }),
@@ -391,7 +395,60 @@ fn download_routes(d: Downloads) -> axum::Router {
                     }
                 },
             ),
-        )
+        );
+    match repos {
+        Some(repos) => router.merge(repository_routes(repos)),
+        None => router,
+    }
+}
+
+/// `/apt/…` and `/yum/…` from the newest generation (rebuilt first when the
+/// artifacts changed), and the archive keys at `/keys/`.
+fn repository_routes(repos: std::sync::Arc<crate::repository::Repositories>) -> axum::Router {
+    use axum::{
+        extract::Path as UrlPath,
+        http::{StatusCode, header},
+        response::IntoResponse as _,
+        routing::get,
+    };
+    let keyring = axum::body::Bytes::from(repos.keyring().to_vec());
+    let armored = axum::body::Bytes::from(repos.keyring_armored().to_owned());
+    let key = |body: axum::body::Bytes| {
+        move || {
+            let body = body.clone();
+            async move { ([(header::CONTENT_TYPE, "application/pgp-keys")], body).into_response() }
+        }
+    };
+    let file = |kind: &'static str| {
+        let repos = repos.clone();
+        move |UrlPath(path): UrlPath<String>, headers: axum::http::HeaderMap| {
+            let repos = repos.clone();
+            async move {
+                if !crate::repository::servable_path(&path) {
+                    return not_found();
+                }
+                match tokio::task::spawn_blocking(move || repos.current()).await {
+                    Ok(Ok(generation)) => {
+                        artifact(&generation.join(kind).join(&path), &headers).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("package repositories: {e}");
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("the package repositories could not be generated: {e}\n"),
+                        )
+                            .into_response()
+                    }
+                    Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
+        }
+    };
+    axum::Router::new()
+        .route("/apt/{*path}", get(file("apt")))
+        .route("/yum/{*path}", get(file("yum")))
+        .route("/keys/linkmesh-archive.gpg", get(key(keyring)))
+        .route("/keys/linkmesh-archive.asc", get(key(armored)))
 }
 
 fn not_found() -> axum::response::Response {

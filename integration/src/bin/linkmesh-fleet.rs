@@ -12,6 +12,7 @@ use linkmesh_agent::{
 };
 use linkmesh_integration::{
     ca::Ca,
+    repository::{self, Repositories},
     sealed::Secret,
     server,
     service::{FleetService, ServiceConfig, rfc3339},
@@ -357,6 +358,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let secret = secret(secret_file.as_deref())?;
             let ca =
                 linkmesh_integration::migrate::open(&state, &secret, &config.version.to_string())?;
+            let repositories = match &artifacts {
+                Some(dir) => repositories(&state, dir, &secret)?,
+                None => None,
+            };
             drop(secret);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -371,6 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         advertise_url,
                         san,
                         artifacts,
+                        repositories,
                         limits,
                         server_cert_lifetime,
                     },
@@ -475,6 +481,13 @@ fn init(state: &State, secret_file: Option<&std::path::Path>) -> anyhow::Result<
             state.dir().display()
         );
         println!("CA pin: {}", ca.pin());
+        // A state made before package repositories: its first archive key.
+        let keys_dir = state.dir().join(repository::keys::KEYS_DIR);
+        if !repository::keys::exists(&keys_dir)? {
+            let _lock = state.lock()?;
+            let key = repository::keys::add(&keys_dir, &secret)?;
+            println!("archive signing key (new): {}", key.fingerprint);
+        }
         return Ok(());
     }
     if state
@@ -504,9 +517,11 @@ fn init(state: &State, secret_file: Option<&std::path::Path>) -> anyhow::Result<
     };
     state.create_layout()?;
     let ca = Ca::create(&state.ca_dir(), &secret)?;
+    let key = repository::keys::add(&state.dir().join(repository::keys::KEYS_DIR), &secret)?;
     linkmesh_integration::migrate::record_new(state, ours)?;
     println!("initialised {} with a new CA", state.dir().display());
     println!("CA pin: {}", ca.pin());
+    println!("archive signing key: {}", key.fingerprint);
     Ok(())
 }
 
@@ -516,8 +531,38 @@ struct ServeOptions {
     advertise_url: Option<String>,
     san: Vec<String>,
     artifacts: Option<PathBuf>,
+    repositories: Option<Arc<Repositories>>,
     limits: server::Limits,
     server_cert_lifetime: Duration,
+}
+
+/// The package repositories of `artifacts`, signed with the state's archive
+/// keys; none (with a warning naming the fix) on a state without one.
+fn repositories(
+    state: &State,
+    artifacts: &std::path::Path,
+    secret: &Secret,
+) -> anyhow::Result<Option<Arc<Repositories>>> {
+    let keys = match repository::ArchiveKeys::load(
+        &state.dir().join(repository::keys::KEYS_DIR),
+        secret,
+    ) {
+        Ok(k) => k,
+        Err(e @ repository::KeyError::Missing { .. }) => {
+            tracing::warn!("{e}; /apt and /yum are not served");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let repos = Repositories::new(
+        artifacts,
+        &state.dir().join(repository::REPOSITORIES_DIR),
+        keys,
+    )?;
+    for missing in repos.missing_tools()? {
+        tracing::warn!("{missing}");
+    }
+    Ok(Some(Arc::new(repos)))
 }
 
 async fn serve(
@@ -532,6 +577,7 @@ async fn serve(
         advertise_url,
         san,
         artifacts,
+        repositories,
         limits,
         server_cert_lifetime,
     } = opts;
@@ -575,6 +621,7 @@ async fn serve(
     let downloads = server::Downloads {
         ca_pem: linkmesh_agent::identity::store::pem(ca.cert()),
         artifacts,
+        repositories,
         latest_agent: config.latest_agent.to_string(),
         pins: config
             .runtime_pins

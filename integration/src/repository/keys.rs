@@ -1,0 +1,417 @@
+//! The archive signing keys: OpenPGP keys the server signs its package
+//! repositories (and the RPMs in them) with.
+//!
+//! `STATE/archive-keys/` (0700) holds `keys.json`, the list of keys in the
+//! order they were made, and per key its secret half sealed with the server
+//! secret (`FINGERPRINT.key.sealed`, the same envelope as the CA key, bound
+//! to the fingerprint) and its public half (`FINGERPRINT.pub`, binary). Keys
+//! are RSA-3072 so that every rpm (4.11 onwards) and gpgv a host may run can
+//! check them. OpenPGP is rpgp's (`pgp`, pure Rust), the crate `rpm` signs
+//! packages with.
+
+use std::path::{Path, PathBuf};
+
+use pgp::{
+    composed::{
+        CleartextSignedMessage, Deserializable as _, DetachedSignature, EncryptionCaps, KeyType,
+        SecretKeyParamsBuilder, SignedPublicKey, SignedSecretKey,
+    },
+    crypto::hash::HashAlgorithm,
+    packet::{SignatureConfig, SignatureType, Subpacket, SubpacketData},
+    ser::Serialize as _,
+    types::{KeyDetails as _, KeyVersion, Password, Timestamp},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::sealed::{SealError, Secret};
+
+/// The keys' directory inside a state directory.
+pub const KEYS_DIR: &str = "archive-keys";
+const INDEX: &str = "keys.json";
+const USER_ID: &str = "LinkMesh fleet archive <archive@linkmesh.invalid>";
+const RSA_BITS: u32 = 3072;
+
+/// Failures of the archive keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A file cannot be read or written.
+    #[error("{path}: {reason}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The state has no archive key.
+    #[error(
+        "{path} holds no archive signing key: run `linkmesh-fleet init --state STATE` (it adds one to an existing state) before serving package repositories"
+    )]
+    Missing {
+        /// The keys' directory.
+        path: String,
+    },
+    /// A key file does not hold what its name says.
+    #[error("{path}: {reason}; restore the state's archive-keys/ from its backup")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Sealing or opening a secret key.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// OpenPGP refused an operation.
+    #[error("OpenPGP: {0}")]
+    Pgp(String),
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> KeyError {
+    KeyError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn pgp_err(e: impl std::fmt::Display) -> KeyError {
+    KeyError::Pgp(e.to_string())
+}
+
+/// One key as `keys.json` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Upper-case hex, as gpg prints it.
+    pub fingerprint: String,
+    /// RFC 3339.
+    pub created: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    keys: Vec<KeyRecord>,
+}
+
+/// The loaded keys: every one listed signs, and every one is published.
+pub struct ArchiveKeys {
+    keys: Vec<(KeyRecord, SignedSecretKey)>,
+}
+
+impl std::fmt::Debug for ArchiveKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveKeys")
+            .field(
+                "keys",
+                &self.keys.iter().map(|(r, _)| r).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn purpose(fingerprint: &str) -> Vec<u8> {
+    format!("linkmesh-fleet archive key {fingerprint}").into_bytes()
+}
+
+fn index_path(dir: &Path) -> PathBuf {
+    dir.join(INDEX)
+}
+
+fn read_index(dir: &Path) -> Result<Option<Index>, KeyError> {
+    let path = index_path(dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| KeyError::Corrupt {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&path, e)),
+    }
+}
+
+/// Whether `dir` (a state's [`KEYS_DIR`]) lists at least one key.
+///
+/// # Errors
+/// When the list cannot be read.
+pub fn exists(dir: &Path) -> Result<bool, KeyError> {
+    Ok(read_index(dir)?.is_some_and(|i| !i.keys.is_empty()))
+}
+
+/// Makes a new key in `dir` and lists it after the others; returns it.
+/// Its files are written before the list names it, so a crash leaves the
+/// list as it was.
+///
+/// # Errors
+/// When the key cannot be made, sealed or written.
+pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
+    linkmesh_agent::fs::ensure_private_dir(dir, 0o700).map_err(|e| io(dir, e))?;
+    let mut index = read_index(dir)?.unwrap_or_default();
+    let mut params = SecretKeyParamsBuilder::default();
+    params
+        .key_type(KeyType::Rsa(RSA_BITS))
+        .can_certify(true)
+        .can_sign(true)
+        .can_encrypt(EncryptionCaps::None)
+        .primary_user_id(USER_ID.into());
+    let key = params
+        .build()
+        .map_err(pgp_err)?
+        .generate(rand::thread_rng())
+        .map_err(pgp_err)?;
+    let fingerprint = hex_upper(key.fingerprint().as_bytes());
+    let plain = zeroize::Zeroizing::new(key.to_bytes().map_err(pgp_err)?);
+    let sealed = crate::sealed::seal(secret, &plain, &purpose(&fingerprint))?;
+    let sealed_path = dir.join(format!("{fingerprint}.key.sealed"));
+    let mut bytes = serde_json::to_vec_pretty(&sealed).map_err(|e| io(&sealed_path, e))?;
+    bytes.push(b'\n');
+    linkmesh_agent::fs::write_atomic(&sealed_path, &bytes, 0o600)
+        .map_err(|e| io(&sealed_path, e))?;
+    let pub_path = dir.join(format!("{fingerprint}.pub"));
+    let public = SignedPublicKey::from(key);
+    linkmesh_agent::fs::write_atomic(&pub_path, &public.to_bytes().map_err(pgp_err)?, 0o644)
+        .map_err(|e| io(&pub_path, e))?;
+    let record = KeyRecord {
+        fingerprint,
+        created: linkmesh_agent::clock::rfc3339(time::OffsetDateTime::now_utc()),
+    };
+    index.keys.push(record.clone());
+    let path = index_path(dir);
+    let mut bytes = serde_json::to_vec_pretty(&index).map_err(|e| io(&path, e))?;
+    bytes.push(b'\n');
+    linkmesh_agent::fs::write_atomic(&path, &bytes, 0o600).map_err(|e| io(&path, e))?;
+    Ok(record)
+}
+
+fn hex_upper(b: &[u8]) -> String {
+    linkmesh_agent::hex::encode(b).to_ascii_uppercase()
+}
+
+impl ArchiveKeys {
+    /// Opens every key listed in `dir` with `secret`.
+    ///
+    /// # Errors
+    /// [`KeyError::Missing`] when none is listed; a wrong secret, or a key
+    /// file that is not the key its name says, named.
+    pub fn load(dir: &Path, secret: &Secret) -> Result<Self, KeyError> {
+        let index = read_index(dir)?
+            .filter(|i| !i.keys.is_empty())
+            .ok_or_else(|| KeyError::Missing {
+                path: dir.display().to_string(),
+            })?;
+        let mut keys = Vec::with_capacity(index.keys.len());
+        for record in index.keys {
+            let path = dir.join(format!("{}.key.sealed", record.fingerprint));
+            let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+            let sealed = serde_json::from_slice(&text).map_err(|e| KeyError::Corrupt {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let plain = zeroize::Zeroizing::new(crate::sealed::open(
+                secret,
+                &sealed,
+                &purpose(&record.fingerprint),
+                &path,
+            )?);
+            let key = SignedSecretKey::from_bytes(&plain[..]).map_err(|e| KeyError::Corrupt {
+                path: path.display().to_string(),
+                reason: format!("not an OpenPGP secret key: {e}"),
+            })?;
+            if hex_upper(key.fingerprint().as_bytes()) != record.fingerprint {
+                return Err(KeyError::Corrupt {
+                    path: path.display().to_string(),
+                    reason: format!("holds another key than {}", record.fingerprint),
+                });
+            }
+            keys.push((record, key));
+        }
+        Ok(Self { keys })
+    }
+
+    /// The keys, oldest first.
+    pub fn records(&self) -> Vec<KeyRecord> {
+        self.keys.iter().map(|(r, _)| r.clone()).collect()
+    }
+
+    fn public(&self) -> Vec<SignedPublicKey> {
+        self.keys
+            .iter()
+            .map(|(_, k)| SignedPublicKey::from(k.clone()))
+            .collect()
+    }
+
+    /// The public keys as a binary keyring (apt's `Signed-By:` file).
+    ///
+    /// # Errors
+    /// When a key cannot be serialised.
+    pub fn keyring(&self) -> Result<Vec<u8>, KeyError> {
+        self.public().to_bytes().map_err(pgp_err)
+    }
+
+    /// The public keys in one ASCII-armoured block (rpm's and dnf's
+    /// `gpgkey=`).
+    ///
+    /// # Errors
+    /// When a key cannot be serialised.
+    pub fn keyring_armored(&self) -> Result<String, KeyError> {
+        let mut out = Vec::new();
+        pgp::armor::write(
+            &self.public(),
+            pgp::armor::BlockType::PublicKey,
+            &mut out,
+            None,
+            true,
+        )
+        .map_err(pgp_err)?;
+        String::from_utf8(out).map_err(pgp_err)
+    }
+
+    /// A detached, armoured signature of `data` by every key
+    /// (`Release.gpg`, `repomd.xml.asc`).
+    ///
+    /// # Errors
+    /// When signing fails.
+    pub fn sign_detached(&self, data: &[u8]) -> Result<String, KeyError> {
+        let mut sigs = Vec::with_capacity(self.keys.len());
+        for (_, key) in &self.keys {
+            let s = DetachedSignature::sign_binary_data(
+                rand::thread_rng(),
+                &**key,
+                &Password::empty(),
+                HashAlgorithm::Sha256,
+                data,
+            )
+            .map_err(pgp_err)?;
+            sigs.push(s);
+        }
+        let mut out = Vec::new();
+        pgp::armor::write(
+            &sigs,
+            pgp::armor::BlockType::Signature,
+            &mut out,
+            None,
+            true,
+        )
+        .map_err(pgp_err)?;
+        String::from_utf8(out).map_err(pgp_err)
+    }
+
+    /// `text` in a cleartext-signed message by every key (`InRelease`).
+    ///
+    /// # Errors
+    /// When signing fails.
+    pub fn clearsign(&self, text: &str) -> Result<String, KeyError> {
+        let msg = CleartextSignedMessage::new_many(text, |normalised| {
+            let mut sigs = Vec::with_capacity(self.keys.len());
+            for (_, key) in &self.keys {
+                let mut config =
+                    SignatureConfig::from_key(rand::thread_rng(), &**key, SignatureType::Text)?;
+                config.hashed_subpackets = vec![
+                    Subpacket::regular(SubpacketData::SignatureCreationTime(Timestamp::now()))?,
+                    Subpacket::regular(SubpacketData::IssuerFingerprint(key.fingerprint()))?,
+                ];
+                if key.version() <= KeyVersion::V4 {
+                    config.unhashed_subpackets = vec![Subpacket::regular(
+                        SubpacketData::IssuerKeyId(key.legacy_key_id()),
+                    )?];
+                }
+                sigs.push(config.sign(&**key, &Password::empty(), normalised.as_bytes())?);
+            }
+            Ok(sigs)
+        })
+        .map_err(pgp_err)?;
+        msg.to_armored_string(Default::default()).map_err(pgp_err)
+    }
+
+    /// The signer for RPM headers: the newest key (an RPM carries one
+    /// OpenPGP signature).
+    ///
+    /// # Errors
+    /// When the key cannot be handed to `rpm`.
+    pub fn rpm_signer(&self) -> Result<rpm::signature::pgp::Signer, KeyError> {
+        let (_, key) = self.keys.last().ok_or_else(|| KeyError::Missing {
+            path: KEYS_DIR.into(),
+        })?;
+        let armored =
+            zeroize::Zeroizing::new(key.to_armored_string(Default::default()).map_err(pgp_err)?);
+        rpm::signature::pgp::Signer::from_asc(&armored).map_err(pgp_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> Secret {
+        Secret::new(b"correct horse battery staple", "test").unwrap()
+    }
+
+    #[test]
+    fn a_key_made_here_opens_with_its_secret_only_and_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join(KEYS_DIR);
+        assert!(!exists(&keys_dir).unwrap());
+        assert!(matches!(
+            ArchiveKeys::load(&keys_dir, &secret()),
+            Err(KeyError::Missing { .. })
+        ));
+        let record = add(&keys_dir, &secret()).unwrap();
+        assert!(exists(&keys_dir).unwrap());
+        assert_eq!(record.fingerprint.len(), 40);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&keys_dir), 0o700);
+        assert_eq!(
+            mode(&keys_dir.join(format!("{}.key.sealed", record.fingerprint))),
+            0o600
+        );
+        let keys = ArchiveKeys::load(&keys_dir, &secret()).unwrap();
+        assert_eq!(keys.records(), vec![record.clone()]);
+        let other = Secret::new(b"another secret of some length", "test").unwrap();
+        assert!(matches!(
+            ArchiveKeys::load(&keys_dir, &other),
+            Err(KeyError::Seal(SealError::WrongSecret { .. }))
+        ));
+        // What is published parses back to the same key.
+        let ring = keys.keyring().unwrap();
+        let mut parsed = SignedPublicKey::from_bytes_many(&ring[..]).unwrap();
+        let first = parsed.next().unwrap().unwrap();
+        assert_eq!(
+            hex_upper(first.fingerprint().as_bytes()),
+            record.fingerprint
+        );
+        assert!(
+            keys.keyring_armored()
+                .unwrap()
+                .starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+        );
+        // Signatures verify with the public key, and not over other bytes.
+        let sig = keys.sign_detached(b"Origin: LinkMesh\n").unwrap();
+        let (sig, _) = DetachedSignature::from_string(&sig).unwrap();
+        sig.verify(&first, b"Origin: LinkMesh\n").unwrap();
+        assert!(sig.verify(&first, b"Origin: Elsewhere\n").is_err());
+        let signed = keys.clearsign("Suite: stable\n").unwrap();
+        let (msg, _) = CleartextSignedMessage::from_string(&signed).unwrap();
+        msg.verify(&first).unwrap();
+        assert_eq!(msg.signed_text(), "Suite: stable\r\n");
+    }
+
+    #[test]
+    fn a_key_file_swapped_for_another_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = add(&dir.path().join("a"), &secret()).unwrap();
+        let b = add(&dir.path().join("b"), &secret()).unwrap();
+        // b's sealed key under a's name: sealed for b's fingerprint, so the
+        // envelope does not open for a's.
+        std::fs::copy(
+            dir.path()
+                .join("b")
+                .join(format!("{}.key.sealed", b.fingerprint)),
+            dir.path()
+                .join("a")
+                .join(format!("{}.key.sealed", a.fingerprint)),
+        )
+        .unwrap();
+        let e = ArchiveKeys::load(&dir.path().join("a"), &secret()).unwrap_err();
+        assert!(e.to_string().contains(&a.fingerprint), "{e}");
+    }
+}
