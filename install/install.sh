@@ -11,8 +11,10 @@
 # none; the identity is never touched by a re-run.
 #
 # Install methods: the deb or rpm package when the host has dpkg/apt or
-# rpm/dnf/yum and the server offers that package (the package's own scripts
-# then restart the agent and record the method), else the binary method
+# rpm/dnf/yum and the server's signed repository offers that package (the
+# host is pointed at the repository, so `apt-get upgrade` / `dnf upgrade`
+# reach later versions; the package's own scripts restart the agent and
+# record the method), else the binary method
 # (/usr/bin/linkmesh-agent and a unit in /etc/systemd/system). A host whose
 # agent came from a package stays on it.
 #
@@ -26,6 +28,9 @@
 #                       server (labs; also LINKMESH_ALLOW_AHEAD=1)
 #   --force             re-enrol a host enrolled with another server
 #   --method M          auto (default), deb, rpm or binary
+#   --mirror URL        the package method's repository from a mirror of the
+#                       server's /apt and /yum (trust stays pinned to the
+#                       fleet's archive key)
 #   --dry-run           print each step that would change the host; change nothing
 #
 # Exit codes:
@@ -47,6 +52,10 @@ STATE_DIR=/var/lib/linkmesh-agent
 UNIT_PATH=/etc/systemd/system/linkmesh-agent.service
 UPGRADE_UNIT_PATH=/etc/systemd/system/linkmesh-upgrade.service
 ENROLL_UNIT_PATH=/etc/systemd/system/linkmesh-enroll.service
+APT_SOURCE=/etc/apt/sources.list.d/linkmesh.sources
+APT_CONF=/etc/apt/apt.conf.d/60linkmesh
+YUM_REPO=/etc/yum.repos.d/linkmesh.repo
+RPM_KEY=/etc/pki/rpm-gpg/RPM-GPG-KEY-linkmesh
 PROBATION=$STATE_DIR/upgrade/probation.json
 OUTCOME=$STATE_DIR/upgrade/outcome.json
 OUTCOME_BEFORE=""
@@ -58,6 +67,7 @@ TOKEN=""
 TOKEN_FILE=""
 VERSION=""
 METHOD=auto
+MIRROR=""
 # The package revision linkmesh-package builds (packaging/package.toml).
 PKG_RELEASE=1
 FORCE=0
@@ -97,7 +107,7 @@ usage() {
 	cat >&2 <<'USAGE'
 usage: install.sh --server https://SERVER (--ca-pin sha256:HEX | --ca-file FILE)
                   [--token-file FILE | --token TOKEN] [--version X.Y.Z] [--force] [--dry-run]
-                  [--method auto|deb|rpm|binary] [--allow-ahead]
+                  [--method auto|deb|rpm|binary] [--mirror URL] [--allow-ahead]
 The token may also come from LINKMESH_TOKEN. Exit codes: 2 usage, 3 unsupported
 system, 4 not root, 5 download failed, 6 CA pin mismatch, 7 checksum mismatch,
 8 enrolment refused, 9 enrolled elsewhere (--force), 10 service failed, 11 check
@@ -124,6 +134,8 @@ parse_args() {
 		--version=*) VERSION=${1#*=}; shift ;;
 		--method) METHOD=${2:-}; shift 2 ;;
 		--method=*) METHOD=${1#*=}; shift ;;
+		--mirror) MIRROR=${2:-}; shift 2 ;;
+		--mirror=*) MIRROR=${1#*=}; shift ;;
 		--force) FORCE=1; shift ;;
 		--allow-ahead) ALLOW_AHEAD=1; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
@@ -136,6 +148,7 @@ parse_args() {
 	https://*) SERVER=${SERVER%/} ;;
 	*) die 2 "--server must be an https:// URL, got $SERVER" ;;
 	esac
+	SERVER_HOST=$(url_host "$SERVER")
 	if [ -z "$CA_PIN" ] && [ -z "$CA_FILE" ]; then
 		die 2 "--ca-pin sha256:HEX (or --ca-file FILE) is required: the server is never trusted blindly"
 	fi
@@ -146,6 +159,11 @@ parse_args() {
 	case "$METHOD" in
 	auto | deb | rpm | binary) ;;
 	*) die 2 "--method must be auto, deb, rpm or binary, got '$METHOD'" ;;
+	esac
+	case "$MIRROR" in
+	"") ;;
+	https://* | http://*) MIRROR=${MIRROR%/} ;;
+	*) die 2 "--mirror must be an http:// or https:// URL (the mirror of $SERVER/apt and /yum), got $MIRROR" ;;
 	esac
 	if [ -n "$TOKEN" ] && [ -n "$TOKEN_FILE" ]; then
 		die 2 "give the token once: --token or --token-file"
@@ -243,8 +261,8 @@ system_package_format() {
 # The installed package's version (upstream part), empty when none.
 package_version() {
 	case "$1" in
-	deb) v=$(dpkg-query -W -f='${Version}' linkmesh-agent 2>/dev/null || true) ;;
-	rpm) v=$(rpm -q --qf '%{VERSION}-%{RELEASE}' linkmesh-agent 2>/dev/null || true) ;;
+	deb) v=$(dpkg-query -W -f='${Version}' linkmesh-agent 2>/dev/null) || v="" ;;
+	rpm) v=$(rpm -q --qf '%{VERSION}-%{RELEASE}' linkmesh-agent 2>/dev/null) || v="" ;;
 	esac
 	printf '%s' "$v"
 }
@@ -306,11 +324,12 @@ download_agent() {
 	if [ -n "$PKG" ]; then
 		if [ -n "$OWNER" ] && [ "$(package_version "$OWNER")" = "$VERSION-$PKG_RELEASE" ]; then
 			say "linkmesh-agent $VERSION ($OWNER package) is already installed"
+			fetch_archive_key
 			return 0
 		fi
-		fetch_verified "$PKG" && return 0
+		fetch_package && return 0
 		if [ "$AUTO" -eq 0 ] || [ -n "$OWNER" ]; then
-			die 5 "$SERVER offers no $PKG; publish it there or pick another --version"
+			die 5 "the $METHOD repository of $(repo_base) offers no linkmesh-agent $VERSION-$PKG_RELEASE; publish it there or pick another --version"
 		fi
 		say "$SERVER offers no $METHOD package of $VERSION; using the binary method"
 		METHOD=binary
@@ -361,30 +380,194 @@ server_first() {
 	say "warning: no agent here knows the server-first check; installing linkmesh-agent $VERSION unchecked"
 }
 
-# Step 5, package method: the package manager replaces the files and its
-# scripts restart an enrolled agent and record the method.
-install_package() {
-	CHANGED=0
-	if [ -z "$PKG" ] || [ ! -f "$WORK/$PKG" ]; then
-		return 0
+# Where the package method's repositories are: the server, or --mirror.
+repo_base() {
+	printf '%s' "${MIRROR:-$SERVER}"
+}
+
+# The host part of a URL (apt's per-host options are keyed by it).
+url_host() {
+	h=${1#*://}
+	h=${h%%/*}
+	case "$h" in
+	\[*) h=${h%%]*}] ;;
+	*:*) h=${h%:*} ;;
+	esac
+	printf '%s' "$h"
+}
+
+# The fleet's archive keys (binary keyring and armoured), over the
+# CA-verified connection to the server itself, never from a mirror.
+fetch_archive_key() {
+	[ -f "$WORK/linkmesh-archive.gpg" ] && return 0
+	fetch keys/linkmesh-archive.gpg "$WORK/linkmesh-archive.gpg"
+	fetch keys/linkmesh-archive.asc "$WORK/linkmesh-archive.asc"
+}
+
+# Fetches PATH of the repository (the server, or --mirror: trusted the
+# host's usual way unless it is the server's host) into FILE. Returns 1
+# on 404; dies on any other failure.
+repo_fetch() {
+	ca=$WORK/ca.pem
+	if [ -n "$MIRROR" ] && [ "$(url_host "$MIRROR")" != "$SERVER_HOST" ]; then
+		ca="" # the mirror's own certificate, checked the host's usual way
 	fi
+	if ! curl -fsS --max-time 120 ${ca:+--cacert "$ca"} -o "$2" "$(repo_base)/$1" 2>"$WORK/curl.err"; then
+		grep -q 'error: 404' "$WORK/curl.err" && return 1
+		die 5 "cannot download $(repo_base)/$1: $(cat "$WORK/curl.err")"
+	fi
+}
+
+# apt with a throw-away configuration in $WORK: only the fleet's
+# repository, its keyring from $WORK, nothing of the host's apt state
+# touched (so a refused version changes nothing).
+apt_scratch() {
+	a=$WORK/apt
+	"$@" -q -o Dir::Etc::SourceList="$a/linkmesh.sources" -o Dir::Etc::SourceParts="$a/parts" \
+		-o Dir::State::Lists="$a/lists" -o Dir::Cache="$a/cache" -o Debug::NoLocking=1 \
+		-o APT::Sandbox::User=root -o "Acquire::https::$SERVER_HOST::CaInfo=$WORK/ca.pem"
+}
+
+# The deb822 source of the fleet's repository, signed by KEYRING.
+apt_source() {
+	printf '# The LinkMesh agent from the fleet server (written by install.sh; a re-run rewrites it).\n'
+	printf 'Types: deb\nURIs: %s/apt\nSuites: stable\nComponents: main\nSigned-By: %s\n' "$(repo_base)" "$1"
+}
+
+# Step 4, package method: the package, from the signed repository, into
+# $WORK/$PKG. apt (or rpmkeys) checks it against the fleet's archive key.
+# Returns 1 when the repository does not offer this version.
+fetch_package() {
+	fetch_archive_key
 	case "$METHOD" in
 	deb)
-		if command -v apt-get >/dev/null 2>&1; then
-			# An edited /etc/linkmesh/agent.toml is kept, never prompted for.
-			run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades \
-				-o Dpkg::Options::=--force-confold -o Dpkg::Options::=--force-confdef "$WORK/$PKG" ||
-				die 3 "apt-get could not install $PKG (see above)"
-		else
-			run dpkg --force-confold --force-confdef -i "$WORK/$PKG" ||
-				die 3 "dpkg could not install $PKG (see above)"
+		command -v apt-get >/dev/null 2>&1 || die 3 "--method deb installs from the fleet's apt repository and needs apt-get (OS: $OS_ID)"
+		mkdir -p "$WORK/apt/parts" "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial"
+		apt_source "$WORK/linkmesh-archive.gpg" >"$WORK/apt/linkmesh.sources"
+		repo_fetch apt/dists/stable/InRelease "$WORK/InRelease" || return 1
+		if ! apt_scratch apt-get update >"$WORK/apt.log" 2>&1 || grep -q '^[WE]:' "$WORK/apt.log"; then
+			cat "$WORK/apt.log" >&2
+			if grep -q 'GPG error\|not signed\|NO_PUBKEY\|BADSIG' "$WORK/apt.log"; then
+				die 7 "the apt repository of $(repo_base) is not signed by the fleet's archive key (above); nothing was installed"
+			fi
+			die 5 "cannot read the apt repository of $(repo_base) (above)"
 		fi
+		(cd "$WORK" && apt_scratch apt-get download "linkmesh-agent=$VERSION-$PKG_RELEASE" >"$WORK/apt.log" 2>&1) || {
+			grep -q "not found\|Unable to locate" "$WORK/apt.log" && return 1
+			cat "$WORK/apt.log" >&2
+			die 7 "apt could not fetch linkmesh-agent $VERSION-$PKG_RELEASE from $(repo_base) (above); nothing was installed"
+		}
+		[ -f "$WORK/$PKG" ] || die 5 "apt fetched no $PKG from $(repo_base)"
 		;;
 	rpm)
-		# rpm -U installs, upgrades and (with --oldpackage) downgrades; dnf
-		# and yum read the same database, so `yum update` takes over later.
-		run rpm -U --oldpackage "$WORK/$PKG" ||
-			die 3 "rpm could not install $PKG (see above)"
+		repo_fetch "yum/packages/$PKG" "$WORK/$PKG" || return 1
+		mkdir -p "$WORK/rpmdb"
+		rpmkeys --dbpath "$WORK/rpmdb" --import "$WORK/linkmesh-archive.asc" ||
+			die 7 "the fleet's archive key from $SERVER does not import into rpm (above)"
+		if ! rpmkeys --dbpath "$WORK/rpmdb" --checksig "$WORK/$PKG" >"$WORK/rpm.log" 2>&1 ||
+			! grep -q 'signatures OK' "$WORK/rpm.log"; then
+			cat "$WORK/rpm.log" >&2
+			die 7 "$PKG from $(repo_base) is not signed by the fleet's archive key (above); nothing was installed"
+		fi
+		;;
+	esac
+}
+
+# Writes FILE (mode MODE) from TEMP only when it differs: a re-run leaves
+# every repository file byte-identical.
+put_file() {
+	if cmp -s "$1" "$2" 2>/dev/null; then
+		rm -f "$1"
+		return 0
+	fi
+	if [ "$DRY_RUN" -eq 1 ]; then
+		printf 'would write: %s\n' "$2"
+		rm -f "$1"
+		return 0
+	fi
+	run install -d -m 0755 "$(dirname "$2")"
+	chmod "$3" "$1"
+	durable_rename "$1" "$2"
+}
+
+# Step 5a, package method: the host points at the fleet's repository, its
+# archive key and (for that host only) the fleet's CA.
+configure_repository() {
+	fetch_archive_key
+	cp "$WORK/ca.pem" "$WORK/fleet-ca.pem.new"
+	put_file "$WORK/fleet-ca.pem.new" "$CONFIG_DIR/fleet-ca.pem" 0644
+	mirror_host=$(url_host "$(repo_base)")
+	case "$METHOD" in
+	deb)
+		cp "$WORK/linkmesh-archive.gpg" "$WORK/keyring.new"
+		put_file "$WORK/keyring.new" /etc/apt/keyrings/linkmesh-archive.gpg 0644
+		apt_source /etc/apt/keyrings/linkmesh-archive.gpg >"$WORK/sources.new"
+		put_file "$WORK/sources.new" "$APT_SOURCE" 0644
+		{
+			printf '// The fleet CA, trusted for the LinkMesh repository host only (install.sh).\n'
+			printf 'Acquire::https::%s::CaInfo "%s/fleet-ca.pem";\n' "$SERVER_HOST" "$CONFIG_DIR"
+			if [ -n "$MIRROR" ] && [ "$mirror_host" != "$SERVER_HOST" ]; then
+				printf '// The mirror %s is trusted the host'"'"'s usual way; its packages still need the fleet'"'"'s key.\n' "$mirror_host"
+			fi
+		} >"$WORK/aptconf.new"
+		put_file "$WORK/aptconf.new" "$APT_CONF" 0644
+		;;
+	rpm)
+		cp "$WORK/linkmesh-archive.asc" "$WORK/key.new"
+		put_file "$WORK/key.new" "$RPM_KEY" 0644
+		{
+			printf '# The LinkMesh agent from the fleet server (written by install.sh; a re-run rewrites it).\n'
+			printf '[linkmesh]\nname=LinkMesh agent (%s)\nbaseurl=%s/yum\nenabled=1\n' "$SERVER" "$(repo_base)"
+			printf 'gpgcheck=1\nrepo_gpgcheck=1\ngpgkey=file://%s\n' "$RPM_KEY"
+			if [ -z "$MIRROR" ] || [ "$mirror_host" = "$SERVER_HOST" ]; then
+				printf 'sslcacert=%s/fleet-ca.pem\n' "$CONFIG_DIR"
+			fi
+			# A new version is seen by the next `dnf upgrade`; the server
+			# being away never blocks the host's other repositories.
+			printf 'metadata_expire=0\nskip_if_unavailable=1\n'
+		} >"$WORK/repo.new"
+		put_file "$WORK/repo.new" "$YUM_REPO" 0644
+		;;
+	esac
+}
+
+# Step 5, package method: the package manager installs $VERSION from the
+# repository, verifying it again, and its scripts restart an enrolled
+# agent and record the method.
+install_package() {
+	CHANGED=0
+	[ -n "$PKG" ] || return 0
+	configure_repository
+	[ -f "$WORK/$PKG" ] || return 0 # this version is installed already
+	case "$METHOD" in
+	deb)
+		run apt-get update -q -o Dir::Etc::SourceList="$APT_SOURCE" -o Dir::Etc::SourceParts=- \
+			-o APT::Get::List-Cleanup=0 ||
+			die 5 "apt-get update of $APT_SOURCE failed (see above)"
+		# An edited /etc/linkmesh/agent.toml is kept, never prompted for.
+		run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades \
+			-o Dpkg::Options::=--force-confold -o Dpkg::Options::=--force-confdef \
+			"linkmesh-agent=$VERSION-$PKG_RELEASE" ||
+			die 3 "apt-get could not install linkmesh-agent $VERSION-$PKG_RELEASE (see above)"
+		;;
+	rpm)
+		installed=$(package_version rpm)
+		verb=install
+		if [ -n "$installed" ] &&
+			[ "$(printf '%s\n%s\n' "$installed" "$VERSION-$PKG_RELEASE" | sort -V | head -n 1)" = "$VERSION-$PKG_RELEASE" ]; then
+			verb=downgrade
+		fi
+		if command -v dnf >/dev/null 2>&1; then
+			run dnf -y -q --disablerepo='*' --enablerepo=linkmesh "$verb" "linkmesh-agent-$VERSION-$PKG_RELEASE" ||
+				die 3 "dnf could not $verb linkmesh-agent $VERSION-$PKG_RELEASE (see above)"
+		elif command -v yum >/dev/null 2>&1; then
+			run yum -y -q --disablerepo='*' --enablerepo=linkmesh "$verb" "linkmesh-agent-$VERSION-$PKG_RELEASE" ||
+				die 3 "yum could not $verb linkmesh-agent $VERSION-$PKG_RELEASE (see above)"
+		else
+			# rpm alone: the package checked above against the archive key.
+			run rpm -U --oldpackage "$WORK/$PKG" ||
+				die 3 "rpm could not install $PKG (see above)"
+		fi
 		;;
 	esac
 	# The package is kept for a later rollback to this version.

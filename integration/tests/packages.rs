@@ -608,3 +608,198 @@ fn the_declared_glibc_floor_covers_every_symbol_the_agent_uses() -> R {
     assert!(spec.contains("\"libc6 (>= 2.34)\"") && spec.contains("\"glibc >= 2.34\""));
     Ok(())
 }
+
+/// A host whose only package repositories are the fleet's (the throw-away
+/// host starts from this machine's apt and yum configuration, whose
+/// mirrors it cannot and must not reach).
+fn only_the_fleets_repositories(host: &TestHost) -> R {
+    sh(
+        host,
+        "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* /etc/yum.repos.d/*; \
+         rm -rf /var/lib/apt/lists/*; mkdir -p /var/lib/apt/lists/partial",
+    )?;
+    Ok(())
+}
+
+/// The repository configuration the one-liner writes, every file's bytes.
+const REPOSITORY_FILES: [&str; 6] = [
+    "/etc/apt/sources.list.d/linkmesh.sources",
+    "/etc/apt/apt.conf.d/60linkmesh",
+    "/etc/apt/keyrings/linkmesh-archive.gpg",
+    "/etc/linkmesh/fleet-ca.pem",
+    "/etc/yum.repos.d/linkmesh.repo",
+    "/etc/pki/rpm-gpg/RPM-GPG-KEY-linkmesh",
+];
+
+fn repository_files(host: &TestHost) -> Vec<(String, Option<Vec<u8>>)> {
+    REPOSITORY_FILES
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(host.path(f)).ok()))
+        .collect()
+}
+
+/// Moves `p`'s packages into the served artifacts: published.
+fn publish(bed: &Bed, p: &Packages) -> R {
+    for f in [&p.deb, &p.rpm] {
+        if let Some(name) = f.file_name() {
+            std::fs::copy(f, bed.artifacts.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// The issue's drill through the served repositories: the one-liner
+/// installs 0.0.9 from the fleet's signed repository (and a re-run changes
+/// nothing), the server then publishes this version, and the operator's
+/// own commands upgrade the host and roll it back by a version pin, with
+/// the identity and the edited configuration byte-identical throughout.
+fn upgrade_through_the_repository(format: &str) -> R {
+    let dir = scratch(&format!("pkg-repo-{format}"))?;
+    let (older, old_version) = older_agent()?;
+    let artifacts = dir.path().join("artifacts");
+    let old = build_packages(&older, &artifacts, 1)?;
+    let new = build_packages(
+        &binary("linkmesh-agent")?,
+        &dir.path().join("unpublished"),
+        1,
+    )?;
+    let net = TestNet::new()?;
+    let fleet = Fleet::start_for_hosts(&dir.path().join("fleet"), net.netns(), &artifacts)?;
+    let mut bed = Bed {
+        dir,
+        net,
+        fleet,
+        old,
+        new,
+        old_version,
+        artifacts,
+    };
+    let host = host(&mut bed, &format!("lm-repo-{format}"))?;
+    only_the_fleets_repositories(&host)?;
+    if format == "rpm" {
+        rpm_database(&bed, &host)?;
+    }
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let args = format!(
+        "--ca-pin {} --method {format} --version {}",
+        t.ca_pin, bed.old_version
+    );
+    let (code, text) = install_one_liner(
+        &host,
+        &bed.fleet,
+        &format!("{args} --token-file /root/token"),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    wait_reported(&bed.fleet, bed.old_version, format)?;
+    let files = repository_files(&host);
+    let written: Vec<&str> = files
+        .iter()
+        .filter(|(_, b)| b.is_some())
+        .map(|(f, _)| f.as_str())
+        .collect();
+    match format {
+        "deb" => {
+            assert_eq!(written, &REPOSITORY_FILES[..4], "{text}");
+            let source = std::fs::read_to_string(host.path(REPOSITORY_FILES[0]))?;
+            assert!(
+                source.contains(&format!("URIs: {}/apt\n", bed.fleet.url))
+                    && source.contains("Signed-By: /etc/apt/keyrings/linkmesh-archive.gpg\n"),
+                "{source}"
+            );
+        }
+        _ => {
+            assert_eq!(
+                written,
+                [
+                    REPOSITORY_FILES[3],
+                    REPOSITORY_FILES[4],
+                    REPOSITORY_FILES[5]
+                ],
+                "{text}"
+            );
+            let repo = std::fs::read_to_string(host.path(REPOSITORY_FILES[4]))?;
+            for line in [
+                "gpgcheck=1\n",
+                "repo_gpgcheck=1\n",
+                "sslcacert=/etc/linkmesh/fleet-ca.pem\n",
+            ] {
+                assert!(repo.contains(line), "{line}: {repo}");
+            }
+        }
+    }
+    sh(
+        &host,
+        "printf '\\n[log]\\nlevel = \"debug\"\\n' >> /etc/linkmesh/agent.toml",
+    )?;
+    let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
+    let identity = snapshot(&host.path(IDENTITY));
+    let pid = unit(&host)?["MainPID"].clone();
+
+    // A re-run is a no-op: nothing rewritten, nothing restarted.
+    let (code, text) = install_one_liner(&host, &bed.fleet, &args)?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("is already installed"), "{text}");
+    assert!(
+        !text.contains("+ apt-get") && !text.contains("+ dnf"),
+        "{text}"
+    );
+    assert_eq!(
+        repository_files(&host),
+        files,
+        "a re-run rewrote the repository files"
+    );
+    assert_eq!(unit(&host)?["MainPID"], pid);
+
+    // The server publishes this version; the operator upgrades as usual.
+    publish(&bed, &bed.new)?;
+    let upgrade = match format {
+        "deb" => "apt-get update && apt-get upgrade -y",
+        _ => "dnf upgrade -y linkmesh-agent",
+    };
+    let out = sh(&host, upgrade)?;
+    wait_restarted(&host, &pid)?;
+    wait_reported(&bed.fleet, current, format)?;
+    assert_eq!(snapshot(&host.path(IDENTITY)), identity, "{upgrade}: {out}");
+    assert_eq!(
+        std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
+        edited,
+        "{upgrade}"
+    );
+    assert_eq!(repository_files(&host), files, "{upgrade}");
+
+    // Rollback is a version pin.
+    let pid = unit(&host)?["MainPID"].clone();
+    let rollback = match format {
+        "deb" => format!(
+            "apt-get install -y --allow-downgrades linkmesh-agent={}-1",
+            bed.old_version
+        ),
+        _ => format!("dnf downgrade -y linkmesh-agent-{}-1", bed.old_version),
+    };
+    let out = sh(&host, &rollback)?;
+    wait_restarted(&host, &pid)?;
+    wait_reported(&bed.fleet, bed.old_version, format)?;
+    assert_eq!(
+        snapshot(&host.path(IDENTITY)),
+        identity,
+        "{rollback}: {out}"
+    );
+    assert_eq!(
+        std::fs::read(host.path("/etc/linkmesh/agent.toml"))?,
+        edited,
+        "{rollback}"
+    );
+    Ok(())
+}
+
+#[test]
+fn apt_get_upgrade_through_the_fleets_signed_repository_keeps_the_identity() -> R {
+    upgrade_through_the_repository("deb")
+}
+
+#[test]
+fn dnf_upgrade_through_the_fleets_signed_repository_keeps_the_identity() -> R {
+    upgrade_through_the_repository("rpm")
+}
