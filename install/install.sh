@@ -447,19 +447,33 @@ fetch_package() {
 		repo_fetch apt/dists/stable/InRelease "$WORK/InRelease" || return 1
 		if ! apt_scratch apt-get update >"$WORK/apt.log" 2>&1 || grep -q '^[WE]:' "$WORK/apt.log"; then
 			cat "$WORK/apt.log" >&2
-			if grep -q 'GPG error\|not signed\|NO_PUBKEY\|BADSIG' "$WORK/apt.log"; then
+			if grep -q 'GPG error\|not signed\|NO_PUBKEY\|BADSIG\|Hash Sum mismatch\|Hashes' "$WORK/apt.log"; then
 				die 7 "the apt repository of $(repo_base) is not signed by the fleet's archive key (above); nothing was installed"
 			fi
 			die 5 "cannot read the apt repository of $(repo_base) (above)"
 		fi
 		(cd "$WORK" && apt_scratch apt-get download "linkmesh-agent=$VERSION-$PKG_RELEASE" >"$WORK/apt.log" 2>&1) || {
-			grep -q "not found\|Unable to locate" "$WORK/apt.log" && return 1
+			if grep -q "for 'linkmesh-agent' was not found\|Unable to locate package" "$WORK/apt.log"; then
+				say "apt: $(grep '^E:' "$WORK/apt.log" | head -n 1)"
+				return 1
+			fi
 			cat "$WORK/apt.log" >&2
 			die 7 "apt could not fetch linkmesh-agent $VERSION-$PKG_RELEASE from $(repo_base) (above); nothing was installed"
 		}
 		[ -f "$WORK/$PKG" ] || die 5 "apt fetched no $PKG from $(repo_base)"
 		;;
 	rpm)
+		# The metadata dnf will read is the fleet's (dnf checks it again,
+		# repo_gpgcheck=1); gpgv comes with gnupg, which dnf needs anyway.
+		repo_fetch yum/repodata/repomd.xml "$WORK/repomd.xml" || return 1
+		repo_fetch yum/repodata/repomd.xml.asc "$WORK/repomd.xml.asc" ||
+			die 7 "the rpm repository of $(repo_base) has no signature (repodata/repomd.xml.asc); nothing was installed"
+		if command -v gpgv >/dev/null 2>&1; then
+			gpgv --keyring "$WORK/linkmesh-archive.gpg" "$WORK/repomd.xml.asc" "$WORK/repomd.xml" >"$WORK/gpgv.log" 2>&1 || {
+				cat "$WORK/gpgv.log" >&2
+				die 7 "the rpm repository of $(repo_base) is not signed by the fleet's archive key (above); nothing was installed"
+			}
+		fi
 		repo_fetch "yum/packages/$PKG" "$WORK/$PKG" || return 1
 		mkdir -p "$WORK/rpmdb"
 		rpmkeys --dbpath "$WORK/rpmdb" --import "$WORK/linkmesh-archive.asc" ||

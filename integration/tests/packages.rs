@@ -549,7 +549,10 @@ fn the_one_liner_installs_the_rpm_with_method_rpm() -> R {
         ),
     )?;
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("+ rpm -U --oldpackage"), "{text}");
+    assert!(
+        text.contains("+ dnf -y -q --disablerepo=* --enablerepo=linkmesh install linkmesh-agent-"),
+        "{text}"
+    );
     let current = linkmesh_agent::version::AGENT_VERSION;
     let out = sh(
         &host,
@@ -802,4 +805,228 @@ fn apt_get_upgrade_through_the_fleets_signed_repository_keeps_the_identity() -> 
 #[test]
 fn dnf_upgrade_through_the_fleets_signed_repository_keeps_the_identity() -> R {
     upgrade_through_the_repository("rpm")
+}
+
+/// The newest generation of the server's repositories (what it serves
+/// until the artifacts change), after a client asked for it.
+fn served_generation(bed: &Bed, host: &TestHost) -> anyhow::Result<std::path::PathBuf> {
+    sh(
+        host,
+        &format!(
+            "curl -fsSk -o /dev/null {}/apt/dists/stable/InRelease",
+            bed.fleet.url
+        ),
+    )?;
+    let dir = bed.dir.path().join("fleet").join("repositories");
+    std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("gen-")?
+                .parse::<u64>()
+                .ok()
+                .map(|n| (n, e.path()))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("no generation in {}", dir.display()))
+}
+
+/// Replaces the bytes of `path` with `with(old)` for as long as the guard
+/// lives.
+struct Tampered(std::path::PathBuf, Vec<u8>);
+
+impl Tampered {
+    fn new(path: std::path::PathBuf, with: impl FnOnce(&[u8]) -> Vec<u8>) -> anyhow::Result<Self> {
+        let old = std::fs::read(&path)?;
+        let new = with(&old);
+        anyhow::ensure!(new != old, "{} was not changed", path.display());
+        // A new file, not a write through it: the served pool's .deb files
+        // are hard links to the artifacts.
+        std::fs::remove_file(&path)?;
+        std::fs::write(&path, new)?;
+        Ok(Self(path, old))
+    }
+}
+
+impl Drop for Tampered {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::write(&self.0, &self.1);
+    }
+}
+
+fn replace(from: &str, to: &str) -> impl FnOnce(&[u8]) -> Vec<u8> {
+    let (from, to) = (from.to_owned(), to.to_owned());
+    move |b| {
+        String::from_utf8_lossy(b)
+            .replacen(&from, &to, 1)
+            .into_bytes()
+    }
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let _ = e.write_all(b);
+    e.finish().unwrap_or_default()
+}
+
+/// What the host has of the agent's package, if anything.
+fn installed(host: &TestHost, format: &str) -> String {
+    let cmd = match format {
+        "deb" => "dpkg-query -W -f='${Version} ${db:Status-Status}' linkmesh-agent 2>/dev/null",
+        _ => "rpm -q --qf '%{VERSION}-%{RELEASE}' linkmesh-agent 2>/dev/null",
+    };
+    host.exec(cmd)
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Every way the served repository can lie, for one format: the one-liner
+/// refuses before the host changes (exit 7, no repository configured,
+/// nothing installed), and on a host configured from it the package
+/// manager's own upgrade refuses, the installed version unchanged.
+fn tampered_repository_refused(format: &str) -> R {
+    let mut bed = bed(&format!("pkg-tamper-{format}"))?;
+    // This version is published only after the host installed the older
+    // one, so no earlier signed index lists it.
+    let unpublished = bed.dir.path().join("unpublished");
+    std::fs::create_dir_all(&unpublished)?;
+    for f in [&mut bed.new.deb, &mut bed.new.rpm] {
+        let to = unpublished.join(f.file_name().unwrap_or_default());
+        std::fs::rename(&*f, &to)?;
+        *f = to;
+    }
+    let host = host(&mut bed, &format!("lm-tamper-{format}"))?;
+    only_the_fleets_repositories(&host)?;
+    if format == "rpm" {
+        rpm_database(&bed, &host)?;
+    }
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let served = served_generation(&bed, &host)?;
+    let old = bed.old_version;
+    let (old_pkg, new_pkg) = match format {
+        "deb" => (bed.old.deb.clone(), bed.new.deb.clone()),
+        _ => (bed.old.rpm.clone(), bed.new.rpm.clone()),
+    };
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let pool = |served: &std::path::Path, p: &std::path::Path| match format {
+        "deb" => served.join("apt/pool/main").join(name(p)),
+        _ => served.join("yum/packages").join(name(p)),
+    };
+    let packages = served.join("apt/dists/stable/main/binary-amd64");
+    let args = format!(
+        "--ca-pin {} --method {format} --version {old} --token-file /root/token",
+        t.ca_pin
+    );
+    let refused = |what: &str| -> R {
+        let (code, text) = install_one_liner(&host, &bed.fleet, &args)?;
+        assert_eq!(code, 7, "{what}: {text}");
+        assert!(text.contains("nothing was installed"), "{what}: {text}");
+        assert_eq!(installed(&host, format), "", "{what}");
+        for f in REPOSITORY_FILES {
+            assert!(!host.path(f).exists(), "{what}: {f} was written");
+        }
+        Ok(())
+    };
+    {
+        let _t = match format {
+            "deb" => Tampered::new(
+                served.join("apt/dists/stable/InRelease"),
+                replace("Label: LinkMesh", "Label: LinkMess"),
+            )?,
+            _ => Tampered::new(
+                served.join("yum/repodata/repomd.xml"),
+                replace("<revision>", "<revision>1"),
+            )?,
+        };
+        refused("signed metadata altered")?;
+    }
+    if format == "deb" {
+        let text = std::fs::read(packages.join("Packages"))?;
+        let _a = Tampered::new(
+            packages.join("Packages"),
+            replace("Priority: optional", "Priority: required"),
+        )?;
+        let altered =
+            String::from_utf8_lossy(&text).replacen("Priority: optional", "Priority: required", 1);
+        let _b = Tampered::new(packages.join("Packages.gz"), |_| gzip(altered.as_bytes()))?;
+        refused("Packages altered under a valid InRelease")?;
+    }
+    {
+        // Another package under the listed one's name: its checksum (deb)
+        // or its signature (rpm: the artifact as built, unsigned) is wrong.
+        let bytes = std::fs::read(&new_pkg)?;
+        let _t = Tampered::new(pool(&served, &old_pkg), |_| bytes)?;
+        refused("package swapped")?;
+    }
+
+    // The honest repository installs; then the operator's upgrade meets a
+    // lying one.
+    let (code, text) = install_one_liner(&host, &bed.fleet, &args)?;
+    assert_eq!(code, 0, "{text}");
+    let before = installed(&host, format);
+    assert!(before.starts_with(&format!("{old}-1")), "{before}");
+    publish(&bed, &bed.new)?;
+    let served = served_generation(&bed, &host)?;
+    let upgrade = match format {
+        "deb" => "apt-get update && apt-get upgrade -y",
+        _ => "dnf upgrade -y linkmesh-agent",
+    };
+    let operator = |what: &str| -> R {
+        let out = host.exec(&format!("{upgrade} 2>&1"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(installed(&host, format), before, "{what}: {text}");
+        assert!(
+            [
+                "GPG",
+                "signature",
+                "Hash Sum mismatch",
+                "Hashes of expected file",
+                "does not match",
+                "checksum"
+            ]
+            .iter()
+            .any(|w| text.contains(w)),
+            "{what}: the package manager did not say why: {text}"
+        );
+        Ok(())
+    };
+    {
+        let _t = match format {
+            "deb" => Tampered::new(
+                served.join("apt/dists/stable/InRelease"),
+                replace("Label: LinkMesh", "Label: LinkMess"),
+            )?,
+            _ => Tampered::new(
+                served.join("yum/repodata/repomd.xml"),
+                replace("<revision>", "<revision>1"),
+            )?,
+        };
+        operator("signed metadata altered")?;
+    }
+    {
+        let bytes = std::fs::read(&old_pkg)?;
+        let _t = Tampered::new(pool(&served, &new_pkg), |_| bytes)?;
+        operator("package swapped")?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_tampered_apt_repository_or_package_is_refused_and_nothing_is_installed() -> R {
+    tampered_repository_refused("deb")
+}
+
+#[test]
+fn a_tampered_rpm_repository_or_package_is_refused_and_nothing_is_installed() -> R {
+    tampered_repository_refused("rpm")
 }
