@@ -84,7 +84,10 @@ fn host(bed: &mut Bed, name: &str) -> anyhow::Result<TestHost> {
         (&bed.faulty, "faulty"),
         (&bed.older, "older"),
     ] {
-        host.copy_in(&p.deb, &format!("/root/{prefix}.deb"), 0o644)?;
+        // Where apt's unprivileged _apt user can read them (not /root,
+        // 0700): with the fleet's repository listing the same version,
+        // apt fetches a local .deb as _apt.
+        host.copy_in(&p.deb, &format!("/var/tmp/{prefix}.deb"), 0o644)?;
         host.copy_in(&p.rpm, &format!("/root/{prefix}.rpm"), 0o644)?;
     }
     Ok(host)
@@ -240,7 +243,7 @@ fn a_deb_upgrade_that_exits_at_start_is_rolled_back() -> R {
     let before = kept(&host);
 
     let started = Instant::now();
-    let (code, text) = host.run(&format!("{APT_INSTALL} /root/faulty.deb"))?;
+    let (code, text) = host.run(&format!("{APT_INSTALL} /var/tmp/faulty.deb"))?;
     assert_eq!(code, 0, "the package manager itself succeeds:\n{text}");
     assert!(text.contains("is on probation"), "{text}");
     let outcome = wait_outcome(&host, Duration::from_secs(90))?;
@@ -359,7 +362,7 @@ fn a_good_upgrade_with_the_server_away_is_confirmed() -> R {
     short_probation(&host)?;
     wait_runtime(&host)?;
     bed.fleet.stop();
-    let out = host.sh(&format!("{APT_INSTALL} /root/current.deb 2>&1"))?;
+    let out = host.sh(&format!("{APT_INSTALL} /var/tmp/current.deb 2>&1"))?;
     assert!(out.contains("is on probation"), "{out}");
     let outcome = wait_outcome(&host, Duration::from_secs(90))?;
     assert_eq!(outcome["outcome"], "confirmed", "{outcome}");
@@ -391,7 +394,7 @@ fn begin_bad_deb_upgrade(bed: &Bed, host: &TestHost) -> anyhow::Result<(String, 
     inject(host, "exit-at-start")?;
     let pids = wait_runtime(host)?;
     let before = kept(host);
-    host.sh(&format!("{APT_INSTALL} /root/faulty.deb"))?;
+    host.sh(&format!("{APT_INSTALL} /var/tmp/faulty.deb"))?;
     let record = host.path("/var/lib/linkmesh-agent/upgrade/probation.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains("rolling_back")) {

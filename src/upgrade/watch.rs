@@ -341,6 +341,18 @@ fn roll_back(p: &Probation) -> Result<(), UpgradeError> {
                     "Dpkg::Options::=--force-confold",
                     "-o",
                     "Dpkg::Options::=--force-confdef",
+                    // The kept package only: no repository is asked (the
+                    // fleet's may be the reason for the rollback, or away),
+                    // and apt reads the file as root, since _apt cannot
+                    // enter the 0700 state directory (with the fleet's
+                    // repository listing the same version, apt would
+                    // otherwise fetch it as _apt and fail).
+                    "-o",
+                    "Dir::Etc::SourceList=/dev/null",
+                    "-o",
+                    "Dir::Etc::SourceParts=/nonexistent",
+                    "-o",
+                    "APT::Sandbox::User=root",
                 ])
                 .arg(artifact)
                 .env("DEBIAN_FRONTEND", "noninteractive");

@@ -112,9 +112,15 @@ struct Args {
     /// Run only this measurement: `continuity` (the upgrade drill),
     /// `idle-conns` (the server holding idle TLS connections) or `rollback`
     /// (bad agent upgrades put back by the watcher, `--upgrades` of them),
-    /// `clones` (a copied identity's first start to its own, `--clones`).
-    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback", "clones"])]
+    /// `clones` (a copied identity's first start to its own, `--clones`),
+    /// `repositories` (the signed apt and yum repositories generated from
+    /// `--repo-versions` versions' packages).
+    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback", "clones", "repositories"])]
     only: Option<String>,
+    /// Versions (a .deb and an .rpm each) the repositories are generated
+    /// from (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    repo_versions: usize,
     /// Copies of an enrolled host started one after another on machines of
     /// their own, each timed to its own identity (0 skips them; needs root).
     #[arg(long, default_value_t = 10)]
@@ -231,11 +237,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             Some("idle-conns") => idle_connections(&args)?,
             Some("rollback") => rollback(&args)?,
             Some("clones") => clones(&args)?,
+            Some("repositories") => repositories(&args)?,
             _ => {
                 let mut figures = one_run(&args, &agent_bin)?;
                 figures.extend(idle_connections(&args)?);
                 figures.extend(continuity()?);
                 figures.extend(rollback(&args)?);
+                figures.extend(repositories(&args)?);
                 if nix::unistd::geteuid().is_root() {
                     figures.extend(clones(&args)?);
                 } else {
@@ -272,6 +280,83 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// addresses, 60 per address, under its per-address bound of 64, with the
 /// first-request timeout raised so they stay): its RSS and open descriptors
 /// while it holds them, and enrolment latency for everyone else meanwhile.
+/// The fleet's package repositories generated from `--repo-versions`
+/// versions: each version's .deb and .rpm built by `linkmesh-package` from
+/// a stand-in binary the size of the release agent (a script that answers
+/// `version --json`, padded with random bytes so it compresses as little
+/// as a binary), then the whole generation (apt-ftparchive, every RPM
+/// re-signed, createrepo_c, the signatures) timed five times, an artifact
+/// touched before each so it is rebuilt; and the check a metadata request
+/// makes when nothing changed, timed 200 times.
+fn repositories(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    use linkmesh_integration::repository::{self, ArchiveKeys, Repositories};
+    if args.repo_versions == 0 {
+        return Ok(Vec::new());
+    }
+    const AGENT_SIZE: usize = 5_800_000;
+    let dir = scratch("bench-repos")?;
+    let artifacts = dir.path().join("artifacts");
+    for i in 0..args.repo_versions {
+        let bin_dir = dir.path().join(format!("bin-{i}"));
+        std::fs::create_dir_all(&bin_dir)?;
+        let mut script = format!(
+            "#!/bin/sh\nprintf '{{\"api_version\":1,\"git_revision\":\"bench\",\"version\":\"1.{i}.0\"}}\\n'\nexit 0\n"
+        )
+        .into_bytes();
+        let mut pad = vec![0u8; AGENT_SIZE];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pad)
+            .map_err(|_| anyhow::anyhow!("random"))?;
+        script.extend_from_slice(&pad);
+        let bin = bin_dir.join("linkmesh-agent");
+        std::fs::write(&bin, &script)?;
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        linkmesh_integration::harness::build_packages(&bin, &artifacts, 6)?;
+    }
+    let secret =
+        linkmesh_integration::sealed::Secret::new(b"benchmark secret, not a real one", "bench")?;
+    let keys_dir = dir.path().join(repository::keys::KEYS_DIR);
+    repository::keys::add(&keys_dir, &secret)?;
+    let repos = Repositories::new(
+        &artifacts,
+        &dir.path().join("repositories"),
+        ArchiveKeys::load(&keys_dir, &secret)?,
+    )?;
+    let touched = std::fs::read_dir(&artifacts)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb built")?;
+    let mut generation = Vec::new();
+    for _ in 0..5 {
+        let f = std::fs::File::options().append(true).open(&touched)?;
+        f.set_modified(std::time::SystemTime::now())?;
+        drop(f);
+        let t = Instant::now();
+        repos.current()?;
+        generation.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut unchanged = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        repos.current()?;
+        unchanged.push(t.elapsed().as_secs_f64() * 1_000_000.0);
+    }
+    Ok(vec![
+        figure(
+            "repositories: generation from the packages",
+            "ms",
+            "--repo-versions versions' .deb and .rpm (stand-in binaries of the release agent's size): apt-ftparchive, every RPM re-signed, createrepo_c, InRelease, Release.gpg, repomd.xml.asc; 5 rebuilds",
+            generation,
+        ),
+        figure(
+            "repositories: a metadata request's freshness check",
+            "µs",
+            "the artifacts directory listed and compared with the served generation's, nothing changed; 200 calls",
+            unchanged,
+        ),
+    ])
+}
+
 /// A clone's first start to an identity of its own: an enrolled host's
 /// state copied `--clones` times, each copy's `run` started (idle runtime)
 /// in a mount namespace whose `/etc/machine-id` is another machine's, timed
