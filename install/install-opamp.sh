@@ -114,13 +114,15 @@ establish_trust() {
 	trap 'rm -rf "$WORK"; exit 130' INT TERM
 	if [ -n "$CA_FILE" ]; then
 		cp "$CA_FILE" "$WORK/ca.pem" || die 2 "cannot read --ca-file $CA_FILE"
-		return 0
+		# Both given: the file must be the pinned CA.
+		[ -n "$CA_PIN" ] || return 0
+	else
+		curl -fsSk --max-time 20 -o "$WORK/ca.pem" "$SERVER/ca.pem" || die 5 "cannot reach $SERVER"
 	fi
-	curl -fsSk --max-time 20 -o "$WORK/ca.pem" "$SERVER/ca.pem" || die 5 "cannot reach $SERVER"
 	got=sha256:$(openssl x509 -in "$WORK/ca.pem" -pubkey -noout 2>/dev/null |
 		openssl pkey -pubin -outform der 2>/dev/null | sha256sum | cut -d' ' -f1)
 	want=$(printf '%s' "$CA_PIN" | tr 'A-F' 'a-f')
-	[ "$got" = "$want" ] || die 6 "the CA of $SERVER does not match --ca-pin; nothing was installed"
+	[ "$got" = "$want" ] || die 6 "the CA of $SERVER (or --ca-file) does not match --ca-pin; nothing was installed"
 }
 
 fetch() {

@@ -223,19 +223,26 @@ establish_trust() {
 	trap 'rm -rf "$WORK"; exit 130' INT TERM
 	if [ -n "$CA_FILE" ]; then
 		cp "$CA_FILE" "$WORK/ca.pem" || die 2 "cannot read --ca-file $CA_FILE"
-		return 0
+		# Both given: the file must be the pinned CA.
+		[ -n "$CA_PIN" ] || return 0
+	else
+		curl -fsSk --max-time 20 -o "$WORK/ca.pem" "$SERVER/ca.pem" ||
+			die 5 "cannot reach $SERVER (fetching $SERVER/ca.pem)"
 	fi
-	curl -fsSk --max-time 20 -o "$WORK/ca.pem" "$SERVER/ca.pem" ||
-		die 5 "cannot reach $SERVER (fetching $SERVER/ca.pem)"
 	got=sha256:$(openssl x509 -in "$WORK/ca.pem" -pubkey -noout 2>/dev/null |
 		openssl pkey -pubin -outform der 2>/dev/null | sha256sum | cut -d' ' -f1)
 	want=$(printf '%s' "$CA_PIN" | tr 'A-F' 'a-f')
-	[ "$got" = "$want" ] || die 6 "the CA of $SERVER does not match --ca-pin; nothing was installed"
+	[ "$got" = "$want" ] || die 6 "the CA of $SERVER (or --ca-file) does not match --ca-pin; nothing was installed"
 }
 
 fetch() {
-	curl -fsS --max-time 120 --cacert "$WORK/ca.pem" -o "$2" "$SERVER/$1" ||
-		die 5 "cannot download $SERVER/$1"
+	rc=0
+	curl -fsS --max-time 120 --cacert "$WORK/ca.pem" -o "$2" "$SERVER/$1" || rc=$?
+	case $rc in
+	0) ;;
+	6 | 7 | 28) die 5 "cannot reach $SERVER (fetching $SERVER/$1)" ;;
+	*) die 5 "cannot download $SERVER/$1" ;;
+	esac
 }
 
 # Which package, if any, owns the agent on this host now.

@@ -225,10 +225,10 @@ impl Drill {
     }
 
     fn install_opamp(&self) -> anyhow::Result<String> {
-        self.host.sh(&format!(
-            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} --probation 5s",
-            self.fleet.url, self.ca_pin
-        ))
+        self.host.sh(&self.fleet.one_liner(
+            crate::server::Script::InstallOpamp,
+            &format!("--ca-pin {} --probation 5s", self.ca_pin),
+        )?)
     }
 
     fn load(&self) -> anyhow::Result<Load> {
@@ -402,10 +402,16 @@ impl Drill {
             })?;
         }
         // (c) The agent, through each method.
-        let (url, pin) = (self.fleet.url.clone(), self.ca_pin.clone());
+        let pin = self.ca_pin.clone();
+        let ca = std::fs::read_to_string(self.fleet.ca_file())?;
+        let url = self.fleet.url.clone();
         let one_liner = |version: &str| {
-            format!(
-                "curl -fsSk {url}/install.sh | sh -s -- --server {url} --ca-pin {pin} --method binary --version {version}"
+            crate::server::verified_one_liner(
+                &url,
+                &ca,
+                crate::server::Script::Install,
+                "",
+                &format!("--ca-pin {pin} --method binary --version {version}"),
             )
         };
         for (label, version) in [("one-liner upgrade", current), ("one-liner rollback", old)] {

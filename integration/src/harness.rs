@@ -106,6 +106,23 @@ impl Fleet {
         state.with_file_name(name)
     }
 
+    /// The verified one-liner running `script` from this server with
+    /// `args` (see [`crate::server::verified_one_liner`]).
+    ///
+    /// # Errors
+    /// When the CA cannot be read.
+    pub fn one_liner(&self, script: crate::server::Script, args: &str) -> anyhow::Result<String> {
+        let ca = std::fs::read_to_string(self.ca_file())?;
+        Ok(crate::server::verified_one_liner(
+            &self.url, &ca, script, "", args,
+        ))
+    }
+
+    /// This server's CA certificate (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.state.join("ca").join("ca.pem")
+    }
+
     /// This server's secret file.
     pub fn secret_file(&self) -> PathBuf {
         Self::secret_file_for(&self.state)
@@ -649,10 +666,11 @@ pub fn publish_binary(
     Ok(())
 }
 
-/// Runs the install one-liner inside `host` against `fleet` (fetching
-/// install.sh with `curl -k`: the pin protects everything after it);
-/// returns the exit code and stdout+stderr. When the service failed to
-/// start (exit 10), systemd's view of it is appended.
+/// Runs the install one-liner inside `host` against `fleet`, the one
+/// `linkmesh-fleet token create` prints (the fleet CA carried inside it, the
+/// script checked against its SHA-256 before it runs); returns the exit
+/// code and stdout+stderr. When the service failed to start (exit 10),
+/// systemd's view of it is appended.
 ///
 /// # Errors
 /// When the command cannot be run in the host.
@@ -661,10 +679,7 @@ pub fn install_one_liner(
     fleet: &Fleet,
     args: &str,
 ) -> anyhow::Result<(i32, String)> {
-    let (code, mut text) = host.run(&format!(
-        "curl -fsSk {0}/install.sh | sh -s -- --server {0} {args}",
-        fleet.url
-    ))?;
+    let (code, mut text) = host.run(&fleet.one_liner(crate::server::Script::Install, args)?)?;
     if code == 10 {
         text += &host.service_failure("linkmesh-agent");
     }

@@ -333,6 +333,84 @@ pub const COLLECTOR_YAML: &str = include_str!("../../packaging/collector.yaml");
 /// The collector-runtime installer.
 pub const INSTALL_OPAMP_SH: &str = include_str!("../../install/install-opamp.sh");
 
+/// The scripts the server serves for hosts to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script {
+    /// `install.sh`, the agent.
+    Install,
+    /// `install-opamp.sh`, the collector runtime.
+    InstallOpamp,
+}
+
+impl Script {
+    /// Its name on the server.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Install => "install.sh",
+            Self::InstallOpamp => "install-opamp.sh",
+        }
+    }
+
+    /// The bytes served.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Install => INSTALL_SH,
+            Self::InstallOpamp => INSTALL_OPAMP_SH,
+        }
+    }
+
+    /// SHA-256 of what is served, hex.
+    pub fn sha256(self) -> String {
+        linkmesh_agent::hex::encode(
+            ring::digest::digest(&ring::digest::SHA256, self.text().as_bytes()).as_ref(),
+        )
+    }
+}
+
+/// The one-liner a host runs (as root) to install from `url`, every step
+/// verified: the fleet's CA (`ca_pem`) is carried inside it, so the first
+/// download already checks the server's certificate; the script is saved,
+/// not piped, and checked against the SHA-256 of the one this server
+/// serves before a line of it runs (a tampered or truncated download is
+/// refused with exit 7); it then runs with `--ca-file` and `args`, with
+/// `env` (`NAME=value ...`, e.g. the token, kept off the command line)
+/// before it. Runs in a subshell; the scratch directory goes with it.
+pub fn verified_one_liner(
+    url: &str,
+    ca_pem: &str,
+    script: Script,
+    env: &str,
+    args: &str,
+) -> String {
+    let url = url.trim_end_matches('/');
+    let ca: Vec<String> = ca_pem
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| format!("'{l}'"))
+        .collect();
+    let env = if env.is_empty() {
+        String::new()
+    } else {
+        format!("{env} ")
+    };
+    let args = if args.is_empty() {
+        String::new()
+    } else {
+        format!(" {args}")
+    };
+    format!(
+        "(set -e; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT; printf '%s\\n' {ca} >\"$d/ca.pem\"; \
+         curl -fsS --cacert \"$d/ca.pem\" -o \"$d/{name}\" {url}/{name}; \
+         echo '{sha}  '\"$d/{name}\" | sha256sum -c --quiet - >/dev/null 2>&1 || \
+         {{ echo '{name} from {url} does not match the SHA-256 its server gave; nothing was run' >&2; exit 7; }}; \
+         {env}sh \"$d/{name}\" --server {url} --ca-file \"$d/ca.pem\"{args})",
+        ca = ca.join(" "),
+        name = script.name(),
+        sha = script.sha256(),
+    )
+}
+
 fn download_routes(d: Downloads) -> axum::Router {
     use axum::{extract::Path as UrlPath, routing::get};
     let text = |body: String| {

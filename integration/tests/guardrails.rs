@@ -10,6 +10,7 @@ use linkmesh_integration::harness::{
     Fleet, Packages, base_system_rpm, binary, build_packages, install_one_liner, older_agent,
     publish_binary, scratch, snapshot,
 };
+use linkmesh_integration::server::Script;
 use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
 
 type R = anyhow::Result<()>;
@@ -172,14 +173,18 @@ fn server_first_is_enforced_on_a_debian_host() -> R {
     for cmd in [
         "dpkg -i /root/new.deb".to_owned(),
         format!("{apt} /root/new.deb"),
-        "curl -fsSk https://192.0.2.1:8443/install.sh | sh -s -- --server https://192.0.2.1:8443 --ca-pin PIN"
-            .replace("PIN", &pin),
+        bed.fleet
+            .one_liner(Script::Install, &format!("--ca-pin {pin}"))?,
     ] {
         let (code, text) = host.run(&cmd)?;
         assert_ne!(code, 0, "`{cmd}` went ahead:\n{text}");
         assert_refusal(&text, bed.old_version);
         assert!(text.contains("asked https://"), "{text}");
-        assert_eq!(fingerprint(&host, dpkg)?, before, "`{cmd}` changed the host");
+        assert_eq!(
+            fingerprint(&host, dpkg)?,
+            before,
+            "`{cmd}` changed the host"
+        );
     }
 
     // The server away: the version the agent recorded judges.
@@ -380,10 +385,10 @@ fn server_first_is_enforced_on_an_rpm_host() -> R {
     for cmd in [
         "rpm -U /root/new.rpm".to_owned(),
         "dnf -y --disablerepo='*' upgrade /root/new.rpm".to_owned(),
-        format!(
-            "curl -fsSk {0}/install.sh | sh -s -- --server {0} --ca-pin {1} --method rpm",
-            bed.fleet.url, t.ca_pin
-        ),
+        bed.fleet.one_liner(
+            Script::Install,
+            &format!("--ca-pin {} --method rpm", t.ca_pin),
+        )?,
     ] {
         let (code, text) = host.run(&cmd)?;
         assert_ne!(code, 0, "`{cmd}` went ahead:\n{text}");

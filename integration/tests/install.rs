@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
+use linkmesh_integration::server::Script;
 use linkmesh_integration::{
     harness::{
         DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary, scratch, snapshot,
@@ -170,8 +171,11 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     // Another server without --force: says what differs and which flag forces it.
     let (code, text) = (|| -> anyhow::Result<(i32, String)> {
         let out = host.exec(&format!(
-            "curl -fsSk {0}/install.sh | sh -s -- --server https://{SERVER_ADDR}:8443/ --ca-pin {1} && echo same",
-            bed.fleet.url, t.ca_pin
+            "{} && echo same",
+            bed.fleet.one_liner(
+                Script::Install,
+                &format!("--server https://{SERVER_ADDR}:8443/ --ca-pin {}", t.ca_pin)
+            )?
         ))?;
         Ok((
             out.status.code().unwrap_or(-1),
@@ -192,10 +196,10 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
     )?;
     let t2 = other.token(1, "1h")?;
     std::fs::write(host.path("/root/token2"), &t2.token)?;
-    let out = host.exec(&format!(
-        "curl -fsSk {0}/install.sh | sh -s -- --server {1} --ca-pin {2} --token-file /root/token2",
-        bed.fleet.url, other.url, t2.ca_pin
-    ))?;
+    let out = host.exec(&other.one_liner(
+        Script::Install,
+        &format!("--ca-pin {} --token-file /root/token2", t2.ca_pin),
+    )?)?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(9), "{err}");
     assert!(
@@ -203,10 +207,10 @@ fn installs_enrols_starts_and_a_rerun_changes_nothing() -> R {
         "{err}"
     );
     assert_eq!(host_files(&host), before, "a refused re-run changed files");
-    let out = host.exec(&format!(
-        "curl -fsSk {0}/install.sh | sh -s -- --server {1} --ca-pin {2} --token-file /root/token2 --force",
-        bed.fleet.url, other.url, t2.ca_pin
-    ))?;
+    let out = host.exec(&other.one_liner(
+        Script::Install,
+        &format!("--ca-pin {} --token-file /root/token2 --force", t2.ca_pin),
+    )?)?;
     assert!(
         out.status.success(),
         "{}",
@@ -280,10 +284,13 @@ fn a_fresh_host_dry_run_bad_token_and_unreachable_server() -> R {
         b"inactive\n"
     );
 
-    let out = host.exec(&format!(
-        "curl -fsSk {}/install.sh | sh -s -- --server https://{SERVER_ADDR}:9 --ca-pin {} --token-file /root/token",
-        bed.fleet.url, t.ca_pin
-    ))?;
+    let out = host.exec(&bed.fleet.one_liner(
+        Script::Install,
+        &format!(
+            "--server https://{SERVER_ADDR}:9 --ca-pin {} --token-file /root/token",
+            t.ca_pin
+        ),
+    )?)?;
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -362,10 +369,10 @@ fn install_opamp_installs_the_pinned_runtime_in_both_checksum_formats() -> R {
     host.exec("systemctl daemon-reload && systemctl enable --now otelcol-contrib.service")?;
 
     let opamp = |args: &str| -> anyhow::Result<(i32, String)> {
-        let out = host.exec(&format!(
-            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {1} --probation 5s {args}",
-            bed.fleet.url, t.ca_pin
-        ))?;
+        let out = host.exec(&bed.fleet.one_liner(
+            Script::InstallOpamp,
+            &format!("--ca-pin {} --probation 5s {args}", t.ca_pin),
+        )?)?;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
@@ -487,8 +494,9 @@ fn an_install_killed_at_any_step_completes_on_a_rerun_with_one_identity() -> R {
     let mut bed = bed("inst-kill")?;
     let host = TestHost::boot("lm-inst-kill")?;
     bed.net.attach(&host)?;
+    host.copy_in(&bed.fleet.ca_file(), "/root/fleet-ca.pem", 0o644)?;
     let out = host.exec(&format!(
-        "curl -fsSk -o /root/install.sh {}/install.sh",
+        "curl -fsS --cacert /root/fleet-ca.pem -o /root/install.sh {}/install.sh",
         bed.fleet.url
     ))?;
     anyhow::ensure!(out.status.success(), "cannot fetch install.sh");
@@ -588,5 +596,81 @@ fn a_rerun_pinned_to_an_older_build_downgrades_and_keeps_the_identity() -> R {
         })?;
         assert_eq!(d["hosts"][0]["verdict"], "in_window", "{label}: {d}");
     }
+    Ok(())
+}
+
+/// The one-liner `token create` prints checks the script against the
+/// SHA-256 its server computed before a line of it runs: a tampered copy
+/// and a truncated one (served where install.sh would be, from the same
+/// server over the same verified TLS) are refused with exit 7 and run
+/// nothing. `token create` prints that one-liner, with the token kept off
+/// the command line of the script.
+#[test]
+fn the_printed_one_liner_refuses_a_tampered_or_truncated_script_before_it_runs() -> R {
+    use linkmesh_integration::server::{INSTALL_SH, verified_one_liner};
+    let mut bed = bed("inst-verified")?;
+    let host = TestHost::boot("lm-inst-verified")?;
+    bed.net.attach(&host)?;
+    let ca = std::fs::read_to_string(bed.fleet.ca_file())?;
+    let mid = INSTALL_SH.len() / 2;
+    for (label, text) in [
+        (
+            "tampered",
+            INSTALL_SH.replacen("set -eu\n", "set -eu\ntouch /root/ran\n", 1),
+        ),
+        (
+            "truncated",
+            format!("{}\ntouch /root/ran\n", &INSTALL_SH[..mid]),
+        ),
+    ] {
+        std::fs::write(bed.artifacts.join("install.sh"), &text)?;
+        // The same server, the script from its artifacts instead.
+        let cmd = verified_one_liner(
+            &format!("{}/artifacts", bed.fleet.url),
+            &ca,
+            Script::Install,
+            "LINKMESH_TOKEN=unused",
+            "--ca-pin sha256:00",
+        );
+        let (code, out) = host.run(&cmd)?;
+        assert_eq!(code, 7, "{label}: {out}");
+        assert!(out.contains("does not match the SHA-256"), "{label}: {out}");
+        assert!(
+            !host.path("/root/ran").exists(),
+            "{label}: a line of it ran"
+        );
+        assert!(!host.path("/etc/linkmesh").exists(), "{label}");
+    }
+    // What token create prints is the command the harness runs.
+    let state = bed._dir.path().join("fleet");
+    let out = std::process::Command::new(binary("linkmesh-fleet")?)
+        .args(["token", "create", "--json", "--state"])
+        .arg(&state)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let token = doc["token"].as_str().unwrap_or_default();
+    let printed = doc["install_command"].as_str().unwrap_or_default();
+    assert_eq!(
+        printed,
+        verified_one_liner(
+            &bed.fleet.url,
+            &ca,
+            Script::Install,
+            &format!("LINKMESH_TOKEN={token}"),
+            ""
+        )
+    );
+    assert!(
+        !printed.contains(" -k") && !printed.contains("--insecure"),
+        "{printed}"
+    );
+    let (code, out) = host.run(printed)?;
+    assert_eq!(code, 0, "{out}");
+    assert!(bed.fleet.hosts()?.len() == 1, "{out}");
     Ok(())
 }

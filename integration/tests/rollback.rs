@@ -12,6 +12,7 @@ use linkmesh_integration::harness::{
     Fleet, Packages, base_system_rpm, binary, build_packages, faulty_agent, install_one_liner,
     install_runtime, older_agent, publish_binary, scratch, snapshot,
 };
+use linkmesh_integration::server::Script;
 use linkmesh_integration::testhost::{TestHost, TestNet};
 
 type R = anyhow::Result<()>;
@@ -486,10 +487,10 @@ fn a_runtime_upgrade_whose_collector_cannot_start_is_rolled_back() -> R {
     linkmesh_integration::harness::install_real_runtime_for_releases(&host)?;
     let pin = enrolled_by_one_liner(&bed, &host, "")?;
     let opamp = |args: &str| {
-        host.run(&format!(
-            "curl -fsSk {0}/install-opamp.sh | sh -s -- --server {0} --ca-pin {pin} {args}",
-            bed.fleet.url
-        ))
+        host.run(
+            &bed.fleet
+                .one_liner(Script::InstallOpamp, &format!("--ca-pin {pin} {args}"))?,
+        )
     };
     let (code, text) = opamp("--otelcol-version 0.157.0 --supervisor-version 0.157.0")?;
     assert_eq!(code, 0, "{text}");

@@ -719,6 +719,15 @@ fn token_create(
     let enroll = format!(
         "echo {secret} | linkmesh-agent enroll --server {url} --ca-pin {pin} --token-file /dev/stdin"
     );
+    let ca_pem = std::fs::read_to_string(state.ca_dir().join(linkmesh_integration::ca::CA_CERT))
+        .with_context(|| format!("reading {}", state.ca_dir().display()))?;
+    let install = server::verified_one_liner(
+        &url.to_string(),
+        &ca_pem,
+        server::Script::Install,
+        &format!("LINKMESH_TOKEN={secret}"),
+        "",
+    );
     if json {
         let doc = serde_json::json!({
             "token": secret,
@@ -728,6 +737,7 @@ fn token_create(
             "expires_at": rfc3339(expires_at),
             "max_uses": uses,
             "enroll_command": enroll,
+            "install_command": install,
         });
         println!("{doc}");
     } else {
@@ -740,6 +750,10 @@ fn token_create(
         );
         println!("CA pin:   {pin}");
         println!("server:   {url}");
+        println!();
+        println!("Install the agent on a host and enrol it (as root; the fleet CA is carried");
+        println!("inside, and the script is checked against its SHA-256 before it runs):");
+        println!("  {install}");
         println!();
         println!("Enrol a host that has linkmesh-agent installed (as root):");
         println!("  {enroll}");
