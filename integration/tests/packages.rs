@@ -252,7 +252,8 @@ impl<'a> Enrolled<'a> {
         assert_eq!(
             runtime_pids(self.host),
             self.runtime,
-            "{label}: the agent's {label} restarted the collector runtime"
+            "{label}: the agent's {label} restarted the collector runtime\n{}",
+            self.host.journal(Some("linkmesh-collector"), "-n 60")
         );
         Ok(())
     }
@@ -656,8 +657,10 @@ fn publish(bed: &Bed, p: &Packages) -> R {
 /// nothing), the server then publishes this version, and the operator's
 /// own commands upgrade the host and roll it back by a version pin, with
 /// the identity and the edited configuration byte-identical throughout.
-fn upgrade_through_the_repository(format: &str) -> R {
-    let dir = scratch(&format!("pkg-repo-{format}"))?;
+/// A bed whose server publishes only the older packages; this version's
+/// are built beside, for [`publish`].
+fn unpublished_bed(name: &str) -> anyhow::Result<Bed> {
+    let dir = scratch(name)?;
     let (older, old_version) = older_agent()?;
     let artifacts = dir.path().join("artifacts");
     let old = build_packages(&older, &artifacts, 1)?;
@@ -668,7 +671,7 @@ fn upgrade_through_the_repository(format: &str) -> R {
     )?;
     let net = TestNet::new()?;
     let fleet = Fleet::start_for_hosts(&dir.path().join("fleet"), net.netns(), &artifacts)?;
-    let mut bed = Bed {
+    Ok(Bed {
         dir,
         net,
         fleet,
@@ -676,7 +679,11 @@ fn upgrade_through_the_repository(format: &str) -> R {
         new,
         old_version,
         artifacts,
-    };
+    })
+}
+
+fn upgrade_through_the_repository(format: &str) -> R {
+    let mut bed = unpublished_bed(&format!("pkg-repo-{format}"))?;
     let host = host(&mut bed, &format!("lm-repo-{format}"))?;
     only_the_fleets_repositories(&host)?;
     if format == "rpm" {
@@ -810,10 +817,11 @@ fn dnf_upgrade_through_the_fleets_signed_repository_keeps_the_identity() -> R {
 /// The newest generation of the server's repositories (what it serves
 /// until the artifacts change), after a client asked for it.
 fn served_generation(bed: &Bed, host: &TestHost) -> anyhow::Result<std::path::PathBuf> {
+    host.copy_in(&bed.fleet.ca_file(), "/root/fleet-ca.pem", 0o644)?;
     sh(
         host,
         &format!(
-            "curl -fsSk -o /dev/null {}/apt/dists/stable/InRelease",
+            "curl -fsS --cacert /root/fleet-ca.pem -o /dev/null {}/apt/dists/stable/InRelease",
             bed.fleet.url
         ),
     )?;
@@ -1029,4 +1037,135 @@ fn a_tampered_apt_repository_or_package_is_refused_and_nothing_is_installed() ->
 #[test]
 fn a_tampered_rpm_repository_or_package_is_refused_and_nothing_is_installed() -> R {
     tampered_repository_refused("rpm")
+}
+
+/// `linkmesh-fleet repo-key ARGS` on the bed's server state.
+fn repo_key(bed: &Bed, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(binary("linkmesh-fleet")?)
+        .arg("repo-key")
+        .args(args)
+        .arg("--state")
+        .arg(bed.fleet.state())
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "repo-key {args:?}: {text}");
+    Ok(text)
+}
+
+/// A key rotation that breaks no host: a host configured before it keeps
+/// upgrading through it (the metadata signed by both keys, RPMs by the old
+/// one), its next one-liner run takes the new keyring, and after the old
+/// key is retired it still installs (a version-pin rollback); a host that
+/// never took the new keyring is refused by the package manager itself.
+fn rotation(format: &str) -> R {
+    let mut bed = unpublished_bed(&format!("pkg-rotate-{format}"))?;
+    let host = host(&mut bed, &format!("lm-rotate-{format}"))?;
+    only_the_fleets_repositories(&host)?;
+    if format == "rpm" {
+        rpm_database(&bed, &host)?;
+    }
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let old = bed.old_version;
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    let pinned = |v: &str| format!("--ca-pin {} --method {format} --version {v}", t.ca_pin);
+    let (code, text) = install_one_liner(
+        &host,
+        &bed.fleet,
+        &format!("{} --token-file /root/token", pinned(old)),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    wait_reported(&bed.fleet, old, format)?;
+    let keyring = match format {
+        "deb" => "/etc/apt/keyrings/linkmesh-archive.gpg",
+        _ => "/etc/pki/rpm-gpg/RPM-GPG-KEY-linkmesh",
+    };
+    let old_keyring = std::fs::read(host.path(keyring))?;
+
+    let listed = repo_key(&bed, &["list"])?;
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let secret = bed.fleet.secret_file();
+    repo_key(
+        &bed,
+        &[
+            "rotate",
+            "--secret-file",
+            secret.to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert_eq!(repo_key(&bed, &["list"])?.lines().count(), 2);
+    bed.fleet.restart(None)?;
+    publish(&bed, &bed.new)?;
+    let upgrade = match format {
+        "deb" => "apt-get update && apt-get upgrade -y",
+        _ => "dnf upgrade -y linkmesh-agent",
+    };
+    let pid = unit(&host)?["MainPID"].clone();
+    let out = sh(&host, upgrade)?;
+    wait_restarted(&host, &pid)?;
+    wait_reported(&bed.fleet, current, format)?;
+    assert_eq!(std::fs::read(host.path(keyring))?, old_keyring, "{out}");
+
+    // The next one-liner run takes the keyring with both keys.
+    let (code, text) = install_one_liner(&host, &bed.fleet, &pinned(current))?;
+    assert_eq!(code, 0, "{text}");
+    let both = std::fs::read(host.path(keyring))?;
+    assert_ne!(
+        both, old_keyring,
+        "the one-liner kept the old keyring: {text}"
+    );
+
+    repo_key(&bed, &["retire"])?;
+    assert_eq!(repo_key(&bed, &["list"])?.lines().count(), 1);
+    bed.fleet.restart(None)?;
+    let pid = unit(&host)?["MainPID"].clone();
+    let rollback = match format {
+        "deb" => format!(
+            "apt-get update && apt-get install -y --allow-downgrades linkmesh-agent={old}-1"
+        ),
+        _ => format!("dnf downgrade -y linkmesh-agent-{old}-1"),
+    };
+    sh(&host, &rollback)?;
+    wait_restarted(&host, &pid)?;
+    wait_reported(&bed.fleet, old, format)?;
+
+    // A host that never took the new keyring: the repository is now signed
+    // only by a key it does not have, and its package manager refuses.
+    std::fs::write(host.path(keyring), &old_keyring)?;
+    let cmd = match format {
+        // No index left from before (as on a host restored from an old
+        // image): apt would otherwise keep using the last signed one.
+        "deb" => {
+            "rm -rf /var/lib/apt/lists/*; mkdir -p /var/lib/apt/lists/partial; \
+             apt-get update 2>&1; apt-get install -y linkmesh-agent 2>&1"
+        }
+        _ => {
+            "rpm -e --allmatches gpg-pubkey >/dev/null 2>&1; dnf clean all >/dev/null 2>&1; \
+             dnf upgrade -y linkmesh-agent 2>&1"
+        }
+    };
+    let out = host.exec(cmd)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        installed(&host, format).starts_with(&format!("{old}-1")),
+        "an unknown key's repository was installed from: {text}"
+    );
+    assert!(
+        ["NO_PUBKEY", "not signed", "GPG", "signature", "public key"]
+            .iter()
+            .any(|w| text.contains(w)),
+        "the package manager did not say why: {text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_archive_key_rotation_keeps_apt_hosts_upgrading() -> R {
+    rotation("deb")
+}
+
+#[test]
+fn an_archive_key_rotation_keeps_dnf_hosts_upgrading() -> R {
+    rotation("rpm")
 }

@@ -145,6 +145,9 @@ enum Command {
     /// Enrolment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The archive keys the package repositories are signed with.
+    #[command(subcommand)]
+    RepoKey(RepoKeyCommand),
     /// The collector configuration the server hands out over OpAMP.
     #[command(subcommand)]
     CollectorConfig(CollectorConfigCommand),
@@ -164,6 +167,32 @@ enum Command {
 enum ClonePolicyArg {
     Rekey,
     Quarantine,
+}
+
+#[derive(Debug, Subcommand)]
+enum RepoKeyCommand {
+    /// The keys, oldest first: each signs the repositories and is in the
+    /// published keyring; RPMs carry the oldest one's signature.
+    List {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
+    /// Add a new key beside the current ones. Both sign from the next
+    /// `serve` start; hosts take the new keyring on their next one-liner
+    /// run. Retire the old key once they have.
+    Rotate {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The server secret's file [default: $LINKMESH_FLEET_SECRET].
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+    },
+    /// Drop the oldest key (from the next `serve` start): it no longer
+    /// signs and leaves the published keyring. Refused for the only key.
+    Retire {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -417,6 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server_url,
             json,
         }) => token_create(&State::new(state), &ttl, uses, server_url, json),
+        Command::RepoKey(cmd) => repo_key(cmd),
         Command::Hosts {
             action:
                 Some(HostsCommand::Revoke {
@@ -462,6 +492,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn repo_key(cmd: RepoKeyCommand) -> anyhow::Result<()> {
+    use repository::keys;
+    let dir = |state: &PathBuf| -> anyhow::Result<(State, PathBuf)> {
+        let state = State::new(state);
+        readable(&state)?;
+        let d = state.dir().join(keys::KEYS_DIR);
+        Ok((state, d))
+    };
+    match cmd {
+        RepoKeyCommand::List { state } => {
+            let (_, d) = dir(&state)?;
+            for k in keys::list(&d)? {
+                println!("{}  created {}", k.fingerprint, k.created);
+            }
+        }
+        RepoKeyCommand::Rotate { state, secret_file } => {
+            let (state, d) = dir(&state)?;
+            let secret = secret(secret_file.as_deref())?;
+            // The secret must open the keys already there: one secret seals
+            // them all.
+            repository::ArchiveKeys::load(&d, &secret)?;
+            let _lock = state.lock()?;
+            let k = keys::add(&d, &secret)?;
+            println!(
+                "added archive key {}; restart serve to sign with it beside the others",
+                k.fingerprint
+            );
+        }
+        RepoKeyCommand::Retire { state } => {
+            let (state, d) = dir(&state)?;
+            let _lock = state.lock()?;
+            let k = keys::retire_oldest(&d)?;
+            println!(
+                "retired archive key {} (created {}); restart serve to stop signing with it",
+                k.fingerprint, k.created
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The server secret from `--secret-file` or the environment.

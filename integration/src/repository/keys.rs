@@ -58,6 +58,14 @@ pub enum KeyError {
         /// Why.
         reason: String,
     },
+    /// Retiring the only key.
+    #[error(
+        "{path} holds one archive key: `repo-key rotate` first (and let hosts fetch the new keyring) before the old one is retired"
+    )]
+    OnlyKey {
+        /// The keys' directory.
+        path: String,
+    },
     /// Sealing or opening a secret key.
     #[error(transparent)]
     Seal(#[from] SealError),
@@ -180,6 +188,43 @@ pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
     bytes.push(b'\n');
     linkmesh_agent::fs::write_atomic(&path, &bytes, 0o600).map_err(|e| io(&path, e))?;
     Ok(record)
+}
+
+/// The keys `dir` lists, oldest first (no secret needed).
+///
+/// # Errors
+/// When the list cannot be read.
+pub fn list(dir: &Path) -> Result<Vec<KeyRecord>, KeyError> {
+    Ok(read_index(dir)?.map(|i| i.keys).unwrap_or_default())
+}
+
+/// Drops the oldest key once a newer one has been published beside it
+/// (`rotate`, then a window in which hosts fetch the new keyring): it no
+/// longer signs and leaves the published keyring. The list is rewritten
+/// first, then its files are removed (a crash leaves orphan files, never a
+/// listed key without them). Returns the retired key.
+///
+/// # Errors
+/// When it is the only key (the repositories would be unsigned), or files
+/// cannot be written.
+pub fn retire_oldest(dir: &Path) -> Result<KeyRecord, KeyError> {
+    let mut index = read_index(dir)?.unwrap_or_default();
+    if index.keys.len() < 2 {
+        return Err(KeyError::OnlyKey {
+            path: dir.display().to_string(),
+        });
+    }
+    let old = index.keys.remove(0);
+    let path = index_path(dir);
+    let mut bytes = serde_json::to_vec_pretty(&index).map_err(|e| io(&path, e))?;
+    bytes.push(b'\n');
+    linkmesh_agent::fs::write_atomic(&path, &bytes, 0o600).map_err(|e| io(&path, e))?;
+    for ext in ["key.sealed", "pub"] {
+        let f = dir.join(format!("{}.{ext}", old.fingerprint));
+        let _ = std::fs::remove_file(&f);
+    }
+    let _ = linkmesh_agent::fs::fsync_dir(dir);
+    Ok(old)
 }
 
 fn hex_upper(b: &[u8]) -> String {
@@ -322,13 +367,14 @@ impl ArchiveKeys {
         msg.to_armored_string(Default::default()).map_err(pgp_err)
     }
 
-    /// The signer for RPM headers: the newest key (an RPM carries one
-    /// OpenPGP signature).
+    /// The signer for RPM headers: the oldest key. An RPM carries one
+    /// OpenPGP signature, and during a rotation every host still knows the
+    /// old key; after `retire` the new one is the oldest.
     ///
     /// # Errors
     /// When the key cannot be handed to `rpm`.
     pub fn rpm_signer(&self) -> Result<rpm::signature::pgp::Signer, KeyError> {
-        let (_, key) = self.keys.last().ok_or_else(|| KeyError::Missing {
+        let (_, key) = self.keys.first().ok_or_else(|| KeyError::Missing {
             path: KEYS_DIR.into(),
         })?;
         let armored =
@@ -393,6 +439,39 @@ mod tests {
         let (msg, _) = CleartextSignedMessage::from_string(&signed).unwrap();
         msg.verify(&first).unwrap();
         assert_eq!(msg.signed_text(), "Suite: stable\r\n");
+    }
+
+    #[test]
+    fn a_rotation_signs_with_both_keys_until_the_old_one_is_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join(KEYS_DIR);
+        let old = add(&d, &secret()).unwrap();
+        assert!(matches!(retire_oldest(&d), Err(KeyError::OnlyKey { .. })));
+        let new = add(&d, &secret()).unwrap();
+        assert_eq!(list(&d).unwrap(), vec![old.clone(), new.clone()]);
+        let keys = ArchiveKeys::load(&d, &secret()).unwrap();
+        let ring = keys.keyring().unwrap();
+        let public: Vec<SignedPublicKey> = SignedPublicKey::from_bytes_many(&ring[..])
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(public.len(), 2);
+        // Each key's signature is in the one detached block.
+        let sig = keys.sign_detached(b"x").unwrap();
+        let sigs: Vec<DetachedSignature> = DetachedSignature::from_string_many(&sig)
+            .unwrap()
+            .0
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(sigs.len(), 2);
+        for (s, k) in sigs.iter().zip(&public) {
+            s.verify(k, b"x").unwrap();
+        }
+        assert_eq!(retire_oldest(&d).unwrap(), old);
+        assert_eq!(list(&d).unwrap(), vec![new.clone()]);
+        assert!(!d.join(format!("{}.key.sealed", old.fingerprint)).exists());
+        let keys = ArchiveKeys::load(&d, &secret()).unwrap();
+        assert_eq!(keys.records(), vec![new]);
     }
 
     #[test]
