@@ -764,10 +764,7 @@ fn upgrade_through_the_repository(format: &str) -> R {
 
     // The server publishes this version; the operator upgrades as usual.
     publish(&bed, &bed.new)?;
-    let upgrade = match format {
-        "deb" => "apt-get update && apt-get upgrade -y",
-        _ => "dnf upgrade -y linkmesh-agent",
-    };
+    let upgrade = operator_upgrade(format);
     let out = sh(&host, upgrade)?;
     wait_restarted(&host, &pid)?;
     wait_reported(&bed.fleet, current, format)?;
@@ -864,6 +861,29 @@ impl Drop for Tampered {
     }
 }
 
+/// The repository's signed metadata (`InRelease`, `repomd.xml`) with one
+/// field changed, so its signature no longer matches.
+fn signed_metadata_altered(served: &std::path::Path, format: &str) -> anyhow::Result<Tampered> {
+    match format {
+        "deb" => Tampered::new(
+            served.join("apt/dists/stable/InRelease"),
+            replace("Label: LinkMesh", "Label: LinkMess"),
+        ),
+        _ => Tampered::new(
+            served.join("yum/repodata/repomd.xml"),
+            replace("<revision>", "<revision>1"),
+        ),
+    }
+}
+
+/// What an operator types to upgrade the agent from the repository.
+fn operator_upgrade(format: &str) -> &'static str {
+    match format {
+        "deb" => "apt-get update && apt-get upgrade -y",
+        _ => "dnf upgrade -y linkmesh-agent",
+    }
+}
+
 fn replace(from: &str, to: &str) -> impl FnOnce(&[u8]) -> Vec<u8> {
     let (from, to) = (from.to_owned(), to.to_owned());
     move |b| {
@@ -946,16 +966,7 @@ fn tampered_repository_refused(format: &str) -> R {
         Ok(())
     };
     {
-        let _t = match format {
-            "deb" => Tampered::new(
-                served.join("apt/dists/stable/InRelease"),
-                replace("Label: LinkMesh", "Label: LinkMess"),
-            )?,
-            _ => Tampered::new(
-                served.join("yum/repodata/repomd.xml"),
-                replace("<revision>", "<revision>1"),
-            )?,
-        };
+        let _t = signed_metadata_altered(&served, format)?;
         refused("signed metadata altered")?;
     }
     if format == "deb" {
@@ -985,10 +996,7 @@ fn tampered_repository_refused(format: &str) -> R {
     assert!(before.starts_with(&format!("{old}-1")), "{before}");
     publish(&bed, &bed.new)?;
     let served = served_generation(&bed, &host)?;
-    let upgrade = match format {
-        "deb" => "apt-get update && apt-get upgrade -y",
-        _ => "dnf upgrade -y linkmesh-agent",
-    };
+    let upgrade = operator_upgrade(format);
     let operator = |what: &str| -> R {
         let out = host.exec(&format!("{upgrade} 2>&1"))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1009,16 +1017,7 @@ fn tampered_repository_refused(format: &str) -> R {
         Ok(())
     };
     {
-        let _t = match format {
-            "deb" => Tampered::new(
-                served.join("apt/dists/stable/InRelease"),
-                replace("Label: LinkMesh", "Label: LinkMess"),
-            )?,
-            _ => Tampered::new(
-                served.join("yum/repodata/repomd.xml"),
-                replace("<revision>", "<revision>1"),
-            )?,
-        };
+        let _t = signed_metadata_altered(&served, format)?;
         operator("signed metadata altered")?;
     }
     {
@@ -1097,10 +1096,7 @@ fn rotation(format: &str) -> R {
     assert_eq!(repo_key(&bed, &["list"])?.lines().count(), 2);
     bed.fleet.restart(None)?;
     publish(&bed, &bed.new)?;
-    let upgrade = match format {
-        "deb" => "apt-get update && apt-get upgrade -y",
-        _ => "dnf upgrade -y linkmesh-agent",
-    };
+    let upgrade = operator_upgrade(format);
     let pid = unit(&host)?["MainPID"].clone();
     let out = sh(&host, upgrade)?;
     wait_restarted(&host, &pid)?;
