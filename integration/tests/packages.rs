@@ -1165,3 +1165,112 @@ fn an_archive_key_rotation_keeps_apt_hosts_upgrading() -> R {
 fn an_archive_key_rotation_keeps_dnf_hosts_upgrading() -> R {
     rotation("rpm")
 }
+
+/// A plain static web server (python3's http.server) in the test
+/// network's namespace: a mirror of the fleet's repositories. Stopped with
+/// the guard.
+struct Mirror(std::process::Child);
+
+impl Mirror {
+    fn start(netns: &str, dir: &std::path::Path, host: &TestHost) -> anyhow::Result<Self> {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+            ])
+            .args([
+                "--bind",
+                linkmesh_integration::testhost::SERVER_ADDR,
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mirror = Self(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let probe = format!(
+            "curl -fsS -o /dev/null http://{}:8080/apt/dists/stable/InRelease",
+            linkmesh_integration::testhost::SERVER_ADDR
+        );
+        while !host.exec(&probe)?.status.success() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the mirror did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(mirror)
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--mirror URL`: the repository comes from a mirror (here plain HTTP)
+/// while trust stays with the fleet: the keyring is fetched from the
+/// server itself, so the mirror's copy installs, and a mirror whose
+/// metadata was altered is refused (exit 7), the installed version kept.
+#[test]
+fn a_mirror_serves_the_repository_and_cannot_change_what_is_trusted() -> R {
+    let mut bed = bed("pkg-mirror")?;
+    let host = host(&mut bed, "lm-mirror")?;
+    only_the_fleets_repositories(&host)?;
+    let served = served_generation(&bed, &host)?;
+    let mirror_dir = bed.dir.path().join("mirror");
+    std::fs::create_dir_all(&mirror_dir)?;
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(served.join("apt"))
+        .arg(served.join("yum"))
+        .arg(&mirror_dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _mirror = Mirror::start(bed.net.netns(), &mirror_dir, &host)?;
+    let url = format!(
+        "http://{}:8080",
+        linkmesh_integration::testhost::SERVER_ADDR
+    );
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let old = bed.old_version;
+    let args = |v: &str| {
+        format!(
+            "--ca-pin {} --method deb --version {v} --mirror {url}",
+            t.ca_pin
+        )
+    };
+    let (code, text) = install_one_liner(
+        &host,
+        &bed.fleet,
+        &format!("{} --token-file /root/token", args(old)),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    let source = std::fs::read_to_string(host.path(REPOSITORY_FILES[0]))?;
+    assert!(source.contains(&format!("URIs: {url}/apt\n")), "{source}");
+    assert!(installed(&host, "deb").starts_with(&format!("{old}-1")));
+
+    let _t = signed_metadata_altered(&mirror_dir, "deb")?;
+    let current = linkmesh_agent::version::AGENT_VERSION;
+    let (code, text) = install_one_liner(&host, &bed.fleet, &args(current))?;
+    assert_eq!(code, 7, "{text}");
+    assert!(
+        text.contains("not signed by the fleet's archive key"),
+        "{text}"
+    );
+    assert!(installed(&host, "deb").starts_with(&format!("{old}-1")));
+    Ok(())
+}
