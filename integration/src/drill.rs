@@ -402,20 +402,14 @@ impl Drill {
             })?;
         }
         // (c) The agent, through each method.
-        let pin = self.ca_pin.clone();
-        let ca = std::fs::read_to_string(self.fleet.ca_file())?;
-        let url = self.fleet.url.clone();
-        let one_liner = |version: &str| {
-            crate::server::verified_one_liner(
-                &url,
-                &ca,
-                crate::server::Script::Install,
-                "",
-                &format!("--ca-pin {pin} --method binary --version {version}"),
-            )
-        };
         for (label, version) in [("one-liner upgrade", current), ("one-liner rollback", old)] {
-            let cmd = one_liner(version);
+            let cmd = self.fleet.one_liner(
+                crate::server::Script::Install,
+                &format!(
+                    "--ca-pin {} --method binary --version {version}",
+                    self.ca_pin
+                ),
+            )?;
             self.step(label, "agent", false, Some((version, "script")), |d| {
                 d.host.sh(&cmd).map(drop)
             })?;

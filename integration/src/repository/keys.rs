@@ -169,11 +169,7 @@ pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
     let fingerprint = hex_upper(key.fingerprint().as_bytes());
     let plain = zeroize::Zeroizing::new(key.to_bytes().map_err(pgp_err)?);
     let sealed = crate::sealed::seal(secret, &plain, &purpose(&fingerprint))?;
-    let sealed_path = dir.join(format!("{fingerprint}.key.sealed"));
-    let mut bytes = serde_json::to_vec_pretty(&sealed).map_err(|e| io(&sealed_path, e))?;
-    bytes.push(b'\n');
-    linkmesh_agent::fs::write_atomic(&sealed_path, &bytes, 0o600)
-        .map_err(|e| io(&sealed_path, e))?;
+    write_json(&dir.join(format!("{fingerprint}.key.sealed")), &sealed)?;
     let pub_path = dir.join(format!("{fingerprint}.pub"));
     let public = SignedPublicKey::from(key);
     linkmesh_agent::fs::write_atomic(&pub_path, &public.to_bytes().map_err(pgp_err)?, 0o644)
@@ -183,10 +179,7 @@ pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
         created: linkmesh_agent::clock::rfc3339(time::OffsetDateTime::now_utc()),
     };
     index.keys.push(record.clone());
-    let path = index_path(dir);
-    let mut bytes = serde_json::to_vec_pretty(&index).map_err(|e| io(&path, e))?;
-    bytes.push(b'\n');
-    linkmesh_agent::fs::write_atomic(&path, &bytes, 0o600).map_err(|e| io(&path, e))?;
+    write_json(&index_path(dir), &index)?;
     Ok(record)
 }
 
@@ -215,16 +208,30 @@ pub fn retire_oldest(dir: &Path) -> Result<KeyRecord, KeyError> {
         });
     }
     let old = index.keys.remove(0);
-    let path = index_path(dir);
-    let mut bytes = serde_json::to_vec_pretty(&index).map_err(|e| io(&path, e))?;
-    bytes.push(b'\n');
-    linkmesh_agent::fs::write_atomic(&path, &bytes, 0o600).map_err(|e| io(&path, e))?;
+    write_json(&index_path(dir), &index)?;
     for ext in ["key.sealed", "pub"] {
         let f = dir.join(format!("{}.{ext}", old.fingerprint));
         let _ = std::fs::remove_file(&f);
     }
     let _ = linkmesh_agent::fs::fsync_dir(dir);
     Ok(old)
+}
+
+/// `value` as pretty JSON in `path`, written atomically, 0600.
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), KeyError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| io(path, e))?;
+    bytes.push(b'\n');
+    linkmesh_agent::fs::write_atomic(path, &bytes, 0o600).map_err(|e| io(path, e))
+}
+
+/// `packets` in one ASCII-armoured block of kind `kind`.
+fn armored(
+    packets: &impl pgp::ser::Serialize,
+    kind: pgp::armor::BlockType,
+) -> Result<String, KeyError> {
+    let mut out = Vec::new();
+    pgp::armor::write(packets, kind, &mut out, None, true).map_err(pgp_err)?;
+    String::from_utf8(out).map_err(pgp_err)
 }
 
 fn hex_upper(b: &[u8]) -> String {
@@ -298,16 +305,7 @@ impl ArchiveKeys {
     /// # Errors
     /// When a key cannot be serialised.
     pub fn keyring_armored(&self) -> Result<String, KeyError> {
-        let mut out = Vec::new();
-        pgp::armor::write(
-            &self.public(),
-            pgp::armor::BlockType::PublicKey,
-            &mut out,
-            None,
-            true,
-        )
-        .map_err(pgp_err)?;
-        String::from_utf8(out).map_err(pgp_err)
+        armored(&self.public(), pgp::armor::BlockType::PublicKey)
     }
 
     /// A detached, armoured signature of `data` by every key
@@ -328,16 +326,7 @@ impl ArchiveKeys {
             .map_err(pgp_err)?;
             sigs.push(s);
         }
-        let mut out = Vec::new();
-        pgp::armor::write(
-            &sigs,
-            pgp::armor::BlockType::Signature,
-            &mut out,
-            None,
-            true,
-        )
-        .map_err(pgp_err)?;
-        String::from_utf8(out).map_err(pgp_err)
+        armored(&sigs, pgp::armor::BlockType::Signature)
     }
 
     /// `text` in a cleartext-signed message by every key (`InRelease`).
