@@ -11,6 +11,11 @@ pub fn encode(bytes: &[u8]) -> String {
     s
 }
 
+/// SHA-256 of `bytes`, lowercase hex (as `sha256sum` prints it).
+pub fn sha256(bytes: &[u8]) -> String {
+    encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// Decodes hex (either case); `None` on odd length or a non-hex digit.
 pub fn decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
@@ -36,5 +41,9 @@ mod tests {
         assert_eq!(super::decode("abc"), None);
         assert_eq!(super::decode("zz"), None);
         assert_eq!(super::decode(""), Some(vec![]));
+        assert_eq!(
+            super::sha256(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -107,10 +107,6 @@ fn io(path: &Path, e: impl std::fmt::Display) -> BackupError {
     }
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
 /// Every regular file below `dir`, relative to `root` (symlinks and other
 /// kinds are not state and are skipped).
 fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), BackupError> {
@@ -178,7 +174,9 @@ pub fn backup(state: &State, out: &Path, ours: &str) -> Result<Manifest, BackupE
             let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
             let name = rel.to_string_lossy().into_owned();
             add(&name, &bytes, 0o600).map_err(|e| io(out, e))?;
-            manifest.files.insert(name, sha256(&bytes));
+            manifest
+                .files
+                .insert(name, linkmesh_agent::hex::sha256(&bytes));
         }
         drop(lock);
         let m = serde_json::to_vec_pretty(&manifest).map_err(|e| io(out, e))?;
@@ -254,7 +252,7 @@ pub fn read(archive: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), Bac
     }
     for (name, hash) in &manifest.files {
         match members.get(name) {
-            Some(b) if sha256(b) == *hash => {}
+            Some(b) if linkmesh_agent::hex::sha256(b) == *hash => {}
             Some(_) => return Err(invalid(format!("{name} does not match its SHA-256"))),
             None => return Err(invalid(format!("{name} is missing"))),
         }

@@ -367,7 +367,7 @@ pub fn check_csr(
 
 /// SHA-256 of a DER SubjectPublicKeyInfo, hex.
 pub fn spki_sha256(spki: &[u8]) -> String {
-    linkmesh_agent::hex::encode(ring::digest::digest(&ring::digest::SHA256, spki).as_ref())
+    linkmesh_agent::hex::sha256(spki)
 }
 
 /// SHA-256 of a CSR's public key, hex, once [`check_csr`] accepts the

@@ -361,9 +361,7 @@ impl Script {
 
     /// SHA-256 of what is served, hex.
     pub fn sha256(self) -> String {
-        linkmesh_agent::hex::encode(
-            ring::digest::digest(&ring::digest::SHA256, self.text().as_bytes()).as_ref(),
-        )
+        linkmesh_agent::hex::sha256(self.text().as_bytes())
     }
 }
 
