@@ -29,8 +29,10 @@
 #   --force             re-enrol a host enrolled with another server
 #   --method M          auto (default), deb, rpm or binary
 #   --mirror URL        the package method's repository from a mirror of the
-#                       server's /apt and /yum (trust stays pinned to the
-#                       fleet's archive key)
+#                       server's /apt and /yum, or a directory holding an
+#                       offline bundle (linkmesh-fleet repo-bundle) as
+#                       file:///DIR (trust stays pinned to the fleet's
+#                       archive key, fetched from the server)
 #   --dry-run           print each step that would change the host; change nothing
 #
 # Exit codes:
@@ -163,7 +165,11 @@ parse_args() {
 	case "$MIRROR" in
 	"") ;;
 	https://* | http://*) MIRROR=${MIRROR%/} ;;
-	*) die 2 "--mirror must be an http:// or https:// URL (the mirror of $SERVER/apt and /yum), got $MIRROR" ;;
+	file:///*)
+		MIRROR=${MIRROR%/}
+		[ -d "${MIRROR#file://}" ] || die 2 "--mirror $MIRROR: no such directory on this host (unpack the offline bundle there first)"
+		;;
+	*) die 2 "--mirror must be an http://, https:// or file:/// URL (a mirror of $SERVER/apt and /yum, or an offline bundle's directory), got $MIRROR" ;;
 	esac
 	if [ -n "$TOKEN" ] && [ -n "$TOKEN_FILE" ]; then
 		die 2 "give the token once: --token or --token-file"
@@ -420,7 +426,8 @@ repo_fetch() {
 		ca="" # the mirror's own certificate, checked the host's usual way
 	fi
 	if ! curl -fsS --max-time 120 ${ca:+--cacert "$ca"} -o "$2" "$(repo_base)/$1" 2>"$WORK/curl.err"; then
-		grep -q 'error: 404' "$WORK/curl.err" && return 1
+		# 404 from a web server, "Couldn't open file" from a file:/// bundle.
+		grep -q "error: 404\|(37)" "$WORK/curl.err" && return 1
 		die 5 "cannot download $(repo_base)/$1: $(cat "$WORK/curl.err")"
 	fi
 }
@@ -527,7 +534,7 @@ configure_repository() {
 		{
 			printf '// The fleet CA, trusted for the LinkMesh repository host only (install.sh).\n'
 			printf 'Acquire::https::%s::CaInfo "%s/fleet-ca.pem";\n' "$SERVER_HOST" "$CONFIG_DIR"
-			if [ -n "$MIRROR" ] && [ "$mirror_host" != "$SERVER_HOST" ]; then
+			if [ -n "$mirror_host" ] && [ "$mirror_host" != "$SERVER_HOST" ]; then
 				printf '// The mirror %s is trusted the host'"'"'s usual way; its packages still need the fleet'"'"'s key.\n' "$mirror_host"
 			fi
 		} >"$WORK/aptconf.new"

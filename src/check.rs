@@ -84,6 +84,7 @@ pub struct ServerView {
     pub clock_offset_ms: i64,
 }
 
+pub mod archive;
 pub mod pre_upgrade;
 
 /// The configuration, as a check; `None` when it does not load.
@@ -234,6 +235,12 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
                 ),
             ));
             checks.push(runtime_version_check(&detection, &view.info.runtime_pins));
+            checks.push(archive::check(
+                archive::host_keyring(Path::new("/")).as_ref(),
+                view.info.archive_keys.as_ref(),
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+                &id.server.to_string(),
+            ));
         }
         (Some(id), Some(Err(e))) => {
             checks.push(bad("server", "server is reachable and its TLS identity verifies", Outcome::Fail, format!("{}: {e}", id.server), "check the network path, the proxy settings ([proxy] url, HTTPS_PROXY, NO_PROXY) and the server"));
@@ -248,6 +255,7 @@ pub fn run(paths: &ConfigPaths) -> Vec<Check> {
                     "runtime_version",
                     "runtime is installed at the pinned version",
                 ),
+                (archive::ID, archive::TITLE),
             ] {
                 checks.push(Check {
                     id: cid,

@@ -26,7 +26,7 @@ use anyhow::{Context as _, bail, ensure};
 
 use crate::{
     harness::{
-        Fleet, base_system_rpm, binary, build_packages, install_one_liner,
+        Fleet, Packages, base_system_rpm, binary, build_packages, install_one_liner,
         install_real_runtime_for_releases, older_agent, publish_binary, publish_runtime, scratch,
     },
     testhost::{TestHost, TestNet},
@@ -112,6 +112,9 @@ pub struct Drill {
     fleet: Fleet,
     host: TestHost,
     old_version: &'static str,
+    /// The older and this version's packages: published into the served
+    /// artifacts (the repositories) when the package steps begin.
+    packages: [Packages; 2],
     ca_pin: String,
     last_accepted: u64,
     last_windows: usize,
@@ -141,8 +144,8 @@ impl Drill {
             None,
         )?;
         publish_binary(&artifacts, old_version, &std::fs::read(&older)?, None)?;
-        // Packages go beside the bed, not in the artifacts: the one-liner
-        // would take a served .deb for its binary steps.
+        // Packages go beside the bed until the package steps publish them:
+        // the one-liner would take a served .deb for its binary steps.
         let pkgs = dir.path().join("packages");
         let old = build_packages(&older, &pkgs.join("old"), 1)?;
         let new = build_packages(&current, &pkgs.join("new"), 1)?;
@@ -162,10 +165,12 @@ impl Drill {
             "/usr/local/bin/linkmesh-otlp-load",
             0o755,
         )?;
-        for (p, prefix) in [(&old, "old"), (&new, "new")] {
-            host.copy_in(&p.deb, &format!("/root/{prefix}.deb"), 0o644)?;
-            host.copy_in(&p.rpm, &format!("/root/{prefix}.rpm"), 0o644)?;
-        }
+        // apt and dnf see the fleet's repositories only (the test network
+        // reaches nothing else).
+        host.sh(
+            "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* /etc/yum.repos.d/*; \
+             rm -rf /var/lib/apt/lists/*; mkdir -p /var/lib/apt/lists/partial",
+        )?;
         std::fs::create_dir_all(host.path("/etc/linkmesh"))?;
         std::fs::write(
             host.path("/etc/linkmesh/collector.yaml"),
@@ -199,6 +204,7 @@ impl Drill {
             fleet,
             host,
             old_version,
+            packages: [old, new],
             ca_pin: t.ca_pin,
             last_accepted: 0,
             last_windows: 0,
@@ -414,18 +420,38 @@ impl Drill {
                 d.host.sh(&cmd).map(drop)
             })?;
         }
-        // The host's edited configuration is kept (--force-confold), as an
-        // unattended upgrade keeps it.
-        let apt = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades -o Dpkg::Options::=--force-confold";
-        let dpkg = "DEBIAN_FRONTEND=noninteractive dpkg --force-confold -i";
+        // Through the fleet's signed repositories, with what an operator
+        // types. The host's edited configuration is kept (--force-confold),
+        // as an unattended upgrade keeps it.
+        self.packages[0].copy_into(&artifacts)?;
+        let apt = "DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Options::=--force-confold";
+        let one_liner = |method: &str| {
+            self.fleet.one_liner(
+                crate::server::Script::Install,
+                &format!("--ca-pin {} --method {method} --version {old}", self.ca_pin),
+            )
+        };
+        let deb = one_liner("deb")?;
+        let rpm = one_liner("rpm")?;
+        self.step(
+            "deb install (one-liner, repository)",
+            "agent",
+            false,
+            Some((old, "deb")),
+            |d| d.host.sh(&deb).map(drop),
+        )?;
+        self.packages[1].copy_into(&artifacts)?;
         for (label, cmd, version) in [
             (
-                "deb install (from the one-liner)",
-                format!("{dpkg} /root/old.deb"),
+                "deb upgrade (apt-get upgrade)",
+                format!("{apt} update && {apt} upgrade"),
+                current,
+            ),
+            (
+                "deb rollback (apt-get install =VERSION)",
+                format!("{apt} install --allow-downgrades linkmesh-agent={old}-1"),
                 old,
             ),
-            ("deb upgrade (apt)", format!("{apt} /root/new.deb"), current),
-            ("deb rollback (dpkg)", format!("{dpkg} /root/old.deb"), old),
         ] {
             self.step(label, "agent", false, Some((version, "deb")), |d| {
                 d.host.sh(&cmd).map(drop)
@@ -437,24 +463,28 @@ impl Drill {
         self.host.sh("rpm --initdb && rpm -i /root/base.rpm")?;
         for (label, cmd, version) in [
             (
-                "deb removed, rpm installed",
-                "apt-get remove -y -q linkmesh-agent && rpm -i /root/old.rpm",
+                "deb removed, rpm installed (one-liner, repository)",
+                format!("{apt} remove linkmesh-agent && {rpm}"),
                 old,
             ),
             (
-                "rpm upgrade (dnf)",
-                "dnf -y -q --disablerepo='*' upgrade /root/new.rpm",
+                "rpm upgrade (dnf upgrade)",
+                "dnf -y -q upgrade linkmesh-agent".to_owned(),
                 current,
             ),
             (
-                "rpm rollback (dnf)",
-                "dnf -y -q --disablerepo='*' downgrade /root/old.rpm",
+                "rpm rollback (dnf downgrade)",
+                format!("dnf -y -q downgrade linkmesh-agent-{old}-1"),
                 old,
             ),
-            ("rpm upgrade again (rpm)", "rpm -U /root/new.rpm", current),
+            (
+                "rpm upgrade again (dnf upgrade)",
+                "dnf -y -q upgrade linkmesh-agent".to_owned(),
+                current,
+            ),
         ] {
             self.step(label, "agent", false, Some((version, "rpm")), |d| {
-                d.host.sh(cmd).map(drop)
+                d.host.sh(&cmd).map(drop)
             })?;
         }
         // (d) The agent killed; systemd starts it again.

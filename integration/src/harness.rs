@@ -695,6 +695,24 @@ pub struct Packages {
     pub rpm: PathBuf,
 }
 
+impl Packages {
+    /// Copies both packages into `dir` (a server's artifacts: published in
+    /// its repositories at the next request).
+    ///
+    /// # Errors
+    /// When a copy fails.
+    pub fn copy_into(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for f in [&self.deb, &self.rpm] {
+            let name = f
+                .file_name()
+                .ok_or_else(|| anyhow::anyhow!("{} names no file", f.display()))?;
+            std::fs::copy(f, dir.join(name))?;
+        }
+        Ok(())
+    }
+}
+
 /// Builds the .deb and .rpm of `agent` into `out` with `linkmesh-package`,
 /// with `.sha256` files; `level` is the gzip level (tests use 1: their
 /// packages hold the 46 MB debug binary).

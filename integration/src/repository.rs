@@ -220,6 +220,26 @@ fn place(from: &Path, to: &Path) -> Result<(), RepoError> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))
 }
 
+/// Copies the tree `from` to `to` (regular files and directories; files
+/// fsynced, so a bundle carried away is whole).
+fn copy_tree(from: &Path, to: &Path) -> Result<(), RepoError> {
+    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
+        let entry = entry.map_err(|e| io(from, e))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().map_err(|e| io(&src, e))?;
+        if kind.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst).map_err(|e| io(&src, e))?;
+            std::fs::File::open(&dst)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io(&dst, e))?;
+        }
+    }
+    Ok(())
+}
+
 fn gzip(bytes: &[u8]) -> Result<Vec<u8>, std::io::Error> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     enc.write_all(bytes)?;
@@ -247,6 +267,11 @@ impl Repositories {
             tools: Tools::find(),
             current: Mutex::new(None),
         })
+    }
+
+    /// The archive keys that sign, oldest first.
+    pub fn keys(&self) -> Vec<keys::KeyRecord> {
+        self.keys.records()
     }
 
     /// The archive keys' public halves, a binary keyring
@@ -315,6 +340,54 @@ impl Repositories {
             let _ = std::fs::remove_dir_all(older);
         }
         Ok(dir)
+    }
+
+    /// Writes an offline bundle of the repositories to `out`, a directory
+    /// that must not exist yet: `apt/`, `yum/` and `keys/` as the server
+    /// serves them under those paths, so the directory itself (`file://`)
+    /// or any static web server holding it is a mirror for `install.sh
+    /// --mirror`. Built beside `out` and renamed into place, so `out` is
+    /// whole or absent. Returns the number of packages in it.
+    ///
+    /// # Errors
+    /// When `out` exists, or generating or writing fails.
+    pub fn bundle(&self, out: &Path) -> Result<usize, RepoError> {
+        if out.exists() {
+            return Err(RepoError::Io {
+                path: out.display().to_string(),
+                reason: "already exists: a bundle is written to a new directory (remove it, or name another)".into(),
+            });
+        }
+        let name = out.file_name().ok_or_else(|| RepoError::Io {
+            path: out.display().to_string(),
+            reason: "names no directory".into(),
+        })?;
+        let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        let result = (|| {
+            let generation = self.current()?;
+            for part in ["apt", "yum"] {
+                let from = generation.join(part);
+                if from.exists() {
+                    copy_tree(&from, &partial.join(part))?;
+                }
+            }
+            write(&partial.join("keys/linkmesh-archive.gpg"), &self.keyring)?;
+            write(
+                &partial.join("keys/linkmesh-archive.asc"),
+                self.keyring_armored.as_bytes(),
+            )?;
+            std::fs::rename(&partial, out).map_err(|e| io(out, e))?;
+            if let Some(parent) = out.parent() {
+                let _ = linkmesh_agent::fs::fsync_dir(parent);
+            }
+            Ok(Inputs::scan(&self.artifacts)?.0.len())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+        }
+        result
     }
 
     fn generate(&self, inputs: &Inputs, n: u64) -> Result<PathBuf, RepoError> {

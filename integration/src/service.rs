@@ -43,6 +43,9 @@ pub struct ServiceConfig {
     pub runtime_pins: Vec<proto::RuntimePin>,
     /// What a clone's re-key gets.
     pub clone_policy: ClonePolicy,
+    /// The package repositories' archive keys, as `ServerInfo` tells them;
+    /// `None` when no repositories are served.
+    pub archive_keys: Option<proto::ArchiveKeys>,
 }
 
 /// What the server does with a clone's request for an identity of its own.
@@ -376,6 +379,7 @@ impl proto::Fleet for FleetService {
             latest_agent_version: c.latest_agent.to_string(),
             client_standing: standing as i32,
             client_standing_detail: detail,
+            archive_keys: c.archive_keys.clone(),
         }))
     }
 

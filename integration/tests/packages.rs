@@ -644,19 +644,9 @@ fn repository_files(host: &TestHost) -> Vec<(String, Option<Vec<u8>>)> {
 
 /// Moves `p`'s packages into the served artifacts: published.
 fn publish(bed: &Bed, p: &Packages) -> R {
-    for f in [&p.deb, &p.rpm] {
-        if let Some(name) = f.file_name() {
-            std::fs::copy(f, bed.artifacts.join(name))?;
-        }
-    }
-    Ok(())
+    p.copy_into(&bed.artifacts)
 }
 
-/// The drill through the served repositories: the one-liner
-/// installs 0.0.9 from the fleet's signed repository (and a re-run changes
-/// nothing), the server then publishes this version, and the operator's
-/// own commands upgrade the host and roll it back by a version pin, with
-/// the identity and the edited configuration byte-identical throughout.
 /// A bed whose server publishes only the older packages; this version's
 /// are built beside, for [`publish`].
 fn unpublished_bed(name: &str) -> anyhow::Result<Bed> {
@@ -682,6 +672,14 @@ fn unpublished_bed(name: &str) -> anyhow::Result<Bed> {
     })
 }
 
+/// The drill through the served repositories: the one-liner
+/// installs 0.0.9 from the fleet's signed repository (and a re-run changes
+/// nothing), the server then publishes this version, and the operator's
+/// own commands upgrade the host and roll it back by a version pin, with
+/// the identity and the edited configuration byte-identical throughout.
+/// The collector runtime runs through every step (none restarts it), and
+/// while the server is unreachable the operator's update changes nothing:
+/// agent and collector keep running.
 fn upgrade_through_the_repository(format: &str) -> R {
     let mut bed = unpublished_bed(&format!("pkg-repo-{format}"))?;
     let host = host(&mut bed, &format!("lm-repo-{format}"))?;
@@ -746,6 +744,15 @@ fn upgrade_through_the_repository(format: &str) -> R {
     let edited = std::fs::read(host.path("/etc/linkmesh/agent.toml"))?;
     let identity = snapshot(&host.path(IDENTITY));
     let pid = unit(&host)?["MainPID"].clone();
+    let runtime = wait_runtime(&host)?;
+    let runtime_kept = |label: &str| {
+        assert_eq!(
+            runtime_pids(&host),
+            runtime,
+            "{label} restarted the collector runtime\n{}",
+            host.journal(Some("linkmesh-collector"), "-n 60")
+        );
+    };
 
     // A re-run is a no-op: nothing rewritten, nothing restarted.
     let (code, text) = install_one_liner(&host, &bed.fleet, &args)?;
@@ -761,10 +768,33 @@ fn upgrade_through_the_repository(format: &str) -> R {
         "a re-run rewrote the repository files"
     );
     assert_eq!(unit(&host)?["MainPID"], pid);
+    runtime_kept("the one-liner's re-run");
 
-    // The server publishes this version; the operator upgrades as usual.
+    // The server is away while the operator updates: the package manager
+    // says it cannot reach it and installs nothing; agent and collector
+    // keep running.
     publish(&bed, &bed.new)?;
+    bed.fleet.stop();
     let upgrade = operator_upgrade(format);
+    let out = host.exec(upgrade)?;
+    let away =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        installed(&host, format).starts_with(&format!("{}-1", bed.old_version)),
+        "installed with the server away: {away}"
+    );
+    let u = unit(&host)?;
+    assert_eq!(
+        (u["ActiveState"].as_str(), u["MainPID"].as_str()),
+        ("active", pid.as_str()),
+        "{away}"
+    );
+    runtime_kept("an update with the server away");
+    assert_eq!(snapshot(&host.path(IDENTITY)), identity, "{away}");
+    bed.fleet.restart(None)?;
+
+    // The server is back and publishes this version; the operator
+    // upgrades as usual.
     let out = sh(&host, upgrade)?;
     wait_restarted(&host, &pid)?;
     wait_reported(&bed.fleet, current, format)?;
@@ -775,6 +805,7 @@ fn upgrade_through_the_repository(format: &str) -> R {
         "{upgrade}"
     );
     assert_eq!(repository_files(&host), files, "{upgrade}");
+    runtime_kept(upgrade);
 
     // Rollback is a version pin.
     let pid = unit(&host)?["MainPID"].clone();
@@ -798,6 +829,7 @@ fn upgrade_through_the_repository(format: &str) -> R {
         edited,
         "{rollback}"
     );
+    runtime_kept(&rollback);
     Ok(())
 }
 
@@ -1052,6 +1084,28 @@ fn repo_key(bed: &Bed, args: &[&str]) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// `linkmesh-agent check`'s `archive_keys` item on `host`: its outcome and
+/// the item (`check` exits non-zero on a failure, which is asked about).
+fn archive_check(host: &TestHost) -> anyhow::Result<(String, serde_json::Value)> {
+    let out = host.exec("linkmesh-agent check --json")?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!(
+            "check --json: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let item = doc["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == "archive_keys"))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("check has no archive_keys item: {doc}"))?;
+    Ok((
+        item["outcome"].as_str().unwrap_or_default().to_owned(),
+        item,
+    ))
+}
+
 /// A key rotation that breaks no host: a host configured before it keeps
 /// upgrading through it (the metadata signed by both keys, RPMs by the old
 /// one), its next one-liner run takes the new keyring, and after the old
@@ -1081,20 +1135,39 @@ fn rotation(format: &str) -> R {
         _ => "/etc/pki/rpm-gpg/RPM-GPG-KEY-linkmesh",
     };
     let old_keyring = std::fs::read(host.path(keyring))?;
+    let (outcome, item) = archive_check(&host)?;
+    assert_eq!(outcome, "ok", "{item}");
 
     let listed = repo_key(&bed, &["list"])?;
     assert_eq!(listed.lines().count(), 1, "{listed}");
     let secret = bed.fleet.secret_file();
+    // The new key is made to expire in 20 days: once it is the only one,
+    // `check` warns of it.
     repo_key(
         &bed,
         &[
             "rotate",
             "--secret-file",
             secret.to_str().unwrap_or_default(),
+            "--key-lifetime",
+            "20d",
         ],
     )?;
-    assert_eq!(repo_key(&bed, &["list"])?.lines().count(), 2);
+    let listed = repo_key(&bed, &["list"])?;
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(listed.contains("(in 19 days)"), "{listed}");
     bed.fleet.restart(None)?;
+    // Still trusted (the old key signs too), and told what the retire
+    // will do to it.
+    let (outcome, item) = archive_check(&host)?;
+    assert_eq!(outcome, "warn", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("once the server retires the old key"),
+        "{item}"
+    );
     publish(&bed, &bed.new)?;
     let upgrade = operator_upgrade(format);
     let pid = unit(&host)?["MainPID"].clone();
@@ -1111,10 +1184,30 @@ fn rotation(format: &str) -> R {
         both, old_keyring,
         "the one-liner kept the old keyring: {text}"
     );
+    let (outcome, item) = archive_check(&host)?;
+    assert_eq!(outcome, "ok", "{item}");
 
     repo_key(&bed, &["retire"])?;
     assert_eq!(repo_key(&bed, &["list"])?.lines().count(), 1);
     bed.fleet.restart(None)?;
+    // The key left signing expires within 30 days: a warning that says how
+    // to rotate.
+    let (outcome, item) = archive_check(&host)?;
+    assert_eq!(outcome, "warn", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("(in 19 days)"),
+        "{item}"
+    );
+    assert!(
+        item["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("repo-key rotate"),
+        "{item}"
+    );
     let pid = unit(&host)?["MainPID"].clone();
     let rollback = match format {
         "deb" => format!(
@@ -1152,6 +1245,21 @@ fn rotation(format: &str) -> R {
             .iter()
             .any(|w| text.contains(w)),
         "the package manager did not say why: {text}"
+    );
+    // And `check` says why, and what to do.
+    let (outcome, item) = archive_check(&host)?;
+    assert_eq!(outcome, "fail", "{item}");
+    let detail = item["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("NO_PUBKEY") && detail.contains(keyring),
+        "{item}"
+    );
+    assert!(
+        item["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("re-run the one-liner"),
+        "{item}"
     );
     Ok(())
 }
@@ -1273,4 +1381,152 @@ fn a_mirror_serves_the_repository_and_cannot_change_what_is_trusted() -> R {
     );
     assert!(installed(&host, "deb").starts_with(&format!("{old}-1")));
     Ok(())
+}
+
+/// `linkmesh-fleet repo-bundle` into `out`, from `artifacts`: its output.
+fn repo_bundle(
+    bed: &Bed,
+    artifacts: &std::path::Path,
+    out: &std::path::Path,
+) -> anyhow::Result<std::process::Output> {
+    let secret = bed.fleet.secret_file();
+    bed.fleet.admin(&[
+        "repo-bundle",
+        "--secret-file",
+        secret.to_str().unwrap_or_default(),
+        "--artifacts",
+        artifacts.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ])
+}
+
+/// The same, which must succeed.
+fn bundle(bed: &Bed, artifacts: &std::path::Path, out: &std::path::Path) -> R {
+    let o = repo_bundle(bed, artifacts, out)?;
+    anyhow::ensure!(
+        o.status.success(),
+        "repo-bundle: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+/// The offline bundle: `repo-bundle` writes the signed repositories and
+/// keys into a directory; unpacked on the host, the one-liner installs
+/// from it (`--mirror file:///DIR`) with the keys still from the server,
+/// a newer bundle put in its place is what the operator's upgrade takes,
+/// and a bundle whose metadata was altered is refused. `--out` that
+/// exists is refused before anything is written.
+fn offline_bundle(format: &str) -> R {
+    let mut bed = unpublished_bed(&format!("pkg-bundle-{format}"))?;
+    let host = host(&mut bed, &format!("lm-bundle-{format}"))?;
+    only_the_fleets_repositories(&host)?;
+    if format == "rpm" {
+        rpm_database(&bed, &host)?;
+    }
+    let first = bed.dir.path().join("bundle-1");
+    bundle(&bed, &bed.artifacts, &first)?;
+    for f in [
+        "apt/dists/stable/InRelease",
+        "yum/repodata/repomd.xml.asc",
+        "keys/linkmesh-archive.gpg",
+        "keys/linkmesh-archive.asc",
+    ] {
+        assert!(first.join(f).is_file(), "the bundle has no {f}");
+    }
+    // An existing --out is refused, and left as it was.
+    let again = repo_bundle(&bed, &bed.artifacts, &first)?;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(first.join("apt/dists/stable/InRelease").is_file());
+
+    // The site copies the bundle onto the host (or a share it mounts).
+    let unpack = |dir: &std::path::Path| -> R {
+        sh(&host, "rm -rf /srv/linkmesh && mkdir -p /srv")?;
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir)
+            .arg(host.path("/srv/linkmesh"))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cp: {out:?}");
+        Ok(())
+    };
+    unpack(&first)?;
+    let t = bed.fleet.token(1, "1h")?;
+    std::fs::write(host.path("/root/token"), &t.token)?;
+    let old = bed.old_version;
+    let (code, text) = install_one_liner(
+        &host,
+        &bed.fleet,
+        &format!(
+            "--ca-pin {} --method {format} --version {old} --mirror file:///srv/linkmesh --token-file /root/token",
+            t.ca_pin
+        ),
+    )?;
+    assert_eq!(code, 0, "{text}");
+    wait_reported(&bed.fleet, old, format)?;
+    let (source, line) = match format {
+        "deb" => (REPOSITORY_FILES[0], "URIs: file:///srv/linkmesh/apt\n"),
+        _ => (REPOSITORY_FILES[4], "baseurl=file:///srv/linkmesh/yum\n"),
+    };
+    let config = std::fs::read_to_string(host.path(source))?;
+    assert!(config.contains(line), "{config}");
+    let identity = snapshot(&host.path(IDENTITY));
+    let runtime = wait_runtime(&host)?;
+
+    // A newer bundle, made where the packages are, replaces the old one.
+    let newer = bed.dir.path().join("artifacts-2");
+    bed.old.copy_into(&newer)?;
+    bed.new.copy_into(&newer)?;
+    let second = bed.dir.path().join("bundle-2");
+    bundle(&bed, &newer, &second)?;
+
+    // Altered metadata in the bundle: refused, nothing installed.
+    let altered = bed.dir.path().join("bundle-altered");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&second)
+        .arg(&altered)
+        .output()?;
+    anyhow::ensure!(cp.status.success(), "cp: {cp:?}");
+    let _altered = signed_metadata_altered(&altered, format)?;
+    unpack(&altered)?;
+    let pid = unit(&host)?["MainPID"].clone();
+    let out = host.exec(operator_upgrade(format))?;
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        installed(&host, format).starts_with(&format!("{old}-1")),
+        "installed from an altered bundle: {said}"
+    );
+    assert_eq!(unit(&host)?["MainPID"], pid, "{said}");
+
+    unpack(&second)?;
+    let upgrade = operator_upgrade(format);
+    let out = sh(&host, upgrade)?;
+    wait_restarted(&host, &pid)?;
+    wait_reported(&bed.fleet, linkmesh_agent::version::AGENT_VERSION, format)?;
+    assert_eq!(snapshot(&host.path(IDENTITY)), identity, "{upgrade}: {out}");
+    assert_eq!(
+        runtime_pids(&host),
+        runtime,
+        "{upgrade} restarted the collector runtime"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_offline_bundle_in_a_directory_installs_and_upgrades_an_apt_host() -> R {
+    offline_bundle("deb")
+}
+
+#[test]
+fn an_offline_bundle_in_a_directory_installs_and_upgrades_a_dnf_host() -> R {
+    offline_bundle("rpm")
 }

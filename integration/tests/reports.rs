@@ -664,6 +664,7 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
             "clock",
             "version",
             "runtime_version",
+            "archive_keys",
             "supervisor",
             "opamp",
             "conflicts",
@@ -712,6 +713,7 @@ fn check_passes_on_a_healthy_host_and_names_each_failure() -> R {
         find("server")
     );
     assert_eq!(find("version")["outcome"], "skipped");
+    assert_eq!(find("archive_keys")["outcome"], "skipped");
     fleet.restart(None)?;
 
     // A world-readable key and a stopped agent.

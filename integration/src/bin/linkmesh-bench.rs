@@ -315,7 +315,7 @@ fn repositories(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let secret =
         linkmesh_integration::sealed::Secret::new(b"benchmark secret, not a real one", "bench")?;
     let keys_dir = dir.path().join(repository::keys::KEYS_DIR);
-    repository::keys::add(&keys_dir, &secret)?;
+    repository::keys::add(&keys_dir, &secret, None)?;
     let repos = Repositories::new(
         &artifacts,
         &dir.path().join("repositories"),

@@ -45,6 +45,10 @@ enum Command {
         /// (random, 0600) when it does not exist yet and the state is new.
         #[arg(long, value_name = "FILE")]
         secret_file: Option<PathBuf>,
+        /// How long the archive signing key made here is valid (`never`: no
+        /// expiry). `repo-key rotate` well before it ends.
+        #[arg(long, value_name = "DURATION|never", default_value_t = KeyLifetime(Some(repository::keys::DEFAULT_LIFETIME)), value_parser = key_lifetime)]
+        key_lifetime: KeyLifetime,
     },
     /// Serve the agent API over TLS.
     Serve {
@@ -148,6 +152,25 @@ enum Command {
     /// The archive keys the package repositories are signed with.
     #[command(subcommand)]
     RepoKey(RepoKeyCommand),
+    /// Write an offline bundle of the package repositories (for sites the
+    /// server's repositories do not reach): the signed `apt/` and `yum/`
+    /// trees and the public keys, as `serve --artifacts DIR` serves them.
+    /// Serve the directory with any static web server, or use it in place,
+    /// and point hosts at it with `install.sh --mirror URL` (`file:///DIR`
+    /// works); hosts still take the keys from the server.
+    RepoBundle {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The server secret's file [default: $LINKMESH_FLEET_SECRET].
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        /// The .deb and .rpm files, as given to `serve --artifacts`.
+        #[arg(long, value_name = "DIR")]
+        artifacts: PathBuf,
+        /// The bundle's directory; must not exist yet.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// The collector configuration the server hands out over OpAMP.
     #[command(subcommand)]
     CollectorConfig(CollectorConfigCommand),
@@ -169,6 +192,28 @@ enum ClonePolicyArg {
     Quarantine,
 }
 
+/// A `--key-lifetime`: a duration, or none for `never`.
+#[derive(Clone, Copy, Debug)]
+struct KeyLifetime(Option<Duration>);
+
+impl std::fmt::Display for KeyLifetime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("never"),
+            Some(d) => f.write_str(&linkmesh_agent::config::format_duration(d)),
+        }
+    }
+}
+
+fn key_lifetime(s: &str) -> Result<KeyLifetime, String> {
+    if s == "never" {
+        return Ok(KeyLifetime(None));
+    }
+    parse_duration(s)
+        .map(|d| KeyLifetime(Some(d)))
+        .map_err(|e| format!("{e}, or `never`"))
+}
+
 #[derive(Debug, Subcommand)]
 enum RepoKeyCommand {
     /// The keys, oldest first: each signs the repositories and is in the
@@ -186,6 +231,9 @@ enum RepoKeyCommand {
         /// The server secret's file [default: $LINKMESH_FLEET_SECRET].
         #[arg(long, value_name = "FILE")]
         secret_file: Option<PathBuf>,
+        /// How long the new key is valid (`never`: no expiry).
+        #[arg(long, value_name = "DURATION|never", default_value_t = KeyLifetime(Some(repository::keys::DEFAULT_LIFETIME)), value_parser = key_lifetime)]
+        key_lifetime: KeyLifetime,
     },
     /// Drop the oldest key (from the next `serve` start): it no longer
     /// signs and leaves the published keyring. Refused for the only key.
@@ -289,7 +337,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { state, secret_file } => init(&State::new(state), secret_file.as_deref()),
+        Command::Init {
+            state,
+            secret_file,
+            key_lifetime,
+        } => init(&State::new(state), secret_file.as_deref(), key_lifetime),
         Command::Serve {
             state,
             secret_file,
@@ -345,7 +397,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--report-interval must be at least 1s");
             }
             let renew_grace = parse_duration(&renew_grace).context("--renew-grace")?;
-            let config = ServiceConfig {
+            let mut config = ServiceConfig {
                 version,
                 latest_agent,
                 cert_lifetime,
@@ -370,6 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         supervisor_version: String::new(),
                     },
                 ],
+                archive_keys: None,
             };
             let state = State::new(state);
             if linkmesh_integration::migrate::found(&state)?.is_none() {
@@ -391,6 +444,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(dir) => repositories(&state, dir, &secret)?,
                 None => None,
             };
+            if repositories.is_some() {
+                config.archive_keys = Some(repository::keys::announced(
+                    &state.dir().join(repository::keys::KEYS_DIR),
+                )?);
+            }
             drop(secret);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -447,6 +505,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         }) => token_create(&State::new(state), &ttl, uses, server_url, json),
         Command::RepoKey(cmd) => repo_key(cmd),
+        Command::RepoBundle {
+            state,
+            secret_file,
+            artifacts,
+            out,
+        } => {
+            let state = State::new(state);
+            readable(&state)?;
+            let secret = secret(secret_file.as_deref())?;
+            let keys = repository::ArchiveKeys::load(
+                &state.dir().join(repository::keys::KEYS_DIR),
+                &secret,
+            )?;
+            drop(secret);
+            let scratch = tempfile::Builder::new()
+                .prefix(".linkmesh-bundle-")
+                .tempdir_in(
+                    out.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(std::path::Path::new(".")),
+                )
+                .context("--out: its parent directory")?;
+            let fingerprints: Vec<String> =
+                keys.records().into_iter().map(|k| k.fingerprint).collect();
+            let repos = Repositories::new(&artifacts, scratch.path(), keys)?;
+            if let Some(missing) = repos.missing_tools()?.into_iter().next() {
+                bail!("{missing}");
+            }
+            let n = repos
+                .bundle(&out)
+                .with_context(|| format!("--out {}", out.display()))?;
+            println!(
+                "wrote the offline bundle {} ({n} packages, signed by {}): serve it, or use it in place, and install with --mirror URL",
+                out.display(),
+                fingerprints.join(", ")
+            );
+            Ok(())
+        }
         Command::Hosts {
             action:
                 Some(HostsCommand::Revoke {
@@ -505,18 +601,32 @@ fn repo_key(cmd: RepoKeyCommand) -> anyhow::Result<()> {
     match cmd {
         RepoKeyCommand::List { state } => {
             let (_, d) = dir(&state)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             for k in keys::list(&d)? {
-                println!("{}  created {}", k.fingerprint, k.created);
+                let expiry = match k.expires_unix_s() {
+                    None => "never expires".to_owned(),
+                    Some(at) if at <= now => format!("EXPIRED {}", k.expires.unwrap_or_default()),
+                    Some(at) => format!(
+                        "expires {} (in {} days)",
+                        k.expires.as_deref().unwrap_or_default(),
+                        (at - now) / 86_400
+                    ),
+                };
+                println!("{}  created {}  {expiry}", k.fingerprint, k.created);
             }
         }
-        RepoKeyCommand::Rotate { state, secret_file } => {
+        RepoKeyCommand::Rotate {
+            state,
+            secret_file,
+            key_lifetime,
+        } => {
             let (state, d) = dir(&state)?;
             let secret = secret(secret_file.as_deref())?;
             // The secret must open the keys already there: one secret seals
             // them all.
             repository::ArchiveKeys::load(&d, &secret)?;
             let _lock = state.lock()?;
-            let k = keys::add(&d, &secret)?;
+            let k = keys::add(&d, &secret, key_lifetime.0)?;
             println!(
                 "added archive key {}; restart serve to sign with it beside the others",
                 k.fingerprint
@@ -540,7 +650,11 @@ fn secret(file: Option<&std::path::Path>) -> anyhow::Result<Secret> {
     Ok(Secret::from_file_or_env(file, |k| std::env::var(k).ok())?)
 }
 
-fn init(state: &State, secret_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn init(
+    state: &State,
+    secret_file: Option<&std::path::Path>,
+    key_lifetime: KeyLifetime,
+) -> anyhow::Result<()> {
     let ours = linkmesh_agent::version::AGENT_VERSION;
     if linkmesh_integration::migrate::found(state)?.is_some() {
         // Existing state: never a new CA. The secret must open the one
@@ -556,7 +670,7 @@ fn init(state: &State, secret_file: Option<&std::path::Path>) -> anyhow::Result<
         let keys_dir = state.dir().join(repository::keys::KEYS_DIR);
         if !repository::keys::exists(&keys_dir)? {
             let _lock = state.lock()?;
-            let key = repository::keys::add(&keys_dir, &secret)?;
+            let key = repository::keys::add(&keys_dir, &secret, key_lifetime.0)?;
             println!("archive signing key (new): {}", key.fingerprint);
         }
         return Ok(());
@@ -588,7 +702,11 @@ fn init(state: &State, secret_file: Option<&std::path::Path>) -> anyhow::Result<
     };
     state.create_layout()?;
     let ca = Ca::create(&state.ca_dir(), &secret)?;
-    let key = repository::keys::add(&state.dir().join(repository::keys::KEYS_DIR), &secret)?;
+    let key = repository::keys::add(
+        &state.dir().join(repository::keys::KEYS_DIR),
+        &secret,
+        key_lifetime.0,
+    )?;
     linkmesh_integration::migrate::record_new(state, ours)?;
     println!("initialised {} with a new CA", state.dir().display());
     println!("CA pin: {}", ca.pin());
@@ -632,6 +750,25 @@ fn repositories(
     )?;
     for missing in repos.missing_tools()? {
         tracing::warn!("{missing}");
+    }
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    for key in repos.keys() {
+        match key.expires_unix_s() {
+            Some(at) if at <= now => tracing::error!(
+                fingerprint = %key.fingerprint,
+                "archive key expired on {}: hosts refuse metadata signed by it alone; `linkmesh-fleet repo-key rotate` now",
+                key.expires.as_deref().unwrap_or_default()
+            ),
+            Some(at) if at - now <= linkmesh_agent::check::archive::EXPIRY_WARNING_S => {
+                tracing::warn!(
+                    fingerprint = %key.fingerprint,
+                    "archive key expires on {} (in {} days): `linkmesh-fleet repo-key rotate`, let hosts take the new keyring, then `repo-key retire`",
+                    key.expires.as_deref().unwrap_or_default(),
+                    (at - now) / 86_400
+                );
+            }
+            _ => {}
+        }
     }
     Ok(Some(Arc::new(repos)))
 }

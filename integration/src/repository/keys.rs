@@ -8,6 +8,14 @@
 //! are RSA-3072 so that every rpm (4.11 onwards) and gpgv a host may run can
 //! check them. OpenPGP is rpgp's (`pgp`, pure Rust), the crate `rpm` signs
 //! packages with.
+//!
+//! A key expires (its self-signature says when; [`DEFAULT_LIFETIME`] unless
+//! `init` or `rotate` is told otherwise): apt and dnf refuse metadata signed
+//! only by expired keys, so `ServerInfo` carries every key's expiry and
+//! `linkmesh-agent check` warns 30 days ahead. `keys.json` also records
+//! every keyring it has published (the hashes of its binary and armoured
+//! forms, and the keys in it): a host's keyring file, hashed, tells `check`
+//! which keys that host trusts without an OpenPGP parser in the agent.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +25,7 @@ use pgp::{
         SecretKeyParamsBuilder, SignedPublicKey, SignedSecretKey,
     },
     crypto::hash::HashAlgorithm,
-    packet::{SignatureConfig, SignatureType, Subpacket, SubpacketData},
+    packet::{PacketTrait as _, SignatureConfig, SignatureType, Subpacket, SubpacketData},
     ser::Serialize as _,
     types::{KeyDetails as _, KeyVersion, Password, Timestamp},
 };
@@ -30,6 +38,9 @@ pub const KEYS_DIR: &str = "archive-keys";
 const INDEX: &str = "keys.json";
 const USER_ID: &str = "LinkMesh fleet archive <archive@linkmesh.invalid>";
 const RSA_BITS: u32 = 3072;
+/// How long a new key is valid unless told otherwise: three years, rotated
+/// well before (the server warns 30 days ahead, as `check` does).
+pub const DEFAULT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3 * 365 * 86_400);
 
 /// Failures of the archive keys.
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +103,50 @@ pub struct KeyRecord {
     pub fingerprint: String,
     /// RFC 3339.
     pub created: String,
+    /// RFC 3339; none for a key that never expires (keys made before
+    /// expiry was set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+impl KeyRecord {
+    /// When the key was made, Unix seconds; `None` when `created` does not
+    /// parse (a hand-edited list).
+    pub fn created_unix_s(&self) -> Option<i64> {
+        unix_s(&self.created)
+    }
+
+    /// When the key expires, Unix seconds; `None` when it never does.
+    pub fn expires_unix_s(&self) -> Option<i64> {
+        self.expires.as_deref().and_then(unix_s)
+    }
+}
+
+fn unix_s(rfc3339: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(time::OffsetDateTime::unix_timestamp)
+}
+
+/// A keyring the server has published: what a host's keyring file holds
+/// when it was fetched then.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Published {
+    /// SHA-256 of the binary form (`/keys/linkmesh-archive.gpg`), hex.
+    pub binary_sha256: String,
+    /// SHA-256 of the armoured form (`/keys/linkmesh-archive.asc`), hex.
+    pub armored_sha256: String,
+    /// The keys in it, oldest first.
+    pub fingerprints: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Index {
     keys: Vec<KeyRecord>,
+    /// Every keyring published, oldest first (states made before this was
+    /// kept start with their current one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    published: Vec<Published>,
 }
 
 /// The loaded keys: every one listed signs, and every one is published.
@@ -145,27 +195,42 @@ pub fn exists(dir: &Path) -> Result<bool, KeyError> {
     Ok(read_index(dir)?.is_some_and(|i| !i.keys.is_empty()))
 }
 
-/// Makes a new key in `dir` and lists it after the others; returns it.
-/// Its files are written before the list names it, so a crash leaves the
-/// list as it was.
+/// Makes a new key in `dir`, valid for `lifetime` (`None`: forever), and
+/// lists it after the others; returns it. Its files are written before the
+/// list names it, so a crash leaves the list as it was.
 ///
 /// # Errors
-/// When the key cannot be made, sealed or written.
-pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
+/// When the key cannot be made, sealed or written, or `lifetime` is more
+/// than OpenPGP can say (136 years).
+pub fn add(
+    dir: &Path,
+    secret: &Secret,
+    lifetime: Option<std::time::Duration>,
+) -> Result<KeyRecord, KeyError> {
     linkmesh_agent::fs::ensure_private_dir(dir, 0o700).map_err(|e| io(dir, e))?;
     let mut index = read_index(dir)?.unwrap_or_default();
+    let now = Timestamp::now();
     let mut params = SecretKeyParamsBuilder::default();
     params
         .key_type(KeyType::Rsa(RSA_BITS))
         .can_certify(true)
         .can_sign(true)
         .can_encrypt(EncryptionCaps::None)
+        .created_at(now)
         .primary_user_id(USER_ID.into());
-    let key = params
+    let mut key = params
         .build()
         .map_err(pgp_err)?
         .generate(rand::thread_rng())
         .map_err(pgp_err)?;
+    let expires = match lifetime {
+        Some(life) => {
+            let life = pgp::types::Duration::try_from(life).map_err(pgp_err)?;
+            set_expiry(&mut key, life)?;
+            Some(i64::from(now.as_secs()) + i64::from(life.as_secs()))
+        }
+        None => None,
+    };
     let fingerprint = hex_upper(key.fingerprint().as_bytes());
     let plain = zeroize::Zeroizing::new(key.to_bytes().map_err(pgp_err)?);
     let sealed = crate::sealed::seal(secret, &plain, &purpose(&fingerprint))?;
@@ -174,13 +239,115 @@ pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
     let public = SignedPublicKey::from(key);
     linkmesh_agent::fs::write_atomic(&pub_path, &public.to_bytes().map_err(pgp_err)?, 0o644)
         .map_err(|e| io(&pub_path, e))?;
+    let rfc3339 = |secs: i64| {
+        linkmesh_agent::clock::rfc3339_unix_s(secs)
+            .ok_or_else(|| KeyError::Pgp(format!("a key time out of range: {secs} s after 1970")))
+    };
     let record = KeyRecord {
         fingerprint,
-        created: linkmesh_agent::clock::rfc3339(time::OffsetDateTime::now_utc()),
+        created: rfc3339(i64::from(now.as_secs()))?,
+        expires: expires.map(rfc3339).transpose()?,
     };
     index.keys.push(record.clone());
+    note_published(dir, &mut index)?;
     write_json(&index_path(dir), &index)?;
     Ok(record)
+}
+
+/// Re-signs `key`'s user ids with the same self-signature plus a key
+/// expiration time `life` after its creation (rpgp's key builder sets
+/// none).
+fn set_expiry(key: &mut SignedSecretKey, life: pgp::types::Duration) -> Result<(), KeyError> {
+    let primary = &key.primary_key;
+    let public = primary.public_key();
+    for user in &mut key.details.users {
+        let old = user
+            .signatures
+            .first()
+            .and_then(|s| s.config())
+            .ok_or_else(|| KeyError::Pgp("a new key's user id has no self-signature".into()))?;
+        let mut config =
+            SignatureConfig::from_key(rand::thread_rng(), primary, SignatureType::CertPositive)
+                .map_err(pgp_err)?;
+        config.hashed_subpackets = old
+            .hashed_subpackets
+            .iter()
+            .filter(|p| !matches!(p.data, SubpacketData::KeyExpirationTime(_)))
+            .cloned()
+            .collect();
+        config
+            .hashed_subpackets
+            .push(Subpacket::regular(SubpacketData::KeyExpirationTime(life)).map_err(pgp_err)?);
+        config.unhashed_subpackets = old.unhashed_subpackets.clone();
+        let sig = config
+            .sign_certification(
+                primary,
+                &public,
+                &Password::empty(),
+                user.id.tag(),
+                &user.id,
+            )
+            .map_err(pgp_err)?;
+        user.signatures = vec![sig];
+    }
+    Ok(())
+}
+
+/// The public keys `index` lists, from their `.pub` files.
+fn public_keys(dir: &Path, index: &Index) -> Result<Vec<SignedPublicKey>, KeyError> {
+    index
+        .keys
+        .iter()
+        .map(|r| {
+            let path = dir.join(format!("{}.pub", r.fingerprint));
+            let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+            SignedPublicKey::from_bytes(&bytes[..]).map_err(|e| KeyError::Corrupt {
+                path: path.display().to_string(),
+                reason: format!("not an OpenPGP public key: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// The keyring of `public` in both forms, and its record.
+fn keyrings(
+    public: &[SignedPublicKey],
+    fingerprints: Vec<String>,
+) -> Result<(Vec<u8>, String, Published), KeyError> {
+    let binary = public.to_bytes().map_err(pgp_err)?;
+    let armored = armored(&public, pgp::armor::BlockType::PublicKey)?;
+    let record = Published {
+        binary_sha256: linkmesh_agent::hex::sha256(&binary),
+        armored_sha256: linkmesh_agent::hex::sha256(armored.as_bytes()),
+        fingerprints,
+    };
+    Ok((binary, armored, record))
+}
+
+/// Adds the keyring of `index`'s keys to its published list, unless there.
+fn note_published(dir: &Path, index: &mut Index) -> Result<(), KeyError> {
+    if index.keys.is_empty() {
+        return Ok(());
+    }
+    let fingerprints = index.keys.iter().map(|k| k.fingerprint.clone()).collect();
+    let (_, _, record) = keyrings(&public_keys(dir, index)?, fingerprints)?;
+    if !index.published.contains(&record) {
+        index.published.push(record);
+    }
+    Ok(())
+}
+
+/// Every keyring `dir` has published, oldest first, the current one last
+/// (no secret needed).
+///
+/// # Errors
+/// When the list or a public key cannot be read.
+pub fn published(dir: &Path) -> Result<Vec<Published>, KeyError> {
+    let Some(mut index) = read_index(dir)? else {
+        return Ok(Vec::new());
+    };
+    note_published(dir, &mut index)?;
+    Ok(index.published)
 }
 
 /// The keys `dir` lists, oldest first (no secret needed).
@@ -189,6 +356,33 @@ pub fn add(dir: &Path, secret: &Secret) -> Result<KeyRecord, KeyError> {
 /// When the list cannot be read.
 pub fn list(dir: &Path) -> Result<Vec<KeyRecord>, KeyError> {
     Ok(read_index(dir)?.map(|i| i.keys).unwrap_or_default())
+}
+
+/// What `ServerInfo` says of the keys in `dir`: those that sign, and every
+/// keyring published (no secret needed).
+///
+/// # Errors
+/// When the list or a public key cannot be read.
+pub fn announced(dir: &Path) -> Result<linkmesh_agent::proto::ArchiveKeys, KeyError> {
+    use linkmesh_agent::proto;
+    Ok(proto::ArchiveKeys {
+        signing: list(dir)?
+            .iter()
+            .map(|k| proto::ArchiveKey {
+                fingerprint: k.fingerprint.clone(),
+                created_unix_s: k.created_unix_s().unwrap_or_default(),
+                expires_unix_s: k.expires_unix_s().unwrap_or_default(),
+            })
+            .collect(),
+        published: published(dir)?
+            .into_iter()
+            .map(|p| proto::PublishedKeyring {
+                binary_sha256: p.binary_sha256,
+                armored_sha256: p.armored_sha256,
+                fingerprints: p.fingerprints,
+            })
+            .collect(),
+    })
 }
 
 /// Drops the oldest key once a newer one has been published beside it
@@ -208,6 +402,7 @@ pub fn retire_oldest(dir: &Path) -> Result<KeyRecord, KeyError> {
         });
     }
     let old = index.keys.remove(0);
+    note_published(dir, &mut index)?;
     write_json(&index_path(dir), &index)?;
     for ext in ["key.sealed", "pub"] {
         let f = dir.join(format!("{}.{ext}", old.fingerprint));
@@ -296,7 +491,7 @@ impl ArchiveKeys {
     /// # Errors
     /// When a key cannot be serialised.
     pub fn keyring(&self) -> Result<Vec<u8>, KeyError> {
-        self.public().to_bytes().map_err(pgp_err)
+        Ok(keyrings(&self.public(), Vec::new())?.0)
     }
 
     /// The public keys in one ASCII-armoured block (rpm's and dnf's
@@ -305,7 +500,7 @@ impl ArchiveKeys {
     /// # Errors
     /// When a key cannot be serialised.
     pub fn keyring_armored(&self) -> Result<String, KeyError> {
-        armored(&self.public(), pgp::armor::BlockType::PublicKey)
+        Ok(keyrings(&self.public(), Vec::new())?.1)
     }
 
     /// A detached, armoured signature of `data` by every key
@@ -389,7 +584,7 @@ mod tests {
             ArchiveKeys::load(&keys_dir, &secret()),
             Err(KeyError::Missing { .. })
         ));
-        let record = add(&keys_dir, &secret()).unwrap();
+        let record = add(&keys_dir, &secret(), None).unwrap();
         assert!(exists(&keys_dir).unwrap());
         assert_eq!(record.fingerprint.len(), 40);
         use std::os::unix::fs::PermissionsExt as _;
@@ -434,9 +629,9 @@ mod tests {
     fn a_rotation_signs_with_both_keys_until_the_old_one_is_retired() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join(KEYS_DIR);
-        let old = add(&d, &secret()).unwrap();
+        let old = add(&d, &secret(), None).unwrap();
         assert!(matches!(retire_oldest(&d), Err(KeyError::OnlyKey { .. })));
-        let new = add(&d, &secret()).unwrap();
+        let new = add(&d, &secret(), None).unwrap();
         assert_eq!(list(&d).unwrap(), vec![old.clone(), new.clone()]);
         let keys = ArchiveKeys::load(&d, &secret()).unwrap();
         let ring = keys.keyring().unwrap();
@@ -456,18 +651,63 @@ mod tests {
         for (s, k) in sigs.iter().zip(&public) {
             s.verify(k, b"x").unwrap();
         }
+        // The published list names what is served, in both forms, and the
+        // keyring before the rotation stays in it.
+        let history = published(&d).unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].fingerprints, vec![old.fingerprint.clone()]);
+        assert_eq!(
+            history[1].binary_sha256,
+            linkmesh_agent::hex::sha256(&keys.keyring().unwrap())
+        );
+        assert_eq!(
+            history[1].armored_sha256,
+            linkmesh_agent::hex::sha256(keys.keyring_armored().unwrap().as_bytes())
+        );
         assert_eq!(retire_oldest(&d).unwrap(), old);
         assert_eq!(list(&d).unwrap(), vec![new.clone()]);
+        let history = published(&d).unwrap();
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[2].fingerprints, vec![new.fingerprint.clone()]);
+        let said = announced(&d).unwrap();
+        assert_eq!(said.signing.len(), 1);
+        assert_eq!(said.signing[0].expires_unix_s, 0);
+        assert_eq!(said.published.len(), 3);
         assert!(!d.join(format!("{}.key.sealed", old.fingerprint)).exists());
         let keys = ArchiveKeys::load(&d, &secret()).unwrap();
         assert_eq!(keys.records(), vec![new]);
     }
 
     #[test]
+    fn a_key_made_with_a_lifetime_says_when_it_expires_in_its_self_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join(KEYS_DIR);
+        let life = std::time::Duration::from_secs(20 * 86_400);
+        let k = add(&d, &secret(), Some(life)).unwrap();
+        let created = k.created_unix_s().unwrap();
+        assert_eq!(k.expires_unix_s(), Some(created + 20 * 86_400));
+        let bytes = std::fs::read(d.join(format!("{}.pub", k.fingerprint))).unwrap();
+        let public = SignedPublicKey::from_bytes(&bytes[..]).unwrap();
+        public.verify_bindings().unwrap();
+        let sig = &public.details.users[0].signatures[0];
+        assert_eq!(
+            sig.key_expiration_time().map(|d| d.as_secs()),
+            Some(20 * 86_400)
+        );
+        let said = announced(&d).unwrap();
+        assert_eq!(said.signing[0].expires_unix_s, created + 20 * 86_400);
+        // The secret half signs as before.
+        let keys = ArchiveKeys::load(&d, &secret()).unwrap();
+        let s = keys.sign_detached(b"x").unwrap();
+        let (s, _) = DetachedSignature::from_string(&s).unwrap();
+        s.verify(&public, b"x").unwrap();
+    }
+
+    #[test]
     fn a_key_file_swapped_for_another_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let a = add(&dir.path().join("a"), &secret()).unwrap();
-        let b = add(&dir.path().join("b"), &secret()).unwrap();
+        let a = add(&dir.path().join("a"), &secret(), None).unwrap();
+        let b = add(&dir.path().join("b"), &secret(), None).unwrap();
         // b's sealed key under a's name: sealed for b's fingerprint, so the
         // envelope does not open for a's.
         std::fs::copy(

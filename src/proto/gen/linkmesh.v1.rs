@@ -38,6 +38,46 @@ pub struct ServerInfoResponse {
     /// The standing in words, with what to do about it.
     #[prost(string, tag = "8")]
     pub client_standing_detail: ::prost::alloc::string::String,
+    /// The keys the server's package repositories are signed with, and every
+    /// keyring it has published; absent when it serves no repositories.
+    /// `check` hashes the host's keyring file to learn which keys it trusts.
+    #[prost(message, optional, tag = "9")]
+    pub archive_keys: ::core::option::Option<ArchiveKeys>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ArchiveKeys {
+    /// The keys that sign the repositories now, oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub signing: ::prost::alloc::vec::Vec<ArchiveKey>,
+    /// Every keyring the server has published, oldest first, the current one
+    /// (the keys in `signing`) last.
+    #[prost(message, repeated, tag = "2")]
+    pub published: ::prost::alloc::vec::Vec<PublishedKeyring>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArchiveKey {
+    /// Upper-case hex, as gpg prints it.
+    #[prost(string, tag = "1")]
+    pub fingerprint: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub created_unix_s: i64,
+    /// 0: never expires.
+    #[prost(int64, tag = "3")]
+    pub expires_unix_s: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PublishedKeyring {
+    /// SHA-256 (hex) of the binary keyring, `/keys/linkmesh-archive.gpg`: what
+    /// apt hosts hold in /etc/apt/keyrings/linkmesh-archive.gpg.
+    #[prost(string, tag = "1")]
+    pub binary_sha256: ::prost::alloc::string::String,
+    /// SHA-256 (hex) of the armoured keyring, `/keys/linkmesh-archive.asc`:
+    /// what RPM hosts hold in /etc/pki/rpm-gpg/RPM-GPG-KEY-linkmesh.
+    #[prost(string, tag = "2")]
+    pub armored_sha256: ::prost::alloc::string::String,
+    /// The keys in it, oldest first.
+    #[prost(string, repeated, tag = "3")]
+    pub fingerprints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// The status detail of a refusal (google.rpc.Status details, as tonic's
 /// `Status::details` bytes).
