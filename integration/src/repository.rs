@@ -220,24 +220,21 @@ fn place(from: &Path, to: &Path) -> Result<(), RepoError> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))
 }
 
-/// Copies the tree `from` to `to` (regular files and directories; files
-/// fsynced, so a bundle carried away is whole).
-fn copy_tree(from: &Path, to: &Path) -> Result<(), RepoError> {
-    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
-    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
-        let entry = entry.map_err(|e| io(from, e))?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        let kind = entry.file_type().map_err(|e| io(&src, e))?;
+/// Fsyncs every regular file below `dir`, then each directory.
+fn fsync_tree(dir: &Path) -> Result<(), RepoError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| io(&path, e))?;
         if kind.is_dir() {
-            copy_tree(&src, &dst)?;
+            fsync_tree(&path)?;
         } else if kind.is_file() {
-            std::fs::copy(&src, &dst).map_err(|e| io(&src, e))?;
-            std::fs::File::open(&dst)
+            std::fs::File::open(&path)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| io(&dst, e))?;
+                .map_err(|e| io(&path, e))?;
         }
     }
-    Ok(())
+    linkmesh_agent::fs::fsync_dir(dir).map_err(|e| io(dir, e))
 }
 
 fn gzip(bytes: &[u8]) -> Result<Vec<u8>, std::io::Error> {
@@ -346,48 +343,34 @@ impl Repositories {
     /// that must not exist yet: `apt/`, `yum/` and `keys/` as the server
     /// serves them under those paths, so the directory itself (`file://`)
     /// or any static web server holding it is a mirror for `install.sh
-    /// --mirror`. Built beside `out` and renamed into place, so `out` is
-    /// whole or absent. Returns the number of packages in it.
+    /// --mirror`. The generation (whole once made) gets the keys, is
+    /// fsynced and is renamed to `out`, so `out` is whole or absent; it
+    /// must be on the file system of this repositories' output directory.
+    /// Its `.deb` files are hard links of the artifacts' where they share
+    /// a file system (as served); copy the bundle to carry it away.
+    /// Returns the number of packages in it.
     ///
     /// # Errors
     /// When `out` exists, or generating or writing fails.
-    pub fn bundle(&self, out: &Path) -> Result<usize, RepoError> {
+    pub fn bundle(self, out: &Path) -> Result<usize, RepoError> {
         if out.exists() {
             return Err(RepoError::Io {
                 path: out.display().to_string(),
                 reason: "already exists: a bundle is written to a new directory (remove it, or name another)".into(),
             });
         }
-        let name = out.file_name().ok_or_else(|| RepoError::Io {
-            path: out.display().to_string(),
-            reason: "names no directory".into(),
-        })?;
-        let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
-        let result = (|| {
-            let generation = self.current()?;
-            for part in ["apt", "yum"] {
-                let from = generation.join(part);
-                if from.exists() {
-                    copy_tree(&from, &partial.join(part))?;
-                }
-            }
-            write(&partial.join("keys/linkmesh-archive.gpg"), &self.keyring)?;
-            write(
-                &partial.join("keys/linkmesh-archive.asc"),
-                self.keyring_armored.as_bytes(),
-            )?;
-            std::fs::rename(&partial, out).map_err(|e| io(out, e))?;
-            if let Some(parent) = out.parent() {
-                let _ = linkmesh_agent::fs::fsync_dir(parent);
-            }
-            Ok(Inputs::scan(&self.artifacts)?.0.len())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&partial);
+        let generation = self.current()?;
+        write(&generation.join("keys/linkmesh-archive.gpg"), &self.keyring)?;
+        write(
+            &generation.join("keys/linkmesh-archive.asc"),
+            self.keyring_armored.as_bytes(),
+        )?;
+        fsync_tree(&generation)?;
+        std::fs::rename(&generation, out).map_err(|e| io(out, e))?;
+        if let Some(parent) = out.parent() {
+            let _ = linkmesh_agent::fs::fsync_dir(parent);
         }
-        result
+        Ok(Inputs::scan(&self.artifacts)?.0.len())
     }
 
     fn generate(&self, inputs: &Inputs, n: u64) -> Result<PathBuf, RepoError> {
@@ -504,7 +487,7 @@ impl Repositories {
         )?;
         write(
             &root.join("repodata").join("repomd.xml.key"),
-            self.keys.keyring_armored()?.as_bytes(),
+            self.keyring_armored.as_bytes(),
         )?;
         Ok(())
     }

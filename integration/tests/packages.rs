@@ -1141,7 +1141,7 @@ fn rotation(format: &str) -> R {
     let listed = repo_key(&bed, &["list"])?;
     assert_eq!(listed.lines().count(), 1, "{listed}");
     let secret = bed.fleet.secret_file();
-    // The new key is made to expire in 20 days: once it is the only one,
+    // The new key is made to expire in under 20 days: once it is the only one,
     // `check` warns of it.
     repo_key(
         &bed,
@@ -1149,8 +1149,10 @@ fn rotation(format: &str) -> R {
             "rotate",
             "--secret-file",
             secret.to_str().unwrap_or_default(),
+            // A second under 20 days: "in 19 days" however soon it is
+            // read (20d would read "in 20 days" within its first second).
             "--key-lifetime",
-            "20d",
+            "1727999s",
         ],
     )?;
     let listed = repo_key(&bed, &["list"])?;

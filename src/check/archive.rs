@@ -75,12 +75,13 @@ pub fn host_keyring(root: &Path) -> Option<HostKeyring> {
     })
 }
 
-fn short(fpr: &str) -> &str {
+/// A fingerprint's last 16 digits: the long key id gpg and apt print.
+fn key_id(fpr: &str) -> &str {
     fpr.get(fpr.len().saturating_sub(16)..).unwrap_or(fpr)
 }
 
 fn names<'a>(fprs: impl IntoIterator<Item = &'a str>) -> String {
-    let v: Vec<&str> = fprs.into_iter().map(short).collect();
+    let v: Vec<&str> = fprs.into_iter().map(key_id).collect();
     if v.is_empty() {
         "none".into()
     } else {
@@ -163,34 +164,33 @@ pub fn check(
             format!(
                 "{} is not a keyring this fleet published (sha256 {}); the repositories are signed by {}: apt or dnf refuses them unless it holds one of those keys",
                 host.path.display(),
-                short(hash),
+                key_id(hash),
                 names(signing.iter().copied()),
             ),
             fix(&host.path.display().to_string()),
         );
     };
-    // Keys this host trusts that sign now and have not expired.
-    let usable: Vec<&proto::ArchiveKey> = keys
+    // Keys this host trusts that sign now, and those of them not expired.
+    let held: Vec<&proto::ArchiveKey> = keys
         .signing
         .iter()
         .filter(|k| found.fingerprints.contains(&k.fingerprint))
+        .collect();
+    let usable: Vec<&proto::ArchiveKey> = held
+        .iter()
+        .copied()
         .filter(|k| k.expires_unix_s == 0 || k.expires_unix_s > now_s)
         .collect();
     let trusted = names(found.fingerprints.iter().map(String::as_str));
     if usable.is_empty() {
-        let expired: Vec<&proto::ArchiveKey> = keys
-            .signing
-            .iter()
-            .filter(|k| found.fingerprints.contains(&k.fingerprint))
-            .collect();
-        return match expired.first() {
+        return match held.first() {
             Some(k) => bad(
                 ID,
                 TITLE,
                 Outcome::Fail,
                 format!(
                     "archive key {} expired on {}: apt and dnf refuse the repository's metadata (EXPKEYSIG) and this host takes no upgrade from it",
-                    short(&k.fingerprint),
+                    key_id(&k.fingerprint),
                     date(k.expires_unix_s)
                 ),
                 ROTATE,

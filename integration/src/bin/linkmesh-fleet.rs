@@ -510,39 +510,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             secret_file,
             artifacts,
             out,
-        } => {
-            let state = State::new(state);
-            readable(&state)?;
-            let secret = secret(secret_file.as_deref())?;
-            let keys = repository::ArchiveKeys::load(
-                &state.dir().join(repository::keys::KEYS_DIR),
-                &secret,
-            )?;
-            drop(secret);
-            let scratch = tempfile::Builder::new()
-                .prefix(".linkmesh-bundle-")
-                .tempdir_in(
-                    out.parent()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(std::path::Path::new(".")),
-                )
-                .context("--out: its parent directory")?;
-            let fingerprints: Vec<String> =
-                keys.records().into_iter().map(|k| k.fingerprint).collect();
-            let repos = Repositories::new(&artifacts, scratch.path(), keys)?;
-            if let Some(missing) = repos.missing_tools()?.into_iter().next() {
-                bail!("{missing}");
-            }
-            let n = repos
-                .bundle(&out)
-                .with_context(|| format!("--out {}", out.display()))?;
-            println!(
-                "wrote the offline bundle {} ({n} packages, signed by {}): serve it, or use it in place, and install with --mirror URL",
-                out.display(),
-                fingerprints.join(", ")
-            );
-            Ok(())
-        }
+        } => repo_bundle(&State::new(state), secret_file.as_deref(), &artifacts, &out),
         Command::Hosts {
             action:
                 Some(HostsCommand::Revoke {
@@ -603,14 +571,11 @@ fn repo_key(cmd: RepoKeyCommand) -> anyhow::Result<()> {
             let (_, d) = dir(&state)?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             for k in keys::list(&d)? {
-                let expiry = match k.expires_unix_s() {
-                    None => "never expires".to_owned(),
-                    Some(at) if at <= now => format!("EXPIRED {}", k.expires.unwrap_or_default()),
-                    Some(at) => format!(
-                        "expires {} (in {} days)",
-                        k.expires.as_deref().unwrap_or_default(),
-                        (at - now) / 86_400
-                    ),
+                let at = k.expires.as_deref().unwrap_or_default();
+                let expiry = match k.expiry(now) {
+                    keys::Expiry::Never => "never expires".to_owned(),
+                    keys::Expiry::Expired => format!("EXPIRED {at}"),
+                    keys::Expiry::In { days, .. } => format!("expires {at} (in {days} days)"),
                 };
                 println!("{}  created {}  {expiry}", k.fingerprint, k.created);
             }
@@ -642,6 +607,44 @@ fn repo_key(cmd: RepoKeyCommand) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `repo-bundle`: the repositories of `artifacts`, generated in a scratch
+/// directory beside `out` (the same file system, so the bundle is renamed
+/// into place) and signed with the state's archive keys.
+fn repo_bundle(
+    state: &State,
+    secret_file: Option<&std::path::Path>,
+    artifacts: &std::path::Path,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    readable(state)?;
+    let secret = secret(secret_file)?;
+    let keys =
+        repository::ArchiveKeys::load(&state.dir().join(repository::keys::KEYS_DIR), &secret)?;
+    drop(secret);
+    let scratch = tempfile::Builder::new()
+        .prefix(".linkmesh-bundle-")
+        .tempdir_in(
+            out.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new(".")),
+        )
+        .context("--out: its parent directory")?;
+    let repos = Repositories::new(artifacts, scratch.path(), keys)?;
+    if let Some(missing) = repos.missing_tools()?.into_iter().next() {
+        bail!("{missing}");
+    }
+    let fingerprints: Vec<String> = repos.keys().into_iter().map(|k| k.fingerprint).collect();
+    let n = repos
+        .bundle(out)
+        .with_context(|| format!("--out {}", out.display()))?;
+    println!(
+        "wrote the offline bundle {} ({n} packages, signed by {}): serve it, or use it in place, and install with --mirror URL",
+        out.display(),
+        fingerprints.join(", ")
+    );
     Ok(())
 }
 
@@ -753,18 +756,18 @@ fn repositories(
     }
     let now = OffsetDateTime::now_utc().unix_timestamp();
     for key in repos.keys() {
-        match key.expires_unix_s() {
-            Some(at) if at <= now => tracing::error!(
+        let at = key.expires.as_deref().unwrap_or_default();
+        match key.expiry(now) {
+            repository::keys::Expiry::Expired => tracing::error!(
                 fingerprint = %key.fingerprint,
-                "archive key expired on {}: hosts refuse metadata signed by it alone; `linkmesh-fleet repo-key rotate` now",
-                key.expires.as_deref().unwrap_or_default()
+                "archive key expired on {at}: hosts refuse metadata signed by it alone; `linkmesh-fleet repo-key rotate` now",
             ),
-            Some(at) if at - now <= linkmesh_agent::check::archive::EXPIRY_WARNING_S => {
+            repository::keys::Expiry::In { seconds, days }
+                if seconds <= linkmesh_agent::check::archive::EXPIRY_WARNING_S =>
+            {
                 tracing::warn!(
                     fingerprint = %key.fingerprint,
-                    "archive key expires on {} (in {} days): `linkmesh-fleet repo-key rotate`, let hosts take the new keyring, then `repo-key retire`",
-                    key.expires.as_deref().unwrap_or_default(),
-                    (at - now) / 86_400
+                    "archive key expires on {at} (in {days} days): `linkmesh-fleet repo-key rotate`, let hosts take the new keyring, then `repo-key retire`",
                 );
             }
             _ => {}

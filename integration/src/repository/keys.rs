@@ -120,6 +120,34 @@ impl KeyRecord {
     pub fn expires_unix_s(&self) -> Option<i64> {
         self.expires.as_deref().and_then(unix_s)
     }
+
+    /// The key's expiry as seen at `now_s` (Unix seconds).
+    pub fn expiry(&self, now_s: i64) -> Expiry {
+        match self.expires_unix_s() {
+            None => Expiry::Never,
+            Some(at) if at <= now_s => Expiry::Expired,
+            Some(at) => Expiry::In {
+                seconds: at - now_s,
+                days: (at - now_s) / 86_400,
+            },
+        }
+    }
+}
+
+/// A key's expiry, seen at a given time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// It never expires.
+    Never,
+    /// It has expired.
+    Expired,
+    /// It expires after this long.
+    In {
+        /// Seconds left.
+        seconds: i64,
+        /// Whole days left.
+        days: i64,
+    },
 }
 
 fn unix_s(rfc3339: &str) -> Option<i64> {
@@ -309,19 +337,25 @@ fn public_keys(dir: &Path, index: &Index) -> Result<Vec<SignedPublicKey>, KeyErr
         .collect()
 }
 
-/// The keyring of `public` in both forms, and its record.
-fn keyrings(
-    public: &[SignedPublicKey],
-    fingerprints: Vec<String>,
-) -> Result<(Vec<u8>, String, Published), KeyError> {
-    let binary = public.to_bytes().map_err(pgp_err)?;
-    let armored = armored(&public, pgp::armor::BlockType::PublicKey)?;
-    let record = Published {
-        binary_sha256: linkmesh_agent::hex::sha256(&binary),
-        armored_sha256: linkmesh_agent::hex::sha256(armored.as_bytes()),
-        fingerprints,
-    };
-    Ok((binary, armored, record))
+/// `public` as a binary keyring (apt's `Signed-By:` file).
+fn binary_keyring(public: &[SignedPublicKey]) -> Result<Vec<u8>, KeyError> {
+    public.to_bytes().map_err(pgp_err)
+}
+
+/// `public` in one ASCII-armoured block (rpm's and dnf's `gpgkey=`).
+fn armored_keyring(public: &[SignedPublicKey]) -> Result<String, KeyError> {
+    armored(&public, pgp::armor::BlockType::PublicKey)
+}
+
+impl Published {
+    /// The record of the keyring of `public`, whose fingerprints these are.
+    fn of(public: &[SignedPublicKey], fingerprints: Vec<String>) -> Result<Self, KeyError> {
+        Ok(Self {
+            binary_sha256: linkmesh_agent::hex::sha256(&binary_keyring(public)?),
+            armored_sha256: linkmesh_agent::hex::sha256(armored_keyring(public)?.as_bytes()),
+            fingerprints,
+        })
+    }
 }
 
 /// Adds the keyring of `index`'s keys to its published list, unless there.
@@ -330,7 +364,7 @@ fn note_published(dir: &Path, index: &mut Index) -> Result<(), KeyError> {
         return Ok(());
     }
     let fingerprints = index.keys.iter().map(|k| k.fingerprint.clone()).collect();
-    let (_, _, record) = keyrings(&public_keys(dir, index)?, fingerprints)?;
+    let record = Published::of(&public_keys(dir, index)?, fingerprints)?;
     if !index.published.contains(&record) {
         index.published.push(record);
     }
@@ -491,7 +525,7 @@ impl ArchiveKeys {
     /// # Errors
     /// When a key cannot be serialised.
     pub fn keyring(&self) -> Result<Vec<u8>, KeyError> {
-        Ok(keyrings(&self.public(), Vec::new())?.0)
+        binary_keyring(&self.public())
     }
 
     /// The public keys in one ASCII-armoured block (rpm's and dnf's
@@ -500,7 +534,7 @@ impl ArchiveKeys {
     /// # Errors
     /// When a key cannot be serialised.
     pub fn keyring_armored(&self) -> Result<String, KeyError> {
-        Ok(keyrings(&self.public(), Vec::new())?.1)
+        armored_keyring(&self.public())
     }
 
     /// A detached, armoured signature of `data` by every key
