@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| linkmesh_integration::fuzzing::agent_config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| linkmesh_fleet::fuzzing::agent_config(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| linkmesh_integration::fuzzing::versions(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| linkmesh_fleet::fuzzing::versions(data));

@@ -232,7 +232,7 @@ impl Drill {
 
     fn install_opamp(&self) -> anyhow::Result<String> {
         self.host.sh(&self.fleet.one_liner(
-            crate::server::Script::InstallOpamp,
+            linkmesh_fleet::server::Script::InstallOpamp,
             &format!("--ca-pin {} --probation 5s", self.ca_pin),
         )?)
     }
@@ -410,7 +410,7 @@ impl Drill {
         // (c) The agent, through each method.
         for (label, version) in [("one-liner upgrade", current), ("one-liner rollback", old)] {
             let cmd = self.fleet.one_liner(
-                crate::server::Script::Install,
+                linkmesh_fleet::server::Script::Install,
                 &format!(
                     "--ca-pin {} --method binary --version {version}",
                     self.ca_pin
@@ -427,7 +427,7 @@ impl Drill {
         let apt = "DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Options::=--force-confold";
         let one_liner = |method: &str| {
             self.fleet.one_liner(
-                crate::server::Script::Install,
+                linkmesh_fleet::server::Script::Install,
                 &format!("--ca-pin {} --method {method} --version {old}", self.ca_pin),
             )
         };

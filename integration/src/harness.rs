@@ -107,13 +107,17 @@ impl Fleet {
     }
 
     /// The verified one-liner running `script` from this server with
-    /// `args` (see [`crate::server::verified_one_liner`]).
+    /// `args` (see [`linkmesh_fleet::server::verified_one_liner`]).
     ///
     /// # Errors
     /// When the CA cannot be read.
-    pub fn one_liner(&self, script: crate::server::Script, args: &str) -> anyhow::Result<String> {
+    pub fn one_liner(
+        &self,
+        script: linkmesh_fleet::server::Script,
+        args: &str,
+    ) -> anyhow::Result<String> {
         let ca = std::fs::read_to_string(self.ca_file())?;
-        Ok(crate::server::verified_one_liner(
+        Ok(linkmesh_fleet::server::verified_one_liner(
             &self.url, &ca, script, "", args,
         ))
     }
@@ -367,8 +371,8 @@ impl Fleet {
     ///
     /// # Errors
     /// When it cannot be read.
-    pub fn token_record(&self, id: &str) -> anyhow::Result<crate::state::TokenRecord> {
-        crate::state::State::new(&self.state)
+    pub fn token_record(&self, id: &str) -> anyhow::Result<linkmesh_fleet::state::TokenRecord> {
+        linkmesh_fleet::state::State::new(&self.state)
             .token(id)?
             .with_context(|| format!("no token {id}"))
     }
@@ -679,7 +683,8 @@ pub fn install_one_liner(
     fleet: &Fleet,
     args: &str,
 ) -> anyhow::Result<(i32, String)> {
-    let (code, mut text) = host.run(&fleet.one_liner(crate::server::Script::Install, args)?)?;
+    let (code, mut text) =
+        host.run(&fleet.one_liner(linkmesh_fleet::server::Script::Install, args)?)?;
     if code == 10 {
         text += &host.service_failure("linkmesh-agent");
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 fn kept_fuzz_inputs_pass_every_target() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut replayed = 0;
-    for (name, target) in linkmesh_integration::fuzzing::TARGETS {
+    for (name, target) in linkmesh_fleet::fuzzing::TARGETS {
         assert!(
             root.join("fuzz_targets")
                 .join(format!("{name}.rs"))

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
+use linkmesh_fleet::server::Script;
 use linkmesh_integration::harness::{
     Fleet, Packages, base_system_rpm, binary, build_packages, install_one_liner, older_agent,
     publish_binary, scratch, snapshot,
 };
-use linkmesh_integration::server::Script;
 use linkmesh_integration::testhost::{SERVER_ADDR, TestHost, TestNet};
 
 type R = anyhow::Result<()>;

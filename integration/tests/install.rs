@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use linkmesh_integration::server::Script;
+use linkmesh_fleet::server::Script;
 use linkmesh_integration::{
     harness::{
         DEB_ARCH, Fleet, TokenInfo, binary, install_one_liner, publish_binary, scratch, snapshot,
@@ -607,7 +607,7 @@ fn a_rerun_pinned_to_an_older_build_downgrades_and_keeps_the_identity() -> R {
 /// the command line of the script.
 #[test]
 fn the_printed_one_liner_refuses_a_tampered_or_truncated_script_before_it_runs() -> R {
-    use linkmesh_integration::server::{INSTALL_SH, verified_one_liner};
+    use linkmesh_fleet::server::{INSTALL_SH, verified_one_liner};
     let mut bed = bed("inst-verified")?;
     let host = TestHost::boot("lm-inst-verified")?;
     bed.net.attach(&host)?;

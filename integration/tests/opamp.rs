@@ -373,17 +373,17 @@ fn the_opamp_endpoint_admits_only_this_fleets_hosts_speaking_for_themselves() ->
         );
         // Our certificate, but a description naming another host: refused, closed.
         let mut ws = open(&addr, tls(&ours, Some(&ours))?).await??;
-        let kv = |k: &str, v: &str| linkmesh_integration::opamp::wire::KeyValue {
+        let kv = |k: &str, v: &str| linkmesh_fleet::opamp::wire::KeyValue {
             key: k.into(),
-            value: Some(linkmesh_integration::opamp::wire::AnyValue {
-                value: Some(linkmesh_integration::opamp::wire::any_value::Value::String(
+            value: Some(linkmesh_fleet::opamp::wire::AnyValue {
+                value: Some(linkmesh_fleet::opamp::wire::any_value::Value::String(
                     v.into(),
                 )),
             }),
         };
-        let msg = linkmesh_integration::opamp::wire::AgentToServer {
+        let msg = linkmesh_fleet::opamp::wire::AgentToServer {
             instance_uid: vec![9; 16],
-            agent_description: Some(linkmesh_integration::opamp::wire::AgentDescription {
+            agent_description: Some(linkmesh_fleet::opamp::wire::AgentDescription {
                 identifying_attributes: vec![kv("linkmesh.host.id", "someone-else")],
                 non_identifying_attributes: vec![],
             }),
@@ -397,7 +397,7 @@ fn the_opamp_endpoint_admits_only_this_fleets_hosts_speaking_for_themselves() ->
         while let Some(m) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
             match m {
                 Ok(Message::Binary(b)) => {
-                    let reply = linkmesh_integration::opamp::wire::ServerToAgent::decode(&b[1..])?;
+                    let reply = linkmesh_fleet::opamp::wire::ServerToAgent::decode(&b[1..])?;
                     refused = reply.error_response.map(|e| e.error_message);
                 }
                 Ok(Message::Close(_)) | Err(_) => {

@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
+use linkmesh_fleet::server::Script;
 use linkmesh_integration::harness::{
     Fleet, Packages, base_system_rpm, binary, build_packages, faulty_agent, install_one_liner,
     install_runtime, older_agent, publish_binary, scratch, snapshot,
 };
-use linkmesh_integration::server::Script;
 use linkmesh_integration::testhost::{TestHost, TestNet};
 
 type R = anyhow::Result<()>;

@@ -6,10 +6,12 @@
 
 use std::{path::Path, time::Duration};
 
-use linkmesh_integration::{
+use linkmesh_fleet::{
     ca,
-    harness::{AgentEnv, Fleet, enrolled_agent, runtime_bin_dir, scratch, snapshot, text},
     sealed::{self, Secret},
+};
+use linkmesh_integration::harness::{
+    AgentEnv, Fleet, enrolled_agent, runtime_bin_dir, scratch, snapshot, text,
 };
 use serde_json::Value;
 

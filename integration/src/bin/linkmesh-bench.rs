@@ -289,7 +289,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// touched before each so it is rebuilt; and the check a metadata request
 /// makes when nothing changed, timed 200 times.
 fn repositories(args: &Args) -> anyhow::Result<Vec<Figure>> {
-    use linkmesh_integration::repository::{self, ArchiveKeys, Repositories};
+    use linkmesh_fleet::repository::{self, ArchiveKeys, Repositories};
     if args.repo_versions == 0 {
         return Ok(Vec::new());
     }
@@ -312,8 +312,7 @@ fn repositories(args: &Args) -> anyhow::Result<Vec<Figure>> {
         std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         linkmesh_integration::harness::build_packages(&bin, &artifacts, 6)?;
     }
-    let secret =
-        linkmesh_integration::sealed::Secret::new(b"benchmark secret, not a real one", "bench")?;
+    let secret = linkmesh_fleet::sealed::Secret::new(b"benchmark secret, not a real one", "bench")?;
     let keys_dir = dir.path().join(repository::keys::KEYS_DIR);
     repository::keys::add(&keys_dir, &secret, None)?;
     let repos = Repositories::new(
@@ -437,7 +436,7 @@ fn idle_connections(args: &Args) -> anyhow::Result<Vec<Figure>> {
         return Ok(Vec::new());
     }
     // This process holds the client ends.
-    linkmesh_integration::server::raise_fd_limit();
+    linkmesh_fleet::server::raise_fd_limit();
     let dir = scratch("bench-idle")?;
     let fleet = Fleet::start(
         &dir.path().join("fleet"),

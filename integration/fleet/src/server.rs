@@ -26,19 +26,10 @@ use tokio::{
 };
 use tonic::transport::server::Connected;
 
-use crate::{ca::Ca, service::FleetService};
+use crate::{ca::Ca, peer::PeerInfo, service::FleetService};
 
 /// Bound on a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the server knows about the peer of a request, from TLS.
-#[derive(Clone, Debug)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub remote: SocketAddr,
-    /// Its verified certificate chain, when it presented one.
-    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-}
 
 /// An accepted TLS connection.
 pub struct TlsConn {
@@ -321,17 +312,17 @@ pub struct Downloads {
 }
 
 /// The installer script, as built into this server.
-pub const INSTALL_SH: &str = include_str!("../../install/install.sh");
+pub const INSTALL_SH: &str = include_str!("../../../install/install.sh");
 /// The systemd unit the installer puts in place.
-pub const AGENT_UNIT: &str = include_str!("../../systemd/linkmesh-agent.service");
+pub const AGENT_UNIT: &str = include_str!("../../../systemd/linkmesh-agent.service");
 /// The upgrade watcher's unit the installer's binary method puts in place.
-pub const UPGRADE_UNIT: &str = include_str!("../../systemd/linkmesh-upgrade.service");
+pub const UPGRADE_UNIT: &str = include_str!("../../../systemd/linkmesh-upgrade.service");
 /// The first-boot enrolment unit the installer's binary method puts in place.
-pub const ENROLL_UNIT: &str = include_str!("../../systemd/linkmesh-enroll.service");
+pub const ENROLL_UNIT: &str = include_str!("../../../systemd/linkmesh-enroll.service");
 /// The default local collector configuration the installer puts in place.
-pub const COLLECTOR_YAML: &str = include_str!("../../packaging/collector.yaml");
+pub const COLLECTOR_YAML: &str = include_str!("../../../packaging/collector.yaml");
 /// The collector-runtime installer.
-pub const INSTALL_OPAMP_SH: &str = include_str!("../../install/install-opamp.sh");
+pub const INSTALL_OPAMP_SH: &str = include_str!("../../../install/install-opamp.sh");
 
 /// The scripts the server serves for hosts to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use linkmesh_agent::{
     config::parse_duration, endpoint::ServerUrl, proto, token::Token, version::Version,
 };
-use linkmesh_integration::{
+use linkmesh_fleet::{
     ca::Ca,
     repository::{self, Repositories},
     sealed::Secret,
@@ -405,10 +405,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report_interval,
                 renew_grace,
                 clone_policy: match clone_policy {
-                    ClonePolicyArg::Rekey => linkmesh_integration::service::ClonePolicy::Rekey,
-                    ClonePolicyArg::Quarantine => {
-                        linkmesh_integration::service::ClonePolicy::Quarantine
-                    }
+                    ClonePolicyArg::Rekey => linkmesh_fleet::service::ClonePolicy::Rekey,
+                    ClonePolicyArg::Quarantine => linkmesh_fleet::service::ClonePolicy::Quarantine,
                 },
                 runtime_pins: vec![
                     proto::RuntimePin {
@@ -425,8 +423,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 archive_keys: None,
             };
             let state = State::new(state);
-            if linkmesh_integration::migrate::found(&state)?.is_none() {
-                return Err(linkmesh_integration::migrate::FormatError::NotInitialised {
+            if linkmesh_fleet::migrate::found(&state)?.is_none() {
+                return Err(linkmesh_fleet::migrate::FormatError::NotInitialised {
                     path: state.dir().display().to_string(),
                 }
                 .into());
@@ -438,8 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             };
             let secret = secret(secret_file.as_deref())?;
-            let ca =
-                linkmesh_integration::migrate::open(&state, &secret, &config.version.to_string())?;
+            let ca = linkmesh_fleet::migrate::open(&state, &secret, &config.version.to_string())?;
             let repositories = match &artifacts {
                 Some(dir) => repositories(&state, dir, &secret)?,
                 None => None,
@@ -472,22 +469,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drift { state, json } => {
             let state = State::new(state);
             readable(&state)?;
-            linkmesh_integration::drift::print(&state, json)
+            linkmesh_fleet::drift::print(&state, json)
         }
         Command::Backup { state, out } => {
-            let m = linkmesh_integration::backup::backup(
+            let m = linkmesh_fleet::backup::backup(
                 &State::new(state),
                 &out,
                 linkmesh_agent::version::AGENT_VERSION,
             )?;
             print!("backed up into {}: ", out.display());
-            linkmesh_integration::backup::describe(&m, &mut std::io::stdout())?;
+            linkmesh_fleet::backup::describe(&m, &mut std::io::stdout())?;
             Ok(())
         }
         Command::Restore { from, state, force } => {
-            let (m, kept) = linkmesh_integration::backup::restore(&from, &state, force)?;
+            let (m, kept) = linkmesh_fleet::backup::restore(&from, &state, force)?;
             print!("restored {} from {}: ", state.display(), from.display());
-            linkmesh_integration::backup::describe(&m, &mut std::io::stdout())?;
+            linkmesh_fleet::backup::describe(&m, &mut std::io::stdout())?;
             if let Some(k) = kept {
                 println!("the state it replaced is kept in {}", k.display());
             }
@@ -539,13 +536,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read --file {}", file.display()))?;
             let state = State::new(state);
             readable(&state)?;
-            let stored = linkmesh_integration::opamp::store::set(
-                &state,
-                host.as_deref(),
-                &file,
-                &body,
-                force,
-            )?;
+            let stored =
+                linkmesh_fleet::opamp::store::set(&state, host.as_deref(), &file, &body, force)?;
             println!(
                 "stored collector configuration {} for {} ({} bytes)",
                 stored.hash_hex(),
@@ -659,11 +651,11 @@ fn init(
     key_lifetime: KeyLifetime,
 ) -> anyhow::Result<()> {
     let ours = linkmesh_agent::version::AGENT_VERSION;
-    if linkmesh_integration::migrate::found(state)?.is_some() {
+    if linkmesh_fleet::migrate::found(state)?.is_some() {
         // Existing state: never a new CA. The secret must open the one
         // there (and an older format is migrated).
         let secret = secret(secret_file)?;
-        let ca = linkmesh_integration::migrate::open(state, &secret, ours)?;
+        let ca = linkmesh_fleet::migrate::open(state, &secret, ours)?;
         println!(
             "state directory {} already initialised",
             state.dir().display()
@@ -678,14 +670,8 @@ fn init(
         }
         return Ok(());
     }
-    if state
-        .ca_dir()
-        .join(linkmesh_integration::ca::SEALED_KEY)
-        .exists()
-        || state
-            .ca_dir()
-            .join(linkmesh_integration::ca::PLAIN_KEY)
-            .exists()
+    if state.ca_dir().join(linkmesh_fleet::ca::SEALED_KEY).exists()
+        || state.ca_dir().join(linkmesh_fleet::ca::PLAIN_KEY).exists()
     {
         bail!(
             "{} holds a CA key but no CA certificate (ca.pem): restore the state from its backup; a new CA is never made over an old key",
@@ -710,7 +696,7 @@ fn init(
         &secret,
         key_lifetime.0,
     )?;
-    linkmesh_integration::migrate::record_new(state, ours)?;
+    linkmesh_fleet::migrate::record_new(state, ours)?;
     println!("initialised {} with a new CA", state.dir().display());
     println!("CA pin: {}", ca.pin());
     println!("archive signing key: {}", key.fingerprint);
@@ -778,7 +764,7 @@ fn repositories(
 
 async fn serve(
     state: State,
-    _serving: linkmesh_integration::state::StateLock,
+    _serving: linkmesh_fleet::state::StateLock,
     ca: Ca,
     config: ServiceConfig,
     opts: ServeOptions,
@@ -852,7 +838,7 @@ async fn serve(
             .collect(),
     };
     let service = FleetService::new(state.clone(), ca, config)?;
-    let opamp = linkmesh_integration::opamp::Hub::start(service.clone(), state.clone())?;
+    let opamp = linkmesh_fleet::opamp::Hub::start(service.clone(), state.clone())?;
     let flusher = service.spawn_flusher(Duration::from_secs(1));
     let revocations = service.spawn_revocation_watch();
     println!("linkmesh-fleet {version} listening on {addr} as {url}");
@@ -930,7 +916,7 @@ fn token_create(
     let enroll = format!(
         "echo {secret} | linkmesh-agent enroll --server {url} --ca-pin {pin} --token-file /dev/stdin"
     );
-    let ca_pem = std::fs::read_to_string(state.ca_dir().join(linkmesh_integration::ca::CA_CERT))
+    let ca_pem = std::fs::read_to_string(state.ca_dir().join(linkmesh_fleet::ca::CA_CERT))
         .with_context(|| format!("reading {}", state.ca_dir().display()))?;
     let install = server::verified_one_liner(
         &url.to_string(),
@@ -974,10 +960,10 @@ fn token_create(
 
 /// A host's collector as OpAMP shows it, for `hosts --json`.
 fn opamp_json(
-    h: &linkmesh_integration::state::HostRecord,
-    desired: Option<&linkmesh_integration::opamp::store::RemoteConfig>,
+    h: &linkmesh_fleet::state::HostRecord,
+    desired: Option<&linkmesh_fleet::opamp::store::RemoteConfig>,
 ) -> serde_json::Value {
-    use linkmesh_integration::opamp::session::config_standing;
+    use linkmesh_fleet::opamp::session::config_standing;
     let o = h.opamp.clone().unwrap_or_default();
     let desired_hash = desired.map(|d| d.hash_hex());
     let (status, error) = config_standing(h.opamp.as_ref(), desired_hash.as_deref());
@@ -1042,7 +1028,7 @@ fn revoke(state: &State, host: &str, reason: &str) -> anyhow::Result<()> {
     }
     let record = state.revoke(
         &lock,
-        &linkmesh_integration::state::RevocationRecord {
+        &linkmesh_fleet::state::RevocationRecord {
             host_id: host.to_owned(),
             revoked_at: OffsetDateTime::now_utc().unix_timestamp(),
             reason: reason.to_owned(),
@@ -1055,9 +1041,9 @@ fn revoke(state: &State, host: &str, reason: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses a state of a newer format (see `linkmesh_integration::migrate`).
+/// Refuses a state of a newer format (see `linkmesh_fleet::migrate`).
 fn readable(state: &State) -> anyhow::Result<()> {
-    Ok(linkmesh_integration::migrate::check_readable(
+    Ok(linkmesh_fleet::migrate::check_readable(
         state,
         linkmesh_agent::version::AGENT_VERSION,
     )?)
@@ -1067,7 +1053,7 @@ fn hosts(state: &State, json: bool) -> anyhow::Result<()> {
     readable(state)?;
     let hosts = state.hosts()?;
     let revoked = state.revocations()?;
-    let configs = linkmesh_integration::opamp::store::ConfigSet::load(state)?;
+    let configs = linkmesh_fleet::opamp::store::ConfigSet::load(state)?;
     if json {
         let rows: Vec<serde_json::Value> = hosts
             .iter()

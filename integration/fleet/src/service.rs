@@ -636,7 +636,7 @@ fn live_runs_observe(
 fn peer_leaf<T>(request: &Request<T>) -> Option<Vec<u8>> {
     request
         .extensions()
-        .get::<crate::server::PeerInfo>()
+        .get::<crate::peer::PeerInfo>()
         .and_then(|p| p.certs.clone())
         .and_then(|c| c.first().map(|l| l.to_vec()))
 }

@@ -26,7 +26,7 @@ use axum::{
 };
 use tokio::sync::watch;
 
-use crate::{server::PeerInfo, service::FleetService, state::State};
+use crate::{peer::PeerInfo, service::FleetService, state::State};
 
 use self::{session::Session, store::ConfigSet};
 
