@@ -11,7 +11,10 @@ pub mod probe;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{RuntimeChoice, RuntimeKind, RuntimeSettings};
+use crate::{
+    config::{RuntimeChoice, RuntimeKind, RuntimeSettings},
+    systemd::{ActiveState, UnitFileState},
+};
 
 /// Paths the official packages install each executable to.
 pub const PACKAGE_PATHS_COLLECTOR: &[&str] = &[
@@ -88,16 +91,17 @@ pub fn parse_package_version(output: &str) -> Option<String> {
 /// A systemd unit's state, as `systemctl is-enabled` / `is-active` print it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnitState {
-    /// `enabled`, `disabled`, `masked`, `not-found`…
-    pub enabled: String,
-    /// `active`, `inactive`, `failed`…
-    pub active: String,
+    /// `is-enabled`: `enabled`, `disabled`, `masked`, `not-found`…
+    pub enabled: UnitFileState,
+    /// `is-active`: `active`, `inactive`, `failed`…
+    pub active: ActiveState,
 }
 
 impl UnitState {
     /// Whether systemd would start it at boot or runs it now.
     pub fn in_use(&self) -> bool {
-        self.enabled == "enabled" || self.active == "active" || self.active == "activating"
+        self.enabled == UnitFileState::Enabled
+            || matches!(self.active, ActiveState::Active | ActiveState::Activating)
     }
 }
 
@@ -470,8 +474,8 @@ mod tests {
 
     fn unit(enabled: &str, active: &str) -> UnitState {
         UnitState {
-            enabled: enabled.into(),
-            active: active.into(),
+            enabled: UnitFileState::parse(enabled),
+            active: ActiveState::parse(active),
         }
     }
 

@@ -1,9 +1,13 @@
 //! systemd integration without libsystemd: `sd_notify` datagrams (READY,
 //! STATUS, WATCHDOG, STOPPING) to `$NOTIFY_SOCKET`, all no-ops when it is
 //! unset. Failures are logged, never returned: notification must not take the
-//! agent down. The environment is read, never modified.
+//! agent down. The environment is read, never modified. Also the words systemd
+//! uses for a unit's states, as types ([`ActiveState`], [`LoadState`]...).
 
 use std::{os::unix::net::UnixDatagram, time::Duration};
+
+mod states;
+pub use states::{ActiveState, LoadState, SubState, UnitFileState};
 
 /// Sends notifications to systemd's service manager.
 #[derive(Debug)]

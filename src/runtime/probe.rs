@@ -12,6 +12,7 @@ use std::{
 };
 
 use super::{ProbeError, Probes, UnitState, parse_package_version};
+use crate::systemd::{ActiveState, UnitFileState};
 
 /// Bound on any one external command or HTTP request.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,11 +81,14 @@ impl Probes for HostProbes {
         let enabled = query("is-enabled")?;
         let active = query("is-active")?;
         let enabled = if enabled.is_empty() {
-            "not-found".to_owned()
+            UnitFileState::NotFound
         } else {
-            enabled
+            UnitFileState::parse(&enabled)
         };
-        Some(UnitState { enabled, active })
+        Some(UnitState {
+            enabled,
+            active: ActiveState::parse(&active),
+        })
     }
 
     fn read_file(&self, path: &Path) -> Option<String> {

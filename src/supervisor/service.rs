@@ -397,7 +397,7 @@ impl Watch {
             systemctl(&["daemon-reload"]).await?;
         }
         let snap = show().await?;
-        if snap.unit_file_state != "enabled" {
+        if snap.unit_file_state != crate::systemd::UnitFileState::Enabled {
             systemctl(&["enable", "--quiet", UNIT_NAME]).await?;
             tracing::info!(
                 unit = UNIT_NAME,
@@ -407,7 +407,7 @@ impl Watch {
         let fingerprint = d.fingerprint(&text);
         let applied_path = d.state_dir.join(APPLIED_FILE);
         let applied = std::fs::read_to_string(&applied_path).unwrap_or_default();
-        let failed = snap.active_state == "failed";
+        let failed = snap.active_state == crate::systemd::ActiveState::Failed;
         let action = if snap.up() && applied.trim() != fingerprint {
             Some("restart")
         } else if failed && !retry_failed {
@@ -475,10 +475,8 @@ impl Watch {
         if state != self.status.borrow().state && !matches!(state, State::Running { .. }) {
             tracing::info!(unit = UNIT_NAME, state = ?state, "Collector runtime's unit changed");
         }
-        let transient = matches!(
-            snap.active_state.as_str(),
-            "activating" | "deactivating" | "reloading"
-        ) || (snap.main_pid != 0 && collector_pid.is_none());
+        let transient =
+            snap.active_state.changing() || (snap.main_pid != 0 && collector_pid.is_none());
         self.status.send_if_modified(|s| {
             let before = s.clone();
             s.state = state;

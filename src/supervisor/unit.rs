@@ -14,6 +14,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, time::Duration};
 
 use super::{State, policy::RestartPolicy};
+use crate::systemd::{ActiveState, LoadState, SubState, UnitFileState};
 
 /// The unit's name.
 pub const UNIT_NAME: &str = "linkmesh-collector.service";
@@ -215,12 +216,12 @@ pub fn systemd_escape_path(path: &str) -> String {
 /// What `systemctl show` says about the unit.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// `loaded`, `not-found`, `bad-setting`…
-    pub load_state: String,
-    /// `active`, `activating`, `deactivating`, `inactive`, `failed`.
-    pub active_state: String,
-    /// `running`, `auto-restart`, `dead`, `failed`…
-    pub sub_state: String,
+    /// `LoadState`.
+    pub load_state: LoadState,
+    /// `ActiveState`.
+    pub active_state: ActiveState,
+    /// `SubState`.
+    pub sub_state: SubState,
     /// `success`, `exit-code`, `signal`, `start-limit-hit`…
     pub result: String,
     /// The main process, 0 when none.
@@ -239,8 +240,8 @@ pub struct Snapshot {
     pub n_restarts: u32,
     /// This run of the unit.
     pub invocation_id: String,
-    /// `enabled`, `disabled`…
-    pub unit_file_state: String,
+    /// `UnitFileState`.
+    pub unit_file_state: UnitFileState,
 }
 
 /// Reads `systemctl show --timestamp=unix -p …` output (`Key=value` lines).
@@ -253,9 +254,9 @@ pub fn parse_show(text: &str) -> Snapshot {
     let s = |k: &str| map.get(k).map(|v| (*v).to_owned()).unwrap_or_default();
     let n = |k: &str| map.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     Snapshot {
-        load_state: s("LoadState"),
-        active_state: s("ActiveState"),
-        sub_state: s("SubState"),
+        load_state: LoadState::parse(&s("LoadState")),
+        active_state: ActiveState::parse(&s("ActiveState")),
+        sub_state: SubState::parse(&s("SubState")),
         result: s("Result"),
         main_pid: u32::try_from(n("MainPID")).unwrap_or(0),
         exec_main_code: u32::try_from(n("ExecMainCode")).unwrap_or(0),
@@ -271,22 +272,19 @@ pub fn parse_show(text: &str) -> Snapshot {
             .and_then(|v| v.parse().ok()),
         n_restarts: u32::try_from(n("NRestarts")).unwrap_or(u32::MAX),
         invocation_id: s("InvocationID"),
-        unit_file_state: s("UnitFileState"),
+        unit_file_state: UnitFileState::parse(&s("UnitFileState")),
     }
 }
 
 impl Snapshot {
     /// The unit file is known to systemd.
     pub fn loaded(&self) -> bool {
-        self.load_state == "loaded"
+        self.load_state == LoadState::Loaded
     }
 
     /// Running, or on its way to running.
     pub fn up(&self) -> bool {
-        matches!(
-            self.active_state.as_str(),
-            "active" | "activating" | "reloading"
-        )
+        self.active_state.up()
     }
 
     /// How the main process last ended, when it has: `exit code 1`,
@@ -338,7 +336,7 @@ impl ShortRuns {
                 _ => self.consecutive = self.consecutive.saturating_add(new),
             }
         }
-        if s.active_state == "active" && running_for >= policy.stable_after {
+        if s.active_state == ActiveState::Active && running_for >= policy.stable_after {
             self.consecutive = 0;
         }
         self.seen_restarts = Some(s.n_restarts);
@@ -363,23 +361,19 @@ pub fn state_of(
             State::NotRunnable {
                 error: format!(
                     "{UNIT_NAME} is not loaded ({}); the agent writes it when it starts",
-                    if s.load_state.is_empty() {
-                        "unknown"
-                    } else {
-                        &s.load_state
-                    }
+                    s.load_state
                 ),
             }
         };
     }
-    match (s.active_state.as_str(), s.sub_state.as_str()) {
-        ("active", _) | ("reloading", _) if s.main_pid != 0 => State::Running {
+    match (&s.active_state, &s.sub_state) {
+        (ActiveState::Active | ActiveState::Reloading, _) if s.main_pid != 0 => State::Running {
             pid: s.main_pid,
             since_unix_ms: s
                 .started_unix_s
                 .map_or(now_unix_ms, |t| t.saturating_mul(1000)),
         },
-        ("activating", "auto-restart") => {
+        (ActiveState::Activating, SubState::AutoRestart) => {
             let delay_ms = RESTART_SEC.as_millis() as u64;
             if consecutive >= policy.crash_loop_after {
                 State::CrashLoop {
@@ -393,10 +387,10 @@ pub fn state_of(
                 }
             }
         }
-        ("failed", _) => State::Failed {
+        (ActiveState::Failed, _) => State::Failed {
             reason: failure_reason(s),
         },
-        ("inactive", _) if stopped_on_request => State::Stopped,
+        (ActiveState::Inactive, _) if stopped_on_request => State::Stopped,
         _ => State::Starting,
     }
 }

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::systemd::ActiveState;
+
 /// How long a new agent is on probation unless `[upgrade] probation` says
 /// otherwise.
 pub const DEFAULT_PROBATION: Duration = Duration::from_secs(60);
@@ -93,7 +95,7 @@ pub struct Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Observation {
     /// systemd's `ActiveState` of the agent unit (`active` only after READY).
-    pub active_state: String,
+    pub active_state: ActiveState,
     /// `Result` (`success`, `exit-code`, `signal`, `timeout`, `start-limit-hit`...).
     pub result: String,
     /// `NRestarts`.
@@ -149,7 +151,7 @@ pub fn assess(obs: &Observation, prev: u32, elapsed: Duration, window: Duration)
     } else {
         obs.restarts
     };
-    if obs.started_in_window && obs.active_state == "failed" {
+    if obs.started_in_window && obs.active_state == ActiveState::Failed {
         return (
             Verdict::RollBack(format!(
                 "linkmesh-agent.service failed ({}, exit status {}) {} s into probation",
@@ -179,7 +181,7 @@ pub fn assess(obs: &Observation, prev: u32, elapsed: Duration, window: Duration)
             "the new agent was not started within {} s",
             secs(window)
         ))
-    } else if obs.active_state != "active" {
+    } else if obs.active_state != ActiveState::Active {
         Verdict::RollBack(format!(
             "the new agent did not reach READY within {} s (linkmesh-agent.service is {})",
             secs(window),
@@ -334,7 +336,7 @@ mod tests {
 
     fn healthy() -> Observation {
         Observation {
-            active_state: "active".into(),
+            active_state: ActiveState::Active,
             result: "success".into(),
             restarts: 2,
             started_in_window: true,
@@ -364,7 +366,7 @@ mod tests {
     #[test]
     fn failures_are_decided_at_once() {
         let exit1 = Observation {
-            active_state: "activating".into(),
+            active_state: ActiveState::Activating,
             result: "exit-code".into(),
             restarts: 3,
             exit_status: 1,
@@ -377,7 +379,7 @@ mod tests {
             "{v:?}"
         );
         let failed = Observation {
-            active_state: "failed".into(),
+            active_state: ActiveState::Failed,
             result: "start-limit-hit".into(),
             ..exit1
         };
@@ -397,7 +399,7 @@ mod tests {
             restarts: 1,
             started_in_window: false,
             start_unknown: true,
-            active_state: "activating".into(),
+            active_state: ActiveState::Activating,
             ..healthy()
         };
         let (v, next) = assess(&gap, 0, Duration::from_secs(6), W);
@@ -435,7 +437,7 @@ mod tests {
     #[test]
     fn what_happened_before_the_new_agent_started_does_not_count() {
         let old_failure = Observation {
-            active_state: "failed".into(),
+            active_state: ActiveState::Failed,
             restarts: 9,
             started_in_window: false,
             ..healthy()
@@ -451,7 +453,7 @@ mod tests {
     #[test]
     fn never_ready_is_rolled_back_at_the_deadline() {
         let stuck = Observation {
-            active_state: "activating".into(),
+            active_state: ActiveState::Activating,
             published_by_main: false,
             report_accepted: false,
             ..healthy()
