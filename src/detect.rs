@@ -116,7 +116,11 @@ fn show(out: &mut String, name: &str, e: Option<&Executable>) {
         return;
     };
     let version = match (&e.version, &e.version_error) {
-        (Some(v), _) => format!("{v} (from {})", e.version_source.as_deref().unwrap_or("?")),
+        (Some(v), _) => format!(
+            "{v} (from {})",
+            e.version_source
+                .map_or_else(|| "?".to_owned(), |s| s.to_string())
+        ),
         (None, Some(err)) => format!("unknown: {err}"),
         (None, None) => "unknown".to_owned(),
     };
@@ -142,7 +146,7 @@ mod tests {
             path: path.into(),
             origin: Origin::Package,
             version: version.map(str::to_owned),
-            version_source: version.map(|_| "--version".to_owned()),
+            version_source: version.map(|_| crate::runtime::VersionSource::VersionFlag),
             version_error: version
                 .is_none()
                 .then(|| "opampsupervisor has no --version".to_owned()),

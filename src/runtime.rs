@@ -176,6 +176,30 @@ pub enum Origin {
     Package,
 }
 
+/// Where an executable's version came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VersionSource {
+    /// Its own `--version` output.
+    #[serde(rename = "--version")]
+    VersionFlag,
+    /// The package database (dpkg or rpm).
+    #[serde(rename = "package")]
+    Package,
+    /// The install record `install-opamp.sh` writes.
+    #[serde(rename = "install record")]
+    InstallRecord,
+}
+
+impl std::fmt::Display for VersionSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::VersionFlag => "--version",
+            Self::Package => "package",
+            Self::InstallRecord => "install record",
+        })
+    }
+}
+
 /// One executable found on the host.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Executable {
@@ -185,8 +209,8 @@ pub struct Executable {
     pub origin: Origin,
     /// Its version, when known.
     pub version: Option<String>,
-    /// Where the version came from (`--version`, `dpkg`, `rpm`, `install record`).
-    pub version_source: Option<String>,
+    /// Where the version came from.
+    pub version_source: Option<VersionSource>,
     /// Why the version is unknown.
     pub version_error: Option<String>,
     /// Its packaged systemd unit, when systemd is present.
@@ -254,7 +278,7 @@ pub fn detect(settings: &RuntimeSettings, probes: &dyn Probes) -> Detection {
             Ok(out) => match parse_otelcol_version(&out) {
                 Some((_, v)) => {
                     e.version = Some(v);
-                    e.version_source = Some("--version".into());
+                    e.version_source = Some(VersionSource::VersionFlag);
                 }
                 None => {
                     e.version_error = Some(format!(
@@ -274,10 +298,10 @@ pub fn detect(settings: &RuntimeSettings, probes: &dyn Probes) -> Detection {
             let mut e = executable(path, origin, probes, UNIT_SUPERVISOR);
             if let Some(v) = probes.package_version("opampsupervisor") {
                 e.version = Some(v);
-                e.version_source = Some("package".into());
+                e.version_source = Some(VersionSource::Package);
             } else if let Some(v) = probes.install_record("opampsupervisor") {
                 e.version = Some(v);
-                e.version_source = Some("install record".into());
+                e.version_source = Some(VersionSource::InstallRecord);
             } else {
                 e.version_error = Some("opampsupervisor has no --version and no package or install record names its version".into());
             }
@@ -526,8 +550,8 @@ mod tests {
         );
         let s = d.supervisor.unwrap();
         assert_eq!(
-            (s.version.as_deref(), s.version_source.as_deref()),
-            (Some("0.159.0"), Some("package"))
+            (s.version.as_deref(), s.version_source),
+            (Some("0.159.0"), Some(VersionSource::Package))
         );
         assert!(d.conflicts.is_empty() && d.notes.is_empty());
     }
@@ -541,9 +565,12 @@ mod tests {
             .supervisor
             .unwrap();
         assert_eq!(
-            (s.version.as_deref(), s.version_source.as_deref()),
-            (Some("0.158.0"), Some("install record"))
+            (s.version.as_deref(), s.version_source),
+            (Some("0.158.0"), Some(VersionSource::InstallRecord))
         );
+        // Detection's JSON names the source in the words it always used.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["version_source"], "install record");
         f.records.clear();
         let s = detect(&settings(RuntimeChoice::Auto), &f)
             .supervisor

@@ -43,7 +43,7 @@ pub fn inspect(mut exe: Executable, probes: &dyn Probes) -> AlloyInfo {
     };
     if let Some(b) = &build {
         exe.version = Some(b.version.clone());
-        exe.version_source = Some("--version".into());
+        exe.version_source = Some(super::VersionSource::VersionFlag);
     }
     let env = ENV_FILES
         .iter()
