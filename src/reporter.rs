@@ -26,7 +26,7 @@ use crate::{
     clock::rfc3339,
     config::RuntimeKind,
     host::HostFacts,
-    identity::{Identity, IdentityStore, rotation},
+    identity::{Identity, IdentityError, IdentityStore, StoreError, rotation},
     proto,
     published::RuntimeReport,
     tls::mtls_client_config,
@@ -126,6 +126,56 @@ pub enum Failure {
     /// The operator revoked this host: stop reporting (the collector keeps
     /// running); only a new enrolment helps.
     Revoked,
+}
+
+/// Why a renewal or a re-key did not give this host a new identity.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The server could not be reached (the dialer's words: TLS, proxy, TCP).
+    #[error("{0}")]
+    Unreachable(String),
+    /// It did not answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// It answered with a refusal, classified.
+    #[error("{message}")]
+    Refused {
+        /// The server's words.
+        message: String,
+        /// What the refusal calls for.
+        failure: Failure,
+    },
+    /// No key pair could be made here.
+    #[error("cannot generate a key: {0}")]
+    Key(rcgen::Error),
+    /// No certificate request could be made for the key.
+    #[error("cannot make a certificate request: {0}")]
+    Csr(rcgen::Error),
+    /// The answer names another CA than this identity's.
+    #[error("the server answered with another CA; refusing the certificate")]
+    OtherCa,
+    /// The answer's host id is not one.
+    #[error("the server sent an unusable host id: {0}")]
+    HostId(IdentityError),
+    /// The certificate does not make an identity with the key.
+    #[error("unusable certificate: {0}")]
+    Certificate(IdentityError),
+    /// The state directory refused the key or the new identity.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The blocking task doing the store's work did not finish.
+    #[error("the identity store's task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl ExchangeError {
+    /// What the failure calls for: only a refusal is anything but a retry.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Refused { failure, .. } => *failure,
+            _ => Failure::Retry,
+        }
+    }
 }
 
 /// The standing a refusal carries in its details (servers say it as a
@@ -447,11 +497,11 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                         )));
                     });
                 }
-                Err((e, Failure::Revoked)) => {
-                    stop_revoked(&ctx, &status, e);
+                Err(e) if e.failure() == Failure::Revoked => {
+                    stop_revoked(&ctx, &status, e.to_string());
                     return;
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     schedule.record(Exchange::RenewalFailed, crate::clock::jitter());
                     let wait =
                         schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
@@ -687,11 +737,12 @@ async fn rekey_until_done(
                 });
                 return dialer.channel().ok().map(proto::Client::new);
             }
-            Err((e, Failure::Revoked)) => {
-                stop_revoked(ctx, status, e);
+            Err(e) if e.failure() == Failure::Revoked => {
+                stop_revoked(ctx, status, e.to_string());
                 return None;
             }
-            Err((e, failure)) => {
+            Err(e) => {
+                let failure = e.failure();
                 failures += 1;
                 let wait = if failure == Failure::Rejected {
                     schedule::REJECTED_WAIT.min(Duration::from_secs(10))
@@ -706,7 +757,7 @@ async fn rekey_until_done(
                         "this machine is a copy of host {original} ({reason}); its own identity is pending: {e}"
                     ));
                     s.consecutive_failures = failures;
-                    s.last_error = Some(e.clone());
+                    s.last_error = Some(e.to_string());
                     s.last_error_rejected = failure == Failure::Rejected;
                 });
                 tokio::time::sleep(wait).await;
@@ -739,20 +790,17 @@ async fn rekey(
     client: &mut proto::Client<tonic::transport::Channel>,
     ctx: &ReporterContext,
     dialer: &Dialer,
-) -> Result<Identity, (String, Failure)> {
-    let retry = |e: String| (e, Failure::Retry);
+) -> Result<Identity, ExchangeError> {
     let store = ctx.store.clone();
     let server = ctx.identity.server.clone();
     let key = tokio::task::spawn_blocking(move || {
         let lock = store.lock_exclusive()?;
         store.pending_key(&lock, &server)
     })
-    .await
-    .map_err(|e| retry(e.to_string()))?
-    .map_err(|e| retry(e.to_string()))?;
+    .await??;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
-        .map_err(|e| retry(e.to_string()))?;
+        .map_err(ExchangeError::Csr)?;
     let resp = tokio::time::timeout(
         EXCHANGE_TIMEOUT,
         client.rekey(proto::RekeyRequest {
@@ -762,12 +810,11 @@ async fn rekey(
         }),
     )
     .await
-    .map_err(|_| retry(format!("no answer within {EXCHANGE_TIMEOUT:?}")))?
+    .map_err(|_| ExchangeError::Timeout(EXCHANGE_TIMEOUT))?
     .map_err(|s| refused(dialer, &s))?
     .into_inner();
     let ca = same_ca(ctx, resp.ca_certificate_der)?;
-    let host_id = crate::identity::HostId::new(&resp.host_id)
-        .map_err(|e| retry(format!("the server sent an unusable host id: {e}")))?;
+    let host_id = crate::identity::HostId::new(&resp.host_id).map_err(ExchangeError::HostId)?;
     let identity = Identity::new(
         host_id,
         ctx.identity.server.clone(),
@@ -779,38 +826,35 @@ async fn rekey(
             .collect(),
         ca,
     )
-    .map_err(|e| retry(format!("unusable certificate: {e}")))?;
-    store_identity(&ctx.store, &identity).await.map_err(retry)?;
+    .map_err(ExchangeError::Certificate)?;
+    store_identity(&ctx.store, &identity).await?;
     Ok(identity)
 }
 
 /// A renewal's or re-key's failed RPC: the dial error when the server could
 /// not be reached, else the server's words, classified.
-fn refused(dialer: &Dialer, s: &tonic::Status) -> (String, Failure) {
+fn refused(dialer: &Dialer, s: &tonic::Status) -> ExchangeError {
     match dialer.last_error() {
-        Some(e) if s.code() == tonic::Code::Unavailable => (e, Failure::Retry),
-        _ => (s.message().to_owned(), classify(s)),
+        Some(e) if s.code() == tonic::Code::Unavailable => ExchangeError::Unreachable(e),
+        _ => ExchangeError::Refused {
+            message: s.message().to_owned(),
+            failure: classify(s),
+        },
     }
 }
 
 /// The CA a renewal or re-key answered with, which must be this identity's.
-fn same_ca(
-    ctx: &ReporterContext,
-    der: Vec<u8>,
-) -> Result<CertificateDer<'static>, (String, Failure)> {
+fn same_ca(ctx: &ReporterContext, der: Vec<u8>) -> Result<CertificateDer<'static>, ExchangeError> {
     let ca = CertificateDer::from(der);
     if ca.as_ref() != ctx.identity.ca.as_ref() {
-        return Err((
-            "the server answered with another CA; refusing the certificate".into(),
-            Failure::Retry,
-        ));
+        return Err(ExchangeError::OtherCa);
     }
     Ok(ca)
 }
 
 /// Commits `identity` (a renewal's or a re-key's) atomically, off the async
 /// runtime.
-async fn store_identity(store: &IdentityStore, identity: &Identity) -> Result<(), String> {
+async fn store_identity(store: &IdentityStore, identity: &Identity) -> Result<(), ExchangeError> {
     let to_store = Identity::new(
         identity.host_id.clone(),
         identity.server.clone(),
@@ -819,15 +863,14 @@ async fn store_identity(store: &IdentityStore, identity: &Identity) -> Result<()
         identity.certs.clone(),
         identity.ca.clone(),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(ExchangeError::Certificate)?;
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let lock = store.lock_exclusive()?;
         store.commit(&lock, &to_store)
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+    .await??;
+    Ok(())
 }
 
 /// The server revoked this host: records it, publishes it and stops
@@ -865,13 +908,11 @@ async fn renew(
     client: &mut proto::Client<tonic::transport::Channel>,
     ctx: &ReporterContext,
     dialer: &Dialer,
-) -> Result<Identity, (String, Failure)> {
-    let retry = |e: String| (e, Failure::Retry);
-    let key =
-        rcgen::KeyPair::generate().map_err(|e| retry(format!("cannot generate a key: {e}")))?;
+) -> Result<Identity, ExchangeError> {
+    let key = rcgen::KeyPair::generate().map_err(ExchangeError::Key)?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
-        .map_err(|e| retry(e.to_string()))?;
+        .map_err(ExchangeError::Csr)?;
     let resp = tokio::time::timeout(
         EXCHANGE_TIMEOUT,
         client.renew(proto::RenewRequest {
@@ -879,7 +920,7 @@ async fn renew(
         }),
     )
     .await
-    .map_err(|_| retry(format!("no answer within {EXCHANGE_TIMEOUT:?}")))?
+    .map_err(|_| ExchangeError::Timeout(EXCHANGE_TIMEOUT))?
     .map_err(|s| refused(dialer, &s))?
     .into_inner();
     let ca = same_ca(ctx, resp.ca_certificate_der)?;
@@ -896,8 +937,8 @@ async fn renew(
         certs,
         ca,
     )
-    .map_err(|e| retry(format!("unusable certificate: {e}")))?;
-    store_identity(&ctx.store, &identity).await.map_err(retry)?;
+    .map_err(ExchangeError::Certificate)?;
+    store_identity(&ctx.store, &identity).await?;
     Ok(identity)
 }
 
@@ -927,6 +968,27 @@ mod tests {
             standing: standing as i32,
         };
         tonic::Status::with_details(code, message, prost::Message::encode_to_vec(&detail).into())
+    }
+
+    #[test]
+    fn only_a_refusal_is_more_than_a_retry() {
+        let refused = ExchangeError::Refused {
+            message: "host x was revoked".into(),
+            failure: Failure::Revoked,
+        };
+        assert_eq!(refused.failure(), Failure::Revoked);
+        assert_eq!(refused.to_string(), "host x was revoked");
+        for e in [
+            ExchangeError::Unreachable("cannot reach x: refused".into()),
+            ExchangeError::Timeout(EXCHANGE_TIMEOUT),
+            ExchangeError::OtherCa,
+        ] {
+            assert_eq!(e.failure(), Failure::Retry, "{e}");
+        }
+        assert_eq!(
+            ExchangeError::Timeout(EXCHANGE_TIMEOUT).to_string(),
+            "no answer within 10s"
+        );
     }
 
     #[test]
