@@ -7,10 +7,9 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    clock::rfc3339,
     config::{self, ConfigPaths, Settings},
     endpoint::ServerUrl,
-    enrollment::{self, EnrollOptions, EnrollOutcome},
+    enrollment::{self, EnrollOptions},
     host,
     identity::IdentityStore,
     tls::{CaPin, Trust},
@@ -62,7 +61,7 @@ enum Command {
         pre_upgrade: bool,
         /// The version to upgrade to [default: the one the server offers].
         #[arg(long, value_name = "X.Y.Z", requires = "pre_upgrade")]
-        to: Option<String>,
+        to: Option<version::Version>,
         /// Print stable JSON.
         #[arg(long)]
         json: bool,
@@ -127,7 +126,7 @@ enum Command {
 struct ServerFirstArgs {
     /// The agent version about to be installed [default: this agent's].
     #[arg(long, value_name = "X.Y.Z")]
-    to: Option<String>,
+    to: Option<version::Version>,
     /// Ask this fleet server [default: the one this host is enrolled with].
     #[arg(long, value_name = "URL", requires = "ca_file")]
     server: Option<String>,
@@ -154,10 +153,10 @@ enum UpgradeCommand {
     Keep {
         /// The version being installed.
         #[arg(long, value_name = "X.Y.Z")]
-        to: String,
+        to: version::Version,
         /// How it is installed [default: the recorded install method].
         #[arg(long, value_name = "deb|rpm|binary")]
-        method: Option<String>,
+        method: Option<crate::upgrade::probation::Method>,
     },
     /// Keep FILE (the package just installed) for a later rollback to it.
     KeepPackage {
@@ -207,7 +206,7 @@ enum RuntimeCommand {
     /// the previous binaries back).
     Outcome {
         /// confirmed, rolled_back, rollback_failed.
-        #[arg(long)]
+        #[arg(long, value_parser = ["confirmed", "rolled_back", "rollback_failed"])]
         outcome: String,
         /// The version upgraded from (for a rollback: the one that failed).
         #[arg(long)]
@@ -301,12 +300,7 @@ impl From<anyhow::Error> for Failure {
 
 fn server_first(paths: &ConfigPaths, args: ServerFirstArgs) -> Result<(), Failure> {
     use crate::upgrade::{self, gate};
-    let target = match &args.to {
-        Some(v) => v
-            .parse::<version::Version>()
-            .map_err(|e| Failure::usage(format!("--to: {e}")))?,
-        None => version::agent_version(),
-    };
+    let target = args.to.clone().unwrap_or_else(version::agent_version);
     let timeout = args.timeout;
     let mut notes = Vec::new();
     let (state_dir, proxy_url) = match config::load(paths, |k| std::env::var(k).ok()) {
@@ -378,10 +372,6 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             // Checks report bad configuration themselves instead of exiting 64.
             let checks = if pre_upgrade {
-                let to = to
-                    .map(|v| v.parse::<version::Version>())
-                    .transpose()
-                    .map_err(|e| Failure::usage(format!("--to: {e}")))?;
                 crate::check::pre_upgrade::run(&paths, to.as_ref())
             } else {
                 crate::check::run(&paths)
@@ -498,24 +488,17 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             from,
             to,
             reason,
-        }) => {
-            if !["confirmed", "rolled_back", "rollback_failed"].contains(&outcome.as_str()) {
-                return Err(Failure::usage(format!(
-                    "--outcome must be confirmed, rolled_back or rollback_failed, got {outcome:?}"
-                )));
-            }
-            crate::upgrade::runtime::write_outcome(
-                &settings.state_dir,
-                &crate::upgrade::probation::Outcome {
-                    outcome,
-                    from,
-                    to,
-                    reason,
-                    at_unix_ms: crate::clock::now_unix_ms(),
-                },
-            )
-            .map_err(|e| Failure::from(anyhow::Error::new(e)))
-        }
+        }) => crate::upgrade::runtime::write_outcome(
+            &settings.state_dir,
+            &crate::upgrade::probation::Outcome {
+                outcome,
+                from,
+                to,
+                reason,
+                at_unix_ms: crate::clock::now_unix_ms(),
+            },
+        )
+        .map_err(|e| Failure::from(anyhow::Error::new(e))),
         Command::Runtime(cmd) => {
             let outcome = match cmd {
                 RuntimeCommand::Stop => crate::control::stop(&settings),
@@ -534,35 +517,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Status { json } => status(&settings, json),
         Command::ImagePrep { dry_run, json } => {
-            let removed = crate::image_prep::run(&settings.state_dir, dry_run)
+            let prepared = crate::image_prep::run(&settings.state_dir, dry_run)
                 .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
-            let paths: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "dry_run": dry_run, "removed": paths })
-                );
-                return Ok(());
+                println!("{}", prepared.json());
+            } else {
+                print!("{}", prepared.human());
             }
-            let verb = if dry_run { "would remove" } else { "removed" };
-            if paths.is_empty() {
-                println!(
-                    "nothing to remove: {} holds no machine identity",
-                    settings.state_dir.display()
-                );
-            }
-            for p in &paths {
-                println!("{verb} {p}");
-            }
-            println!(
-                "kept: the configuration, the binaries, the install method and the enabled unit"
-            );
-            println!(
-                "before you capture the image, also empty /etc/machine-id (truncate -s 0 /etc/machine-id) so each machine gets its own"
-            );
-            println!(
-                "each machine made from it enrols on first boot: echo $TOKEN | linkmesh-agent enroll --server URL --ca-pin sha256:HEX --token-file /dev/stdin && systemctl start linkmesh-agent"
-            );
             Ok(())
         }
         Command::Upgrade(cmd) => upgrade(&settings, cmd),
@@ -575,28 +536,22 @@ fn runtime_probation(
     to: &str,
     window: std::time::Duration,
 ) -> Result<(), Failure> {
-    use crate::upgrade::probation::{Outcome, Verdict};
     let verdict = crate::upgrade::runtime::probation(
         &settings.state_dir,
         window,
         std::time::Duration::from_millis(500),
     );
-    let (outcome, reason, ok) = match verdict {
-        Verdict::Healthy(n) => ("confirmed", n, true),
-        Verdict::Unjudged(n) => ("unverified", n, true),
-        Verdict::RollBack(r) => ("", r, false),
-        Verdict::Wait => ("", String::new(), true),
-    };
-    println!("{reason}");
-    if !ok {
-        return Err(Failure {
+    let (outcome, reason) = crate::upgrade::view::runtime_verdict(verdict).map_err(|reason| {
+        println!("{reason}");
+        Failure {
             code: EXIT_FAILURE,
             error: anyhow::anyhow!("the new runtime failed its probation"),
-        });
-    }
+        }
+    })?;
+    println!("{reason}");
     crate::upgrade::runtime::write_outcome(
         &settings.state_dir,
-        &Outcome {
+        &crate::upgrade::probation::Outcome {
             outcome: outcome.into(),
             from: from.into(),
             to: to.into(),
@@ -608,24 +563,12 @@ fn runtime_probation(
 }
 
 fn upgrade(settings: &Settings, cmd: UpgradeCommand) -> Result<(), Failure> {
-    use crate::upgrade::{probation::Method, watch};
+    use crate::upgrade::{view, watch};
     let fail = |e: watch::UpgradeError| Failure::from(anyhow::Error::new(e));
     match cmd {
         UpgradeCommand::Keep { to, method } => {
-            let to = to
-                .parse::<version::Version>()
-                .map_err(|e| Failure::usage(format!("--to: {e}")))?;
-            let method = match method.as_deref() {
-                None => crate::app::InstallMethod::read(&settings.state_dir).rollback(),
-                Some("deb") => Method::Deb,
-                Some("rpm") => Method::Rpm,
-                Some("binary" | "script") => Method::Binary,
-                Some(other) => {
-                    return Err(Failure::usage(format!(
-                        "--method must be deb, rpm or binary, got {other:?}"
-                    )));
-                }
-            };
+            let method = method
+                .unwrap_or_else(|| crate::app::InstallMethod::read(&settings.state_dir).rollback());
             let ask = crate::upgrade::gate::ask_from_identity(&settings.state_dir)
                 .ok()
                 .flatten();
@@ -643,7 +586,7 @@ fn upgrade(settings: &Settings, cmd: UpgradeCommand) -> Result<(), Failure> {
                     dest,
                 )
             };
-            match watch::keep(
+            let kept = watch::keep(
                 &settings.state_dir,
                 &to,
                 method,
@@ -651,75 +594,28 @@ fn upgrade(settings: &Settings, cmd: UpgradeCommand) -> Result<(), Failure> {
                 &fetch,
                 &watch::stop_watcher,
             )
-            .map_err(fail)?
-            {
-                watch::Kept::Armed(Some(copy)) => eprintln!(
-                    "linkmesh-agent: {} -> {to} on probation for {} s; rollback copy {}",
-                    version::AGENT_VERSION,
-                    settings.probation.as_secs(),
-                    copy.display()
-                ),
-                watch::Kept::Armed(None) => eprintln!(
-                    "linkmesh-agent: warning: {} -> {to} on probation for {} s, but no copy of {} could be kept: a failing upgrade is reported, not rolled back",
-                    version::AGENT_VERSION,
-                    settings.probation.as_secs(),
-                    version::AGENT_VERSION
-                ),
-                watch::Kept::NotArmed(why) => eprintln!("linkmesh-agent: no probation: {why}"),
-            }
+            .map_err(fail)?;
+            eprintln!("{}", view::kept(&kept, &to, settings.probation));
             Ok(())
         }
         UpgradeCommand::KeepPackage { file } => {
             watch::keep_installed_package(&settings.state_dir, &file).map_err(fail)
         }
         UpgradeCommand::Watch => {
-            match watch::watch(&settings.state_dir, std::time::Duration::from_millis(500))
-                .map_err(fail)?
-            {
-                None => println!("no upgrade on probation"),
-                Some(o) => println!(
-                    "{}: {} -> {}{}",
-                    o.outcome,
-                    o.from,
-                    o.to,
-                    if o.reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", o.reason)
-                    }
-                ),
-            }
+            let outcome = watch::watch(&settings.state_dir, std::time::Duration::from_millis(500))
+                .map_err(fail)?;
+            println!("{}", view::watched(outcome.as_ref()));
             Ok(())
         }
         UpgradeCommand::Status { json } => {
-            let open = watch::read_probation(&settings.state_dir).map_err(fail)?;
-            let last = watch::read_outcome(&settings.state_dir).map_err(fail)?;
+            let status = view::UpgradeStatus::read(&settings.state_dir).map_err(fail)?;
             if json {
-                println!("{}", serde_json::json!({ "probation": open, "last": last }));
+                println!(
+                    "{}",
+                    serde_json::to_value(&status).context("encode the upgrade status")?
+                );
             } else {
-                match &open {
-                    Some(p) => println!(
-                        "on probation: {} -> {} ({})",
-                        p.from,
-                        p.to,
-                        p.method.as_str()
-                    ),
-                    None => println!("no upgrade on probation"),
-                }
-                if let Some(o) = &last {
-                    println!(
-                        "last upgrade: {} {} -> {} at {}{}",
-                        o.outcome,
-                        o.from,
-                        o.to,
-                        crate::clock::rfc3339_unix_ms(o.at_unix_ms),
-                        if o.reason.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", o.reason)
-                        }
-                    );
-                }
+                print!("{}", status.human());
             }
             Ok(())
         }
@@ -834,44 +730,10 @@ fn enroll(settings: &Settings, args: EnrollArgs) -> Result<(), Failure> {
             &facts,
         ))
         .map_err(|e| Failure::from(anyhow::Error::new(e)))?;
-    match outcome {
-        EnrollOutcome::AlreadyEnrolled { host_id, server } => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"changed": false, "host_id": host_id.as_str(), "server": server.to_string()})
-                );
-            } else {
-                println!("already enrolled with {server} as host {host_id}; nothing changed");
-            }
-        }
-        EnrollOutcome::Enrolled {
-            host_id,
-            server,
-            not_after,
-            replaced,
-        } => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "changed": true,
-                        "host_id": host_id.as_str(),
-                        "server": server.to_string(),
-                        "certificate_not_after": rfc3339(not_after),
-                        "replaced_host_id": replaced.as_ref().map(|h| h.as_str()),
-                    })
-                );
-            } else {
-                println!(
-                    "enrolled with {server} as host {host_id}; certificate valid until {}",
-                    rfc3339(not_after)
-                );
-                if let Some(old) = replaced {
-                    println!("replaced the previous identity (host {old})");
-                }
-            }
-        }
+    if args.json {
+        println!("{}", outcome.json());
+    } else {
+        print!("{}", outcome.human());
     }
     Ok(())
 }

@@ -69,6 +69,55 @@ pub enum EnrollOutcome {
     },
 }
 
+impl EnrollOutcome {
+    /// `enroll --json`'s document.
+    pub fn json(&self) -> serde_json::Value {
+        match self {
+            Self::AlreadyEnrolled { host_id, server } => serde_json::json!({
+                "changed": false,
+                "host_id": host_id.as_str(),
+                "server": server.to_string(),
+            }),
+            Self::Enrolled {
+                host_id,
+                server,
+                not_after,
+                replaced,
+            } => serde_json::json!({
+                "changed": true,
+                "host_id": host_id.as_str(),
+                "server": server.to_string(),
+                "certificate_not_after": crate::clock::rfc3339(*not_after),
+                "replaced_host_id": replaced.as_ref().map(HostId::as_str),
+            }),
+        }
+    }
+
+    /// `enroll`'s lines.
+    pub fn human(&self) -> String {
+        match self {
+            Self::AlreadyEnrolled { host_id, server } => {
+                format!("already enrolled with {server} as host {host_id}; nothing changed\n")
+            }
+            Self::Enrolled {
+                host_id,
+                server,
+                not_after,
+                replaced,
+            } => {
+                let mut out = format!(
+                    "enrolled with {server} as host {host_id}; certificate valid until {}\n",
+                    crate::clock::rfc3339(*not_after)
+                );
+                if let Some(old) = replaced {
+                    out.push_str(&format!("replaced the previous identity (host {old})\n"));
+                }
+                out
+            }
+        }
+    }
+}
+
 /// The decision taken before anything is sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -331,6 +380,32 @@ pub async fn enroll(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_render_from_the_values() {
+        let server: ServerUrl = "https://fleet.example:8443".parse().unwrap();
+        let same = EnrollOutcome::AlreadyEnrolled {
+            host_id: HostId::new("h1").unwrap(),
+            server: server.clone(),
+        };
+        assert_eq!(
+            same.human(),
+            "already enrolled with https://fleet.example:8443 as host h1; nothing changed\n"
+        );
+        assert_eq!(same.json()["changed"], false);
+        let new = EnrollOutcome::Enrolled {
+            host_id: HostId::new("h2").unwrap(),
+            server,
+            not_after: time::macros::datetime!(2027-01-02 03:04:05 UTC),
+            replaced: Some(HostId::new("h1").unwrap()),
+        };
+        assert!(new.human().ends_with(
+            "valid until 2027-01-02T03:04:05Z\nreplaced the previous identity (host h1)\n"
+        ));
+        let json = new.json();
+        assert_eq!(json["certificate_not_after"], "2027-01-02T03:04:05Z");
+        assert_eq!(json["replaced_host_id"], "h1");
+    }
 
     #[test]
     fn decisions() {

@@ -66,17 +66,22 @@ pub fn present(state_dir: &Path, exists: impl Fn(&Path) -> bool) -> Vec<PathBuf>
 /// # Errors
 /// [`ImagePrepError`]; what was removed before the error stays removed, the
 /// identity whole or gone.
-pub fn run(state_dir: &Path, dry_run: bool) -> Result<Vec<PathBuf>, ImagePrepError> {
+pub fn run(state_dir: &Path, dry_run: bool) -> Result<Prepared, ImagePrepError> {
     let found = present(state_dir, |p| std::fs::symlink_metadata(p).is_ok());
+    let prepared = |removed| Prepared {
+        state_dir: state_dir.to_owned(),
+        dry_run,
+        removed,
+    };
     if !state_dir.exists() {
-        return Ok(found);
+        return Ok(prepared(found));
     }
     let run_lock = state_dir.join(crate::app::RUN_LOCK);
     let Some(_running) = crate::fs::try_lock_exclusive(&run_lock)? else {
         return Err(ImagePrepError::Running(state_dir.to_owned()));
     };
     if dry_run {
-        return Ok(found);
+        return Ok(prepared(found));
     }
     let store = crate::identity::IdentityStore::new(state_dir);
     let _enrolling = store.lock_exclusive()?;
@@ -99,7 +104,55 @@ pub fn run(state_dir: &Path, dry_run: bool) -> Result<Vec<PathBuf>, ImagePrepErr
             fsync_dir(parent)?;
         }
     }
-    Ok(found)
+    Ok(prepared(found))
+}
+
+/// What `image-prep` removed (or, with `--dry-run`, would remove).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Nothing was removed.
+    pub dry_run: bool,
+    /// The paths removed or to be removed.
+    pub removed: Vec<PathBuf>,
+}
+
+impl Prepared {
+    /// `image-prep --json`'s document.
+    pub fn json(&self) -> serde_json::Value {
+        let removed: Vec<String> = self
+            .removed
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        serde_json::json!({ "dry_run": self.dry_run, "removed": removed })
+    }
+
+    /// `image-prep`'s lines, with what to do before capturing the image.
+    pub fn human(&self) -> String {
+        let verb = if self.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        let mut out = String::new();
+        if self.removed.is_empty() {
+            out.push_str(&format!(
+                "nothing to remove: {} holds no machine identity\n",
+                self.state_dir.display()
+            ));
+        }
+        for p in &self.removed {
+            out.push_str(&format!("{verb} {}\n", p.display()));
+        }
+        out.push_str(
+            "kept: the configuration, the binaries, the install method and the enabled unit\n",
+        );
+        out.push_str("before you capture the image, also empty /etc/machine-id (truncate -s 0 /etc/machine-id) so each machine gets its own\n");
+        out.push_str("each machine made from it enrols on first boot: echo $TOKEN | linkmesh-agent enroll --server URL --ca-pin sha256:HEX --token-file /dev/stdin && systemctl start linkmesh-agent\n");
+        out
+    }
 }
 
 #[cfg(test)]
@@ -135,11 +188,18 @@ mod tests {
             std::fs::write(s.join(f), "x").unwrap();
         }
         let planned = run(s, true).unwrap();
+        assert!(planned.dry_run && planned.human().contains("would remove "));
+        let planned = planned.removed;
         assert!(
             s.join("identity/key.pem").exists(),
             "a dry run removes nothing"
         );
         let removed = run(s, false).unwrap();
+        assert_eq!(
+            removed.json()["removed"].as_array().map(Vec::len),
+            Some(planned.len())
+        );
+        let removed = removed.removed;
         assert_eq!(planned, removed);
         for gone in [
             "identity",
@@ -156,11 +216,9 @@ mod tests {
         for kept in ["supervisor/effective.yaml", "runtime/pin", "install-method"] {
             assert!(s.join(kept).exists(), "{kept} removed");
         }
-        assert_eq!(
-            run(s, false).unwrap(),
-            Vec::<PathBuf>::new(),
-            "a re-run is a no-op"
-        );
+        let again = run(s, false).unwrap();
+        assert_eq!(again.removed, Vec::<PathBuf>::new(), "a re-run is a no-op");
+        assert!(again.human().starts_with("nothing to remove: "));
     }
 
     #[test]

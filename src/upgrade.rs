@@ -11,6 +11,7 @@
 pub mod gate;
 pub mod probation;
 pub mod runtime;
+pub mod view;
 pub mod watch;
 
 use std::path::Path;

@@ -24,6 +24,21 @@ pub enum Method {
     Binary,
 }
 
+impl std::str::FromStr for Method {
+    type Err = String;
+
+    /// The `--method` words: `deb`, `rpm`, `binary` (or `script`, the
+    /// one-liner's name for it).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "deb" => Ok(Self::Deb),
+            "rpm" => Ok(Self::Rpm),
+            "binary" | "script" => Ok(Self::Binary),
+            other => Err(format!("must be deb, rpm or binary, got {other:?}")),
+        }
+    }
+}
+
 impl Method {
     /// The stable name.
     pub fn as_str(self) -> &'static str {
