@@ -541,14 +541,14 @@ fn runtime_probation(
         window,
         std::time::Duration::from_millis(500),
     );
-    let (outcome, reason) = crate::upgrade::view::runtime_verdict(verdict).map_err(|reason| {
-        println!("{reason}");
-        Failure {
+    let judged = crate::upgrade::view::runtime_verdict(verdict);
+    println!("{}", judged.as_ref().map_or_else(|r| r, |(_, line)| line));
+    let Ok((outcome, reason)) = judged else {
+        return Err(Failure {
             code: EXIT_FAILURE,
             error: anyhow::anyhow!("the new runtime failed its probation"),
-        }
-    })?;
-    println!("{reason}");
+        });
+    };
     crate::upgrade::runtime::write_outcome(
         &settings.state_dir,
         &crate::upgrade::probation::Outcome {
