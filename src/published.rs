@@ -69,6 +69,13 @@ pub struct ReporterStatus {
     pub consecutive_failures: u32,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
+    /// When the last attempt failed (Unix ms); kept after a success.
+    #[serde(default)]
+    pub last_failure_unix_ms: Option<u64>,
+    /// When the reporter tries again after that failure (Unix ms): the
+    /// backoff in force, None while reporting works.
+    #[serde(default)]
+    pub retry_at_unix_ms: Option<u64>,
     /// The last failure was the server refusing the report (not the server
     /// being unreachable): what an upgrade's probation rolls back on.
     pub last_error_rejected: bool,

@@ -113,6 +113,14 @@ pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
     RETRY.delay(failures, jitter)
 }
 
+/// Records that an attempt failed now and the next comes after `wait`.
+fn failed_at(s: &mut ReporterStatus, wait: Duration) {
+    let now = crate::clock::now_unix_ms();
+    s.last_failure_unix_ms = Some(now);
+    s.retry_at_unix_ms =
+        Some(now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)));
+}
+
 /// What a failed exchange calls for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -509,6 +517,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     status.send_modify(|s| {
                         s.consecutive_failures = schedule.failures;
                         s.last_error = Some(format!("renewal: {e}"));
+                        failed_at(s, wait);
                     });
                     if wait_or_change(wait, &mut ctx.runtime).await {
                         want_full = true;
@@ -630,6 +639,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     s.consecutive_failures = 0;
                     s.last_error = None;
                     s.last_error_rejected = false;
+                    s.retry_at_unix_ms = None;
                     s.server_version = Some(resp.server_version.clone());
                     s.skew_verdict = verdict;
                     s.clock_offset_ms = Some(offset);
@@ -690,6 +700,9 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         }
         // The next report, a runtime change (reported promptly), or renewal time.
         let wait = schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
+        if schedule.failures > 0 {
+            status.send_modify(|st| failed_at(st, wait));
+        }
         if wait_or_change(wait, &mut ctx.runtime).await {
             // Let a burst of state changes settle into one report.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -759,6 +772,7 @@ async fn rekey_until_done(
                     s.consecutive_failures = failures;
                     s.last_error = Some(e.to_string());
                     s.last_error_rejected = failure == Failure::Rejected;
+                    failed_at(s, wait);
                 });
                 tokio::time::sleep(wait).await;
             }

@@ -209,6 +209,19 @@ fn running(snap: &Snapshot, line: &mut impl FnMut(&str, &str)) {
                 .unwrap_or_default()
         ),
     );
+    if let Some(at) = rep
+        .retry_at_unix_ms
+        .filter(|_| rep.consecutive_failures > 0)
+    {
+        line(
+            "next attempt",
+            &format!(
+                "{} (after {} failed in a row)",
+                crate::clock::rfc3339_unix_ms(at),
+                rep.consecutive_failures
+            ),
+        );
+    }
     if let Some(v) = rep.skew_verdict {
         line(
             "version skew",
@@ -318,6 +331,59 @@ mod tests {
         assert!(text.contains("host id:      h1\n"), "{text}");
         assert!(text.contains("runtime:      agent not running\n"), "{text}");
         assert!(!text.contains("standing:"), "{text}");
+    }
+
+    #[test]
+    fn a_failing_reporter_says_when_it_tries_again() {
+        use crate::{
+            config::RuntimeKind,
+            published::{Published, ReporterStatus, RuntimeReport},
+            runtime::Detection,
+        };
+        let mut s = status(Some(identity()), None);
+        let mut published = Published {
+            runtime: RuntimeReport {
+                agent_pid: 1,
+                updated_unix_ms: 0,
+                kind: RuntimeKind::None,
+                supervision: None,
+                detection: Detection {
+                    kind: RuntimeKind::None,
+                    collector: None,
+                    supervisor: None,
+                    alloy: None,
+                    conflicts: vec![],
+                    notes: vec![],
+                },
+            },
+            reporter: ReporterStatus {
+                consecutive_failures: 4,
+                last_error: Some("connection refused".into()),
+                last_failure_unix_ms: Some(1_796_000_000_000),
+                retry_at_unix_ms: Some(1_796_000_004_096),
+                ..ReporterStatus::default()
+            },
+        };
+        s.runtime = Some(Snapshot {
+            state: published.clone(),
+            agent_running: true,
+        });
+        let text = s.human();
+        assert!(
+            text.contains("next attempt: 2026-11-30T00:53:24.096Z (after 4 failed in a row)\n"),
+            "{text}"
+        );
+        assert_eq!(
+            s.json()["runtime"]["reporter"]["retry_at_unix_ms"],
+            1_796_000_004_096_u64
+        );
+        // Reporting again: no next attempt to show.
+        published.reporter.consecutive_failures = 0;
+        s.runtime = Some(Snapshot {
+            state: published,
+            agent_running: true,
+        });
+        assert!(!s.human().contains("next attempt"));
     }
 
     #[test]
