@@ -830,7 +830,7 @@ impl RunningAgent {
         &self,
         limit: Duration,
         what: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
     ) -> anyhow::Result<serde_json::Value> {
         let deadline = std::time::Instant::now() + limit;
         loop {
@@ -1162,15 +1162,6 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
-}
-
-/// A process's `VmHWM` (peak resident set) in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// An enrolled agent environment under `root` with `fleet`, using the

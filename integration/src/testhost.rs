@@ -320,6 +320,31 @@ impl TestHost {
             .unwrap_or_default()
     }
 
+    /// Waits up to `limit` until `ok` holds for a unit's journal (journald
+    /// writes a line a moment after the unit logged it).
+    ///
+    /// # Errors
+    /// On timeout, with the journal's last lines.
+    pub fn wait_journal(
+        &self,
+        unit: &str,
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        while !ok(&self.journal(Some(unit), "")) {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "no {what} in {unit}'s journal within {limit:?}:\n{}",
+                    self.journal(Some(unit), "-n 30")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// The host's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -1,8 +1,8 @@
-//! The server's downloads: artifacts streamed with bounded memory, with
-//! `Content-Length` and `ETag`, nothing outside `--artifacts DIR` served,
-//! and a real 404 for paths nobody serves.
+//! The server's downloads: artifacts with `Content-Length` and `ETag`,
+//! nothing outside `--artifacts DIR` served, and a real 404 for paths
+//! nobody serves. (Its memory while streaming is the benchmark's.)
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
 use linkmesh_integration::harness::{Fleet, scratch};
 
@@ -16,17 +16,8 @@ fn curl(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
-fn artifacts_stream_with_bounded_memory_and_unknown_paths_are_404() -> R {
+fn artifacts_have_a_length_and_a_validator_and_unknown_paths_are_404() -> R {
     let dir = scratch("downloads")?;
     let artifacts = dir.path().join("artifacts");
     std::fs::create_dir_all(&artifacts)?;
@@ -86,25 +77,7 @@ fn artifacts_stream_with_bounded_memory_and_unknown_paths_are_404() -> R {
         "a symlink out of the directory was followed"
     );
 
-    // Sixteen slow downloads of 64 MiB hold chunks, not files.
-    let before = rss_kib(fleet.pid());
-    let mut slow: Vec<_> = (0..16)
-        .map(|_| {
-            Command::new("curl")
-                .args(["-sk", "--limit-rate", "256k", "-o", "/dev/null", &url])
-                .spawn()
-        })
-        .collect::<Result<_, _>>()?;
-    std::thread::sleep(Duration::from_secs(3));
-    let during = rss_kib(fleet.pid());
-    for c in &mut slow {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    eprintln!("server RSS {before} KiB before, {during} KiB during 16 slow downloads");
-    assert!(
-        during < before + 64 * 1024,
-        "16 downloads of a 64 MiB file grew the server from {before} to {during} KiB"
-    );
+    // The server's memory while it streams this file to slow readers is a
+    // figure of the benchmark (`download_rss_growth`, release build).
     Ok(())
 }

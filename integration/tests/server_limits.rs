@@ -162,21 +162,21 @@ fn the_servers_certificate_is_renewed_without_a_restart() -> R {
     let out = agent.enroll(&fleet.url, &t.token, &["--ca-pin", &t.ca_pin])?;
     assert!(out.status.success(), "{}", text(&out));
     let run = agent.spawn_run(&[], &[])?;
-    let started = std::time::Instant::now();
-    // Past the first certificate's expiry (6 s, renewed every 4 s).
+    // Past the first certificate's expiry (6 s, renewed every 4 s), the
+    // agent's reports go on.
     let reports_at = |run: &linkmesh_integration::harness::RunningAgent| {
         run.status()
             .and_then(|s| s["reporter"]["reports"].as_u64())
             .unwrap_or(0)
     };
-    std::thread::sleep(Duration::from_secs(9).saturating_sub(started.elapsed()));
+    while time::OffsetDateTime::now_utc().unix_timestamp() <= first {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = reports_at(&run);
-    std::thread::sleep(Duration::from_secs(3));
-    let after = reports_at(&run);
-    assert!(
-        after > before,
-        "reports stopped at {before} across the server's renewal"
-    );
+    run.wait_status(Duration::from_secs(20), "a report after the expiry", |s| {
+        s["reporter"]["reports"].as_u64() > Some(before)
+    })
+    .map_err(|e| anyhow::anyhow!("reports stopped at {before} across the server's renewal: {e}"))?;
     let now = server_not_after(addr, &t.ca_pin)?;
     assert!(
         now > first,

@@ -462,16 +462,30 @@ fn the_shipped_unit_runs_the_agent_sandboxed_and_scores_low_exposure() -> R {
     );
 
     // Reload: configuration checked, same process, supervisor left alone.
-    let out = host.exec("systemctl reload linkmesh-agent && sleep 0.5 && systemctl show -p ActiveState,MainPID linkmesh-agent")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        text.contains("ActiveState=active") && text.contains(&format!("MainPID={main_pid}")),
-        "{text}"
-    );
-    assert!(
-        host.journal(Some("linkmesh-agent"), "")
-            .contains("Collector runtime's unit unchanged; not restarting it")
-    );
+    // `systemctl reload` returns once SIGHUP is sent; the agent's own line
+    // says the reload is done, then the unit is active again, same process.
+    const UNCHANGED: &str = "Collector runtime's unit unchanged; not restarting it";
+    let seen = host
+        .journal(Some("linkmesh-agent"), "")
+        .matches(UNCHANGED)
+        .count();
+    host.sh("systemctl reload linkmesh-agent")?;
+    host.wait_journal(
+        "linkmesh-agent",
+        "the reload's line",
+        Duration::from_secs(10),
+        |j| j.matches(UNCHANGED).count() > seen,
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = host.sh("systemctl show -p ActiveState,MainPID linkmesh-agent")?;
+        assert!(text.contains(&format!("MainPID={main_pid}")), "{text}");
+        if text.contains("ActiveState=active") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let collector_before = host.exec("systemctl show -p MainPID --value linkmesh-collector")?;
     let collector_before = String::from_utf8_lossy(&collector_before.stdout)
         .trim()

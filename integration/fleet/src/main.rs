@@ -38,18 +38,9 @@ struct Cli {
 enum Command {
     /// Create the state directory and the internal CA, its key sealed with
     /// the server secret (a no-op if it exists: the CA is never re-created).
-    Init {
-        #[arg(long, value_name = "DIR")]
-        state: PathBuf,
-        /// The server secret's file [default: $LINKMESH_FLEET_SECRET]; made
-        /// (random, 0600) when it does not exist yet and the state is new.
-        #[arg(long, value_name = "FILE")]
-        secret_file: Option<PathBuf>,
-        /// How long the archive signing key made here is valid (`never`: no
-        /// expiry). `repo-key rotate` well before it ends.
-        #[arg(long, value_name = "DURATION|never", default_value_t = KeyLifetime(Some(repository::keys::DEFAULT_LIFETIME)), value_parser = key_lifetime)]
-        key_lifetime: KeyLifetime,
-    },
+    /// The server secret's file is made (random, 0600) when it does not
+    /// exist yet and the state is new.
+    Init(KeyArgs),
     /// Serve the agent API over TLS.
     Serve {
         #[arg(long, value_name = "DIR")]
@@ -214,6 +205,21 @@ fn key_lifetime(s: &str) -> Result<KeyLifetime, String> {
         .map_err(|e| format!("{e}, or `never`"))
 }
 
+/// A state directory, its secret, and the lifetime of the archive signing
+/// key made there (`init`'s first key, `repo-key rotate`'s next one).
+#[derive(Debug, clap::Args)]
+struct KeyArgs {
+    #[arg(long, value_name = "DIR")]
+    state: PathBuf,
+    /// The server secret's file [default: $LINKMESH_FLEET_SECRET].
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// How long the archive signing key made is valid (`never`: no expiry);
+    /// `repo-key rotate` well before it ends.
+    #[arg(long, value_name = "DURATION|never", default_value_t = KeyLifetime(Some(repository::keys::DEFAULT_LIFETIME)), value_parser = key_lifetime)]
+    key_lifetime: KeyLifetime,
+}
+
 #[derive(Debug, Subcommand)]
 enum RepoKeyCommand {
     /// The keys, oldest first: each signs the repositories and is in the
@@ -225,16 +231,7 @@ enum RepoKeyCommand {
     /// Add a new key beside the current ones. Both sign from the next
     /// `serve` start; hosts take the new keyring on their next one-liner
     /// run. Retire the old key once they have.
-    Rotate {
-        #[arg(long, value_name = "DIR")]
-        state: PathBuf,
-        /// The server secret's file [default: $LINKMESH_FLEET_SECRET].
-        #[arg(long, value_name = "FILE")]
-        secret_file: Option<PathBuf>,
-        /// How long the new key is valid (`never`: no expiry).
-        #[arg(long, value_name = "DURATION|never", default_value_t = KeyLifetime(Some(repository::keys::DEFAULT_LIFETIME)), value_parser = key_lifetime)]
-        key_lifetime: KeyLifetime,
-    },
+    Rotate(KeyArgs),
     /// Drop the oldest key (from the next `serve` start): it no longer
     /// signs and leaves the published keyring. Refused for the only key.
     Retire {
@@ -337,11 +334,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init {
+        Command::Init(KeyArgs {
             state,
             secret_file,
             key_lifetime,
-        } => init(&State::new(state), secret_file.as_deref(), key_lifetime),
+        }) => init(&State::new(state), secret_file.as_deref(), key_lifetime),
         Command::Serve {
             state,
             secret_file,
@@ -572,11 +569,11 @@ fn repo_key(cmd: RepoKeyCommand) -> anyhow::Result<()> {
                 println!("{}  created {}  {expiry}", k.fingerprint, k.created);
             }
         }
-        RepoKeyCommand::Rotate {
+        RepoKeyCommand::Rotate(KeyArgs {
             state,
             secret_file,
             key_lifetime,
-        } => {
+        }) => {
             let (state, d) = dir(&state)?;
             let secret = secret(secret_file.as_deref())?;
             // The secret must open the keys already there: one secret seals

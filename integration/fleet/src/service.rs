@@ -511,6 +511,7 @@ impl proto::Fleet for FleetService {
                     state_digest: req.state_digest,
                     full_report_at: now_s,
                     reports,
+                    heartbeats_since_full: 0,
                     collector_problem: rt.collector_problem.map(|p| {
                         crate::state::CollectorProblemRecord {
                             reason: bounded(&p.reason),
@@ -531,6 +532,7 @@ impl proto::Fleet for FleetService {
                 }
                 rec.agent_version = req.agent_version.clone();
             } else {
+                report.heartbeats_since_full += 1;
                 report.clock_offset_ms = req.clock_offset_ms;
                 send_full = report.state_digest != req.state_digest || report.full_report_at == 0;
             }

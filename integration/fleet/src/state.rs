@@ -248,6 +248,9 @@ pub struct ReportRecord {
     pub full_report_at: i64,
     /// Reports received (full and heartbeats).
     pub reports: u64,
+    /// Heartbeats since the last full report.
+    #[serde(default)]
+    pub heartbeats_since_full: u64,
     /// The collector's last crash or rejected configuration, as the agent
     /// reported it.
     #[serde(default)]

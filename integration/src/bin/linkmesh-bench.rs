@@ -51,6 +51,14 @@
 //!   spawning the command the start. The pinned supervisor reports
 //!   `applied` only when its `config_apply_timeout` (5 s, rendered by the
 //!   agent) has passed with the collector healthy, so that is the floor.
+//! - `away_rss_growth`: the agent's `VmRSS` after the server has been away
+//!   for `--away-secs` (the reporter retrying with backoff), minus before.
+//! - `flood_peak_rss`: the agent's `VmHWM` (peak RSS) once a stand-in
+//!   supervisor (`fixtures/noisy.sh`) has written invalid UTF-8, a 1 MiB
+//!   line and 32 MiB without a newline, all of it logged in bounded chunks.
+//! - `download_rss_growth`: the reference server's `VmRSS` while it
+//!   streams a 64 MiB artifact to 16 clients reading at 256 KiB/s, minus
+//!   before (chunks, not files, held in memory).
 //!
 //! The whole set is measured `--repeat` times. The table shows, per figure,
 //! the median of the runs' medians and the spread of those medians (min–max
@@ -114,8 +122,10 @@ struct Args {
     /// (bad agent upgrades put back by the watcher, `--upgrades` of them),
     /// `clones` (a copied identity's first start to its own, `--clones`),
     /// `repositories` (the signed apt and yum repositories generated from
-    /// `--repo-versions` versions' packages).
-    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback", "clones", "repositories"])]
+    /// `--repo-versions` versions' packages), `memory` (the agent with the
+    /// server away and under an output flood, the server streaming
+    /// downloads).
+    #[arg(long, value_parser = ["continuity", "idle-conns", "rollback", "clones", "repositories", "memory"])]
     only: Option<String>,
     /// Versions (a .deb and an .rpm each) the repositories are generated
     /// from (0 skips it).
@@ -125,6 +135,9 @@ struct Args {
     /// their own, each timed to its own identity (0 skips them; needs root).
     #[arg(long, default_value_t = 10)]
     clones: usize,
+    /// Seconds the server is away for `away_rss_growth`.
+    #[arg(long, default_value_t = 30)]
+    away_secs: u64,
     /// Idle TLS connections the server is made to hold (0 skips it).
     #[arg(long, default_value_t = 1000)]
     idle_conns: usize,
@@ -238,12 +251,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             Some("rollback") => rollback(&args)?,
             Some("clones") => clones(&args)?,
             Some("repositories") => repositories(&args)?,
+            Some("memory") => memory(&args)?,
             _ => {
                 let mut figures = one_run(&args, &agent_bin)?;
                 figures.extend(idle_connections(&args)?);
                 figures.extend(continuity()?);
                 figures.extend(rollback(&args)?);
                 figures.extend(repositories(&args)?);
+                figures.extend(memory(&args)?);
                 if nix::unistd::geteuid().is_root() {
                     figures.extend(clones(&args)?);
                 } else {
@@ -273,6 +288,107 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)?;
     println!("\nresults written to {}", out.display());
     Ok(())
+}
+
+/// Memory under the three loads the agent and the server must bound: the
+/// server away for `--away-secs`, a supervisor's hostile output, and 16
+/// slow downloads of a 64 MiB artifact (figures in the module docs).
+fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    use linkmesh_integration::harness::{enrolled_agent, fixture, runtime_bin_dir};
+    let dir = scratch("bench-memory")?;
+    let artifacts = dir.path().join("artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    std::fs::File::create(artifacts.join("big.deb"))?.set_len(64 << 20)?;
+    let mut fleet = Fleet::start(
+        &dir.path().join("fleet"),
+        &["--artifacts", artifacts.to_str().unwrap_or_default()],
+    )?;
+    let bins = runtime_bin_dir(&dir.path().join("bin"))?;
+    let rss_mib = |pid: u32, key: &str| -> anyhow::Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        Ok(kib(&status, key) / 1024.0)
+    };
+    let mut figures = Vec::new();
+
+    // The server away: the reporter retries with backoff, the collector runs.
+    let agent = enrolled_agent(&dir.path().join("away"), &fleet, &bins, "")?;
+    let run = agent.spawn_run(&[], &[])?;
+    run.wait_status(Duration::from_secs(20), "reporting", |s| {
+        s["reporter"]["reports"].as_u64() >= Some(2)
+            && s["supervision"]["collector_pid"].as_u64().is_some()
+    })?;
+    let before = rss_mib(run.pid(), "VmRSS:")?;
+    fleet.stop();
+    std::thread::sleep(Duration::from_secs(args.away_secs.max(1)));
+    let after = rss_mib(run.pid(), "VmRSS:")?;
+    let failures = run
+        .status()
+        .and_then(|s| s["reporter"]["consecutive_failures"].as_u64())
+        .unwrap_or(0);
+    eprintln!(
+        "server away {} s: {failures} failed attempts, VmRSS {before:.2} -> {after:.2} MiB",
+        args.away_secs
+    );
+    figures.push(figure(
+        "away_rss_growth",
+        "MiB",
+        "agent VmRSS after the server was away --away-secs, minus before",
+        vec![after - before],
+    ));
+    drop(run);
+    fleet.restart(None)?;
+
+    // Hostile supervisor output: logged in bounded chunks.
+    let agent = enrolled_agent(&dir.path().join("flood"), &fleet, &bins, "")?;
+    let cfg = std::fs::read_to_string(&agent.config)?.replace(
+        &bins.join("opampsupervisor").display().to_string(),
+        &fixture("noisy.sh").display().to_string(),
+    );
+    agent.write_config(&cfg)?;
+    let run = agent.spawn_run(&[], &[])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run.log_text().contains("after the flood") {
+        if Instant::now() > deadline {
+            bail!("the stand-in's flood did not reach the agent's log within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    figures.push(figure(
+        "flood_peak_rss",
+        "MiB",
+        "agent VmHWM after 33 MiB of supervisor output (a 32 MiB line among it)",
+        vec![rss_mib(run.pid(), "VmHWM:")?],
+    ));
+    drop(run);
+
+    // Sixteen slow downloads of a 64 MiB artifact.
+    let url = format!("{}/artifacts/big.deb", fleet.url);
+    let before = rss_mib(fleet.pid(), "VmRSS:")?;
+    let mut slow: Vec<_> = (0..16)
+        .map(|_| {
+            std::process::Command::new("curl")
+                .args(["-sk", "--limit-rate", "256k", "-o", "/dev/null", &url])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()
+        .context("curl, for the downloads")?;
+    let mut during = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        during.push(rss_mib(fleet.pid(), "VmRSS:")? - before);
+    }
+    for c in &mut slow {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    figures.push(figure(
+        "download_rss_growth",
+        "MiB",
+        "server VmRSS each second of 16 downloads of 64 MiB at 256 KiB/s, minus before",
+        during,
+    ));
+    Ok(figures)
 }
 
 /// The reference server holding `--idle-conns` TLS connections that
