@@ -364,7 +364,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         None => ConfigPaths::from_env(|k| std::env::var(k).ok()),
     };
     match cli.command {
-        Command::Version { json } => return print_version(json),
+        Command::Version { json } => {
+            let b = version::BUILD;
+            println!("{}", if json { b.json() } else { b.human() });
+            return Ok(());
+        }
         Command::Check {
             json,
             pre_upgrade,
@@ -461,22 +465,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Detect { json } => detect(&settings, json),
         Command::Config(ConfigCommand::Check) => {
-            let files: Vec<String> = settings
-                .sources
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            println!(
-                "configuration ok ({})",
-                if files.is_empty() {
-                    format!(
-                        "no files; defaults apply, looked at {}",
-                        paths.file.display()
-                    )
-                } else {
-                    files.join(", ")
-                }
-            );
+            println!("{}", settings.checked(&paths.file));
             Ok(())
         }
         Command::Enroll(args) => enroll(&settings, args),
@@ -573,11 +562,9 @@ fn upgrade(settings: &Settings, cmd: UpgradeCommand) -> Result<(), Failure> {
                 .ok()
                 .flatten();
             let proxy = settings.proxy_url.clone();
-            let fetch = |name: &str, dest: &std::path::Path| -> Result<(), String> {
-                let ask = ask
-                    .as_ref()
-                    .ok_or("this host is not enrolled: no server to fetch from")?;
-                let tls = crate::tls::enrol_client_config(&ask.trust).map_err(|e| e.to_string())?;
+            let fetch = |name: &str, dest: &std::path::Path| -> Result<(), watch::FetchError> {
+                let ask = ask.as_ref().ok_or(watch::FetchError::NotEnrolled)?;
+                let tls = crate::tls::enrol_client_config(&ask.trust)?;
                 crate::upgrade::watch::fetch_artifact(
                     &ask.server,
                     std::sync::Arc::new(tls),
@@ -647,25 +634,6 @@ fn detect(settings: &Settings, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_value(&d).context("encode detection")?);
     } else {
         print!("{}", d.human());
-    }
-    Ok(())
-}
-
-fn print_version(json: bool) -> Result<(), Failure> {
-    if json {
-        let v = serde_json::json!({
-            "version": version::AGENT_VERSION,
-            "git_revision": version::GIT_REVISION,
-            "api_version": version::API_VERSION,
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "linkmesh-agent {} (git {}, api v{})",
-            version::AGENT_VERSION,
-            version::GIT_REVISION,
-            version::API_VERSION
-        );
     }
     Ok(())
 }

@@ -69,6 +69,26 @@ pub struct Settings {
     pub sources: Vec<PathBuf>,
 }
 
+impl Settings {
+    /// `config check`'s line once these settings loaded: the files read,
+    /// or that none were (`looked_at` is the main file's path).
+    pub fn checked(&self, looked_at: &Path) -> String {
+        let files: Vec<String> = self
+            .sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        if files.is_empty() {
+            format!(
+                "configuration ok (no files; defaults apply, looked at {})",
+                looked_at.display()
+            )
+        } else {
+            format!("configuration ok ({})", files.join(", "))
+        }
+    }
+}
+
 /// Which collector runtime the configuration asks for (`runtime.kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuntimeChoice {
@@ -272,7 +292,7 @@ pub fn from_texts(
     for (path, text) in fragments {
         let source = path.display().to_string();
         match text.parse::<toml::Table>() {
-            Ok(table) => walk(&table, SCHEMA, "", &source, &mut merged, &mut problems),
+            Ok(table) => walk(&table, "", &source, &mut merged, &mut problems),
             Err(e) => problems.push(Problem {
                 source,
                 key: String::new(),
@@ -296,65 +316,94 @@ pub fn from_texts(
     }
 }
 
-enum Ty {
-    Str,
-    Table(&'static [(&'static str, Ty)]),
-}
+/// Every key the configuration knows, spelled once: what [`walk`]
+/// accepts (tables are the keys' prefixes) and what [`validate`] reads.
+mod key {
+    pub const SERVER: &str = "server";
+    pub const STATE_DIR: &str = "state_dir";
+    pub const RUNTIME_KIND: &str = "runtime.kind";
+    pub const RUNTIME_MODE: &str = "runtime.mode";
+    pub const RUNTIME_SUPERVISOR: &str = "runtime.supervisor";
+    pub const RUNTIME_COLLECTOR: &str = "runtime.collector";
+    pub const RUNTIME_COLLECTOR_CONFIG: &str = "runtime.collector_config";
+    pub const RUNTIME_ALLOY: &str = "runtime.alloy";
+    pub const REPORT_INTERVAL: &str = "report.interval";
+    pub const UPGRADE_PROBATION: &str = "upgrade.probation";
+    pub const PROXY_URL: &str = "proxy.url";
+    pub const LOG_LEVEL: &str = "log.level";
 
-const SCHEMA: &[(&str, Ty)] = &[
-    ("server", Ty::Str),
-    ("state_dir", Ty::Str),
-    (
-        "runtime",
-        Ty::Table(&[
-            ("kind", Ty::Str),
-            ("mode", Ty::Str),
-            ("supervisor", Ty::Str),
-            ("collector", Ty::Str),
-            ("collector_config", Ty::Str),
-            ("alloy", Ty::Str),
-        ]),
-    ),
-    ("report", Ty::Table(&[("interval", Ty::Str)])),
-    ("upgrade", Ty::Table(&[("probation", Ty::Str)])),
-    ("proxy", Ty::Table(&[("url", Ty::Str)])),
-    ("log", Ty::Table(&[("level", Ty::Str)])),
-];
+    /// All of them, in the order `unknown key` lists them.
+    pub const ALL: &[&str] = &[
+        SERVER,
+        STATE_DIR,
+        RUNTIME_KIND,
+        RUNTIME_MODE,
+        RUNTIME_SUPERVISOR,
+        RUNTIME_COLLECTOR,
+        RUNTIME_COLLECTOR_CONFIG,
+        RUNTIME_ALLOY,
+        REPORT_INTERVAL,
+        UPGRADE_PROBATION,
+        PROXY_URL,
+        LOG_LEVEL,
+    ];
+
+    /// The names known directly under the table `prefix` ("" for the
+    /// top level), each with whether it is a table itself.
+    pub fn children(prefix: &str) -> Vec<(&'static str, bool)> {
+        let mut out: Vec<(&'static str, bool)> = Vec::new();
+        for k in ALL {
+            let rest = if prefix.is_empty() {
+                Some(*k)
+            } else {
+                k.strip_prefix(prefix).and_then(|r| r.strip_prefix('.'))
+            };
+            let Some(rest) = rest else { continue };
+            let (name, table) = rest
+                .split_once('.')
+                .map_or((rest, false), |(n, _)| (n, true));
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, table));
+            }
+        }
+        out
+    }
+}
 
 fn walk(
     table: &toml::Table,
-    schema: &[(&'static str, Ty)],
     prefix: &str,
     source: &str,
     merged: &mut BTreeMap<String, (String, String)>,
     problems: &mut Vec<Problem>,
 ) {
+    let known = key::children(prefix);
     for (k, v) in table {
         let key = if prefix.is_empty() {
             k.clone()
         } else {
             format!("{prefix}.{k}")
         };
-        let Some((_, ty)) = schema.iter().find(|(name, _)| name == k) else {
-            let known: Vec<&str> = schema.iter().map(|(n, _)| *n).collect();
+        let Some(&(_, is_table)) = known.iter().find(|(name, _)| name == k) else {
+            let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
             problems.push(Problem {
                 source: source.to_owned(),
                 key,
-                message: format!("unknown key; known keys here: {}", known.join(", ")),
+                message: format!("unknown key; known keys here: {}", names.join(", ")),
             });
             continue;
         };
-        match (ty, v) {
-            (Ty::Str, toml::Value::String(s)) => {
+        match (is_table, v) {
+            (false, toml::Value::String(s)) => {
                 merged.insert(key, (s.clone(), source.to_owned()));
             }
-            (Ty::Table(sub), toml::Value::Table(t)) => walk(t, sub, &key, source, merged, problems),
-            (Ty::Str, other) => problems.push(Problem {
+            (true, toml::Value::Table(t)) => walk(t, &key, source, merged, problems),
+            (false, other) => problems.push(Problem {
                 source: source.to_owned(),
                 key,
                 message: format!("expected a string, found {}", other.type_str()),
             }),
-            (Ty::Table(_), other) => problems.push(Problem {
+            (true, other) => problems.push(Problem {
                 source: source.to_owned(),
                 key,
                 message: format!("expected a table ([{k}]), found {}", other.type_str()),
@@ -377,10 +426,10 @@ fn validate(
         });
     };
 
-    let server = get("server").and_then(|(v, src)| match v.parse::<ServerUrl>() {
+    let server = get(key::SERVER).and_then(|(v, src)| match v.parse::<ServerUrl>() {
         Ok(u) => Some(u),
         Err(e) => {
-            bad(src, "server", e.to_string());
+            bad(src, key::SERVER, e.to_string());
             None
         }
     });
@@ -394,7 +443,7 @@ fn validate(
             Some((v, _)) => PathBuf::from(v),
             None => PathBuf::from(default),
         };
-    let mut state_dir = abs_path("state_dir", DEFAULT_STATE_DIR, &mut bad);
+    let mut state_dir = abs_path(key::STATE_DIR, DEFAULT_STATE_DIR, &mut bad);
     if let Some(v) = env(ENV_STATE_DIR).filter(|v| !v.is_empty()) {
         if Path::new(&v).is_absolute() {
             state_dir = PathBuf::from(v);
@@ -406,16 +455,16 @@ fn validate(
             );
         }
     }
-    let supervisor = abs_path("runtime.supervisor", DEFAULT_SUPERVISOR, &mut bad);
-    let collector = abs_path("runtime.collector", DEFAULT_COLLECTOR, &mut bad);
+    let supervisor = abs_path(key::RUNTIME_SUPERVISOR, DEFAULT_SUPERVISOR, &mut bad);
+    let collector = abs_path(key::RUNTIME_COLLECTOR, DEFAULT_COLLECTOR, &mut bad);
     let collector_config = abs_path(
-        "runtime.collector_config",
+        key::RUNTIME_COLLECTOR_CONFIG,
         DEFAULT_COLLECTOR_CONFIG,
         &mut bad,
     );
-    let alloy = abs_path("runtime.alloy", DEFAULT_ALLOY, &mut bad);
+    let alloy = abs_path(key::RUNTIME_ALLOY, DEFAULT_ALLOY, &mut bad);
 
-    let kind = match get("runtime.kind") {
+    let kind = match get(key::RUNTIME_KIND) {
         None | Some(("auto", _)) => RuntimeChoice::Auto,
         Some(("otelcol", _)) => RuntimeChoice::Only(RuntimeKind::Otelcol),
         Some(("alloy", _)) => RuntimeChoice::Only(RuntimeKind::Alloy),
@@ -423,67 +472,67 @@ fn validate(
         Some((v, src)) => {
             bad(
                 src,
-                "runtime.kind",
+                key::RUNTIME_KIND,
                 format!("{} is not one of auto, otelcol, alloy, none", shown(v)),
             );
             RuntimeChoice::Auto
         }
     };
 
-    let mode = match get("runtime.mode") {
+    let mode = match get(key::RUNTIME_MODE) {
         None | Some(("auto", _)) => RuntimeMode::Auto,
         Some(("unit", _)) => RuntimeMode::Unit,
         Some(("child", _)) => RuntimeMode::Child,
         Some((v, src)) => {
             bad(
                 src,
-                "runtime.mode",
+                key::RUNTIME_MODE,
                 format!("{} is not one of auto, unit, child", shown(v)),
             );
             RuntimeMode::Auto
         }
     };
 
-    let report_interval = match get("report.interval") {
+    let report_interval = match get(key::REPORT_INTERVAL) {
         None => DEFAULT_REPORT_INTERVAL,
         Some((v, src)) => match parse_duration(v) {
             Ok(d) if (MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&d) => d,
             Ok(_) => {
                 bad(
                     src,
-                    "report.interval",
+                    key::REPORT_INTERVAL,
                     format!("{} is outside 1s..1h", shown(v)),
                 );
                 DEFAULT_REPORT_INTERVAL
             }
             Err(e) => {
-                bad(src, "report.interval", e.to_string());
+                bad(src, key::REPORT_INTERVAL, e.to_string());
                 DEFAULT_REPORT_INTERVAL
             }
         },
     };
 
     let default_probation = crate::upgrade::probation::DEFAULT_PROBATION;
-    let probation = match get("upgrade.probation") {
+    let probation = match get(key::UPGRADE_PROBATION) {
         None => default_probation,
         Some((v, src)) => match parse_duration(v) {
             Ok(d) if PROBATION_RANGE.contains(&d) => d,
             Ok(_) => {
                 bad(
                     src,
-                    "upgrade.probation",
+                    key::UPGRADE_PROBATION,
                     format!("{} is outside 5s..1h", shown(v)),
                 );
                 default_probation
             }
             Err(e) => {
-                bad(src, "upgrade.probation", e.to_string());
+                bad(src, key::UPGRADE_PROBATION, e.to_string());
                 default_probation
             }
         },
     };
 
-    let proxy_url = match get("proxy.url") {
+    let proxy_url = match get(key::PROXY_URL) {
         None | Some(("", _)) => None,
         Some((v, src)) => {
             if v.starts_with("http://") && v.len() > "http://".len() {
@@ -491,7 +540,7 @@ fn validate(
             } else {
                 bad(
                     src,
-                    "proxy.url",
+                    key::PROXY_URL,
                     format!(
                         "{} must be an http:// URL of an HTTP CONNECT proxy, or empty",
                         shown(v)
@@ -502,7 +551,7 @@ fn validate(
         }
     };
 
-    let log_level = match get("log.level") {
+    let log_level = match get(key::LOG_LEVEL) {
         None => DEFAULT_LOG_LEVEL.to_owned(),
         Some((v, src)) => {
             if valid_log_filter(v) {
@@ -510,7 +559,7 @@ fn validate(
             } else {
                 bad(
                     src,
-                    "log.level",
+                    key::LOG_LEVEL,
                     format!(
                         "{} is not a level (error, warn, info, debug, trace, off) or tracing filter directives such as \"warn,linkmesh_agent=debug\"",
                         shown(v)
@@ -680,6 +729,54 @@ mod tests {
 
     fn frag(name: &str, text: &str) -> (PathBuf, String) {
         (PathBuf::from(name), text.to_owned())
+    }
+
+    #[test]
+    fn the_schema_is_the_keys_prefixes() {
+        assert_eq!(
+            key::children(""),
+            [
+                ("server", false),
+                ("state_dir", false),
+                ("runtime", true),
+                ("report", true),
+                ("upgrade", true),
+                ("proxy", true),
+                ("log", true)
+            ]
+        );
+        let runtime: Vec<&str> = key::children("runtime").iter().map(|c| c.0).collect();
+        assert_eq!(
+            runtime,
+            [
+                "kind",
+                "mode",
+                "supervisor",
+                "collector",
+                "collector_config",
+                "alloy"
+            ]
+        );
+        // `runtime.collector` does not make `collector` a table.
+        assert!(key::children("runtime.collector").is_empty());
+        assert!(key::children("server").is_empty());
+    }
+
+    #[test]
+    fn config_check_names_the_files_read() {
+        let mut s = from_texts(&[], no_env).unwrap();
+        assert_eq!(
+            s.checked(Path::new("/etc/linkmesh/agent.toml")),
+            "configuration ok (no files; defaults apply, looked at /etc/linkmesh/agent.toml)"
+        );
+        s.sources = vec![
+            PathBuf::from("/etc/linkmesh/agent.toml"),
+            PathBuf::from("/etc/linkmesh/agent.d/10-proxy.toml"),
+        ];
+        assert_eq!(
+            s.checked(Path::new("/etc/linkmesh/agent.toml")),
+            "configuration ok (/etc/linkmesh/agent.toml, /etc/linkmesh/agent.d/10-proxy.toml)"
+        );
     }
 
     #[test]

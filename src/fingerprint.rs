@@ -173,11 +173,24 @@ pub fn reset_copied_uid(
     Ok(removed)
 }
 
+/// The collector may not start yet: this machine is a copy of `host_id`
+/// whose copied OpAMP instance uid the agent has not reset.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this machine is a copy of host {host_id} ({reason}); the collector starts once linkmesh-agent has reset the copied OpAMP instance uid"
+)]
+pub struct CopyPending {
+    /// The host the identity belongs to.
+    pub host_id: String,
+    /// Why this machine is another (the fingerprint that differs).
+    pub reason: String,
+}
+
 /// Whether the collector runtime's unit may start now: not on a clone
 /// whose copied instance uid the agent has not reset yet (its unit would
 /// otherwise connect as the original's collector before the agent runs).
 /// Pure but for reading the two records.
-pub fn collector_may_start(state_dir: &Path, machine: &Machine) -> Result<(), String> {
+pub fn collector_may_start(state_dir: &Path, machine: &Machine) -> Result<(), CopyPending> {
     let Some(recorded) = read(state_dir) else {
         return Ok(());
     };
@@ -201,9 +214,7 @@ pub fn collector_may_start(state_dir: &Path, machine: &Machine) -> Result<(), St
             {
                 Ok(())
             } else {
-                Err(format!(
-                    "this machine is a copy of host {host_id} ({reason}); the collector starts once linkmesh-agent has reset the copied OpAMP instance uid"
-                ))
+                Err(CopyPending { host_id, reason })
             }
         }
     }
@@ -299,7 +310,8 @@ mod tests {
         std::fs::create_dir_all(uid.parent().unwrap()).unwrap();
         std::fs::write(&uid, "instance_id: copied\n").unwrap();
         let why = collector_may_start(state, &elsewhere).unwrap_err();
-        assert!(why.contains("copy of host h"), "{why}");
+        assert_eq!(why.host_id, "h");
+        assert!(why.to_string().contains("copy of host h ("), "{why}");
         assert!(reset_copied_uid(state, "h", &elsewhere).unwrap());
         assert!(!uid.exists());
         assert_eq!(collector_may_start(state, &elsewhere), Ok(()));

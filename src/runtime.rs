@@ -134,11 +134,8 @@ pub enum ProbeError {
         after: std::time::Duration,
     },
     /// An HTTP probe got no usable answer.
-    #[error("{reason}")]
-    Http {
-        /// Why: connection, timeout, status or a malformed answer.
-        reason: String,
-    },
+    #[error(transparent)]
+    Http(#[from] probe::HttpError),
     /// Detection could not run at all.
     #[error("detection unavailable")]
     Unavailable,
@@ -479,9 +476,13 @@ mod tests {
         }
         fn http_get(&self, addr: &str, path: &str) -> Result<String, ProbeError> {
             assert_eq!((addr, path), ("127.0.0.1:12345", "/metrics"));
-            self.http.clone().unwrap_or(Err(ProbeError::Http {
-                reason: "connection refused".into(),
-            }))
+            self.http
+                .clone()
+                .unwrap_or(Err(ProbeError::Http(probe::HttpError::Io {
+                    addr: addr.into(),
+                    kind: std::io::ErrorKind::ConnectionRefused,
+                    reason: "connection refused".into(),
+                })))
         }
     }
 

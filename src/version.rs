@@ -19,6 +19,39 @@ pub const GIT_REVISION: &str = env!("LINKMESH_GIT_REV");
 /// Version of the agent API (`proto/linkmesh/v1`) this build speaks.
 pub const API_VERSION: u32 = 1;
 
+/// This build as `linkmesh-agent version` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Build {
+    /// [`AGENT_VERSION`].
+    pub version: &'static str,
+    /// [`GIT_REVISION`].
+    pub git_revision: &'static str,
+    /// [`API_VERSION`].
+    pub api_version: u32,
+}
+
+/// The running build.
+pub const BUILD: Build = Build {
+    version: AGENT_VERSION,
+    git_revision: GIT_REVISION,
+    api_version: API_VERSION,
+};
+
+impl Build {
+    /// `version --json`.
+    pub fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// One line for people.
+    pub fn human(&self) -> String {
+        format!(
+            "linkmesh-agent {} (git {}, api v{})",
+            self.version, self.git_revision, self.api_version
+        )
+    }
+}
+
 /// How many minor versions an agent may lag the server when the server does
 /// not say otherwise.
 pub const DEFAULT_MINOR_VERSIONS_BEHIND: u32 = 1;
@@ -176,6 +209,21 @@ mod tests {
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_build_as_version_prints_it() {
+        let b = Build {
+            version: "1.4.0",
+            git_revision: "0123abc",
+            api_version: 1,
+        };
+        assert_eq!(b.human(), "linkmesh-agent 1.4.0 (git 0123abc, api v1)");
+        assert_eq!(
+            b.json(),
+            r#"{"version":"1.4.0","git_revision":"0123abc","api_version":1}"#
+        );
+        assert_eq!(BUILD.version, AGENT_VERSION);
     }
 
     #[test]

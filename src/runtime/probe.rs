@@ -102,7 +102,7 @@ impl Probes for HostProbes {
     }
 
     fn http_get(&self, addr: &str, path: &str) -> Result<String, ProbeError> {
-        http_get(addr, path, PROBE_TIMEOUT).map_err(|reason| ProbeError::Http { reason })
+        http_get(addr, path, PROBE_TIMEOUT).map_err(ProbeError::from)
     }
 }
 
@@ -176,42 +176,84 @@ fn run_capture(exe: &Path, args: &[&str]) -> Result<(bool, String, String), Prob
     Ok((status.success(), stdout, stderr))
 }
 
+/// Why [`http_get`] got no usable answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// The address does not resolve (or resolves to nothing).
+    #[error("cannot resolve {addr}{}", .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Resolve {
+        /// host:port.
+        addr: String,
+        /// The resolver's words.
+        reason: Option<String>,
+    },
+    /// Connecting, sending or reading failed (a timeout among them). The
+    /// caller names the URL.
+    #[error("{reason}")]
+    Io {
+        /// host:port.
+        addr: String,
+        /// The class (`TimedOut`, `ConnectionRefused`...).
+        kind: std::io::ErrorKind,
+        /// The socket's words.
+        reason: String,
+    },
+    /// No header/body separator in what came back.
+    #[error("malformed HTTP response")]
+    Malformed {
+        /// host:port.
+        addr: String,
+    },
+    /// An answer other than 200.
+    #[error("HTTP status {status:?}")]
+    Status {
+        /// The status line.
+        status: String,
+    },
+}
+
 /// A minimal HTTP/1.1 GET (Alloy's local endpoint is plain HTTP on loopback).
 ///
 /// # Errors
 /// Connection, timeout, a non-200 status or an unparsable response.
-pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, String> {
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, HttpError> {
+    let io = |e: std::io::Error| HttpError::Io {
+        addr: addr.to_owned(),
+        kind: e.kind(),
+        reason: e.to_string(),
+    };
     let sock = addr
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .map_err(|e| HttpError::Resolve {
+            addr: addr.to_owned(),
+            reason: Some(e.to_string()),
+        })?
         .next()
-        .ok_or_else(|| format!("cannot resolve {addr}"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, timeout).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .ok_or_else(|| HttpError::Resolve {
+            addr: addr.to_owned(),
+            reason: None,
+        })?;
+    let mut stream = TcpStream::connect_timeout(&sock, timeout).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     // One write: `write!` would send each formatted piece separately.
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: text/plain\r\n\r\n"
     );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
+    stream.write_all(request.as_bytes()).map_err(io)?;
     let mut raw = Vec::new();
-    stream
-        .take(MAX_OUTPUT)
-        .read_to_end(&mut raw)
-        .map_err(|e| e.to_string())?;
+    stream.take(MAX_OUTPUT).read_to_end(&mut raw).map_err(io)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
+        .ok_or_else(|| HttpError::Malformed {
+            addr: addr.to_owned(),
+        })?;
     let status = head.lines().next().unwrap_or("");
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("HTTP status {status:?}"));
+        return Err(HttpError::Status {
+            status: status.to_owned(),
+        });
     }
     if head.lines().any(|l| {
         l.to_ascii_lowercase().starts_with("transfer-encoding:")

@@ -8,7 +8,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use super::{ServerSide, Source, read_record};
 use crate::{
     endpoint::ServerUrl,
-    identity::IdentityStore,
+    identity::{IdentityStore, store::StoreError},
     proto,
     tls::{Trust, enrol_client_config},
     version::{Version, VersionError},
@@ -27,14 +27,13 @@ pub struct Ask {
 /// went wrong reading it otherwise (`Ok(None)`: not enrolled).
 ///
 /// # Errors
-/// Why the identity could not be read, for people.
-pub fn ask_from_identity(state_dir: &Path) -> Result<Option<Ask>, String> {
+/// Why the identity could not be read.
+pub fn ask_from_identity(state_dir: &Path) -> Result<Option<Ask>, StoreError> {
     let store = IdentityStore::new(state_dir);
-    let lock = store.lock_shared().map_err(|e| e.to_string())?;
-    let Some(lock) = lock else {
+    let Some(lock) = store.lock_shared()? else {
         return Ok(None);
     };
-    let id = store.load(&lock).map_err(|e| e.to_string())?;
+    let id = store.load(&lock)?;
     Ok(id.map(|id| Ask {
         server: id.server.clone(),
         trust: Trust::CaCerts(vec![id.ca.clone()]),

@@ -159,7 +159,7 @@ pub fn keep(
     to: &Version,
     method: Method,
     window: Duration,
-    fetch: &dyn Fn(&str, &Path) -> Result<(), String>,
+    fetch: &dyn Fn(&str, &Path) -> Result<(), FetchError>,
     stop_watcher: &dyn Fn(),
 ) -> Result<Kept, UpgradeError> {
     let me = version::agent_version();
@@ -490,6 +490,49 @@ pub fn watch(state_dir: &Path, poll: Duration) -> Result<Option<Outcome>, Upgrad
     }
 }
 
+/// Why an artifact could not be fetched from the fleet server.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No identity: no server to fetch from.
+    #[error("this host is not enrolled: no server to fetch from")]
+    NotEnrolled,
+    /// The identity's CA does not make a TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The server could not be reached (the dialer's words: proxy, TCP, TLS).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The server answered, not with the artifact.
+    #[error("{url}: HTTP {status}")]
+    Status {
+        /// What was asked for.
+        url: String,
+        /// Its answer.
+        status: http::StatusCode,
+    },
+    /// The body broke off.
+    #[error("{url}: {reason}")]
+    Body {
+        /// What was asked for.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The artifact is not what its `.sha256` says.
+    #[error("{name}: checksum mismatch (expected {want}, got {got})")]
+    Checksum {
+        /// The artifact.
+        name: String,
+        /// The published sum.
+        want: String,
+        /// The sum of what came.
+        got: String,
+    },
+    /// Writing it to disk failed.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
 /// Fetches artifact `name` (and its `.sha256`) from `server` over `tls`
 /// into `dest`, streaming, checked against the sum before it is renamed
 /// into place.
@@ -502,69 +545,90 @@ pub fn fetch_artifact(
     proxy_url: Option<&str>,
     name: &str,
     dest: &Path,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     use http_body_util::BodyExt as _;
     use tokio::io::AsyncWriteExt as _;
     use tower::ServiceExt as _;
     let proxy = crate::transport::proxy_for(server.host(), proxy_url, |k| std::env::var(k).ok());
     let dialer = crate::transport::Dialer::new(server.clone(), tls, proxy, Duration::from_secs(30));
+    let tmp = dest.with_extension("part");
+    let write_err = |op: &'static str| {
+        let tmp = tmp.clone();
+        move |e: std::io::Error| FetchError::Fs(FsError::new(op, &tmp, e))
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| FetchError::Unreachable(format!("cannot start an I/O runtime: {e}")))?;
     rt.block_on(async {
         let get = |path: String| {
             let dialer = dialer.clone();
             async move {
-                let channel = dialer.channel().map_err(|e| e.to_string())?;
+                let url = format!("{server}{path}");
+                let channel = dialer
+                    .channel()
+                    .map_err(|e| FetchError::Unreachable(e.to_string()))?;
                 let req = http::Request::get(format!("http://{}{path}", server.authority()))
                     .body(tonic::body::Body::empty())
-                    .map_err(|e| e.to_string())?;
-                let resp = channel
-                    .oneshot(req)
-                    .await
-                    .map_err(|e| dialer.last_error().unwrap_or_else(|| e.to_string()))?;
+                    .map_err(|e| FetchError::Body {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let resp = channel.oneshot(req).await.map_err(|e| {
+                    FetchError::Unreachable(dialer.last_error().unwrap_or_else(|| e.to_string()))
+                })?;
                 if !resp.status().is_success() {
-                    return Err(format!("{server}{path}: HTTP {}", resp.status()));
+                    return Err(FetchError::Status {
+                        url,
+                        status: resp.status(),
+                    });
                 }
-                Ok(resp.into_body())
+                Ok((url, resp.into_body()))
             }
         };
-        let sum_body = get(format!("/artifacts/{name}.sha256")).await?;
+        let (sum_url, sum_body) = get(format!("/artifacts/{name}.sha256")).await?;
         let sum = sum_body
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| FetchError::Body {
+                url: sum_url,
+                reason: e.to_string(),
+            })?
             .to_bytes();
         let want = String::from_utf8_lossy(&sum)
             .split_whitespace()
             .next()
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let mut body = get(format!("/artifacts/{name}")).await?;
-        let tmp = dest.with_extension("part");
+        let (url, mut body) = get(format!("/artifacts/{name}")).await?;
         let mut file = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(write_err("create"))?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| e.to_string())?;
+            let frame = frame.map_err(|e| FetchError::Body {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
             if let Ok(data) = frame.into_data() {
                 ctx.update(&data);
-                file.write_all(&data).await.map_err(|e| e.to_string())?;
+                file.write_all(&data).await.map_err(write_err("write"))?;
             }
         }
-        file.sync_all().await.map_err(|e| e.to_string())?;
+        file.sync_all().await.map_err(write_err("fsync"))?;
         drop(file);
         let got = crate::hex::encode(ctx.finish().as_ref());
         if want.is_empty() || got != want {
             let _ = std::fs::remove_file(&tmp);
-            return Err(format!(
-                "{name}: checksum mismatch (expected {want}, got {got})"
-            ));
+            return Err(FetchError::Checksum {
+                name: name.to_owned(),
+                want,
+                got,
+            });
         }
-        std::fs::rename(&tmp, dest).map_err(|e| e.to_string())?;
-        crate::fs::fsync_dir(dest.parent().unwrap_or(Path::new("/"))).map_err(|e| e.to_string())
+        std::fs::rename(&tmp, dest).map_err(write_err("rename"))?;
+        crate::fs::fsync_dir(dest.parent().unwrap_or(Path::new("/")))?;
+        Ok(())
     })
 }
 
@@ -592,7 +656,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path();
         let to: Version = "9.9.9".parse().unwrap();
-        let no_server = |_: &str, _: &Path| Err("offline".to_owned());
+        let no_server = |_: &str, _: &Path| Err(FetchError::Unreachable("offline".to_owned()));
         let kept = keep(
             state,
             &to,
@@ -626,7 +690,7 @@ mod tests {
         // Fetched from the server when it offers it.
         let offer = |name: &str, dest: &Path| {
             assert!(name.ends_with(".rpm"));
-            std::fs::write(dest, b"rpm").map_err(|e| e.to_string())
+            std::fs::write(dest, b"rpm").map_err(|e| FetchError::Fs(FsError::new("write", dest, e)))
         };
         let Kept::Armed(Some(path)) = keep(
             state,
