@@ -301,7 +301,14 @@ fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
     std::fs::File::create(artifacts.join("big.deb"))?.set_len(64 << 20)?;
     let mut fleet = Fleet::start(
         &dir.path().join("fleet"),
-        &["--artifacts", artifacts.to_str().unwrap_or_default()],
+        &[
+            "--artifacts",
+            artifacts.to_str().unwrap_or_default(),
+            // Reports every second: the reporter is retrying, not waiting
+            // out an interval, for the whole time the server is away.
+            "--report-interval",
+            "1s",
+        ],
     )?;
     let bins = runtime_bin_dir(&dir.path().join("bin"))?;
     let rss_mib = |pid: u32, key: &str| -> anyhow::Result<f64> {
