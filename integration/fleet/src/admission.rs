@@ -217,22 +217,11 @@ mod tests {
         HostRecord {
             host_id: HOST.into(),
             hostname: "web-1".into(),
-            os: String::new(),
-            arch: String::new(),
-            machine_id_hash: String::new(),
-            product_uuid_hash: String::new(),
-            duplicate: None,
-            cloned_from: None,
             agent_version: "0.1.0".into(),
-            token_id: String::new(),
             spki_sha256: "aa".into(),
             cert_serial: "0102".into(),
             cert_not_after: 1000,
-            pending_cert: None,
-            enrolled_at: 0,
-            last_seen: 0,
-            report: None,
-            opamp: None,
+            ..HostRecord::default()
         }
     }
 

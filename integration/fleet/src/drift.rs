@@ -267,19 +267,7 @@ mod tests {
         HostRecord {
             host_id: id.into(),
             hostname: format!("{id}.example"),
-            os: String::new(),
-            arch: String::new(),
-            machine_id_hash: String::new(),
-            product_uuid_hash: String::new(),
-            duplicate: None,
-            cloned_from: None,
             agent_version: agent.into(),
-            token_id: String::new(),
-            spki_sha256: String::new(),
-            cert_serial: String::new(),
-            cert_not_after: 0,
-            pending_cert: None,
-            enrolled_at: 0,
             last_seen,
             report: Some(ReportRecord {
                 agent_version: agent.into(),
@@ -288,7 +276,7 @@ mod tests {
                 runtime_version: runtime.into(),
                 ..Default::default()
             }),
-            opamp: None,
+            ..HostRecord::default()
         }
     }
 

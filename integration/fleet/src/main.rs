@@ -766,28 +766,20 @@ async fn serve(
     config: ServiceConfig,
     opts: ServeOptions,
 ) -> anyhow::Result<()> {
-    let ServeOptions {
-        listen,
-        advertise_url,
-        san,
-        artifacts,
-        repositories,
-        limits,
-        server_cert_lifetime,
-    } = opts;
     let ca = Arc::new(ca);
+    let listen = opts.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let url: ServerUrl = match &advertise_url {
+    let url: ServerUrl = match &opts.advertise_url {
         Some(u) => u.parse().context("--advertise-url")?,
         None if addr.ip().is_unspecified() => {
             format!("https://127.0.0.1:{}", addr.port()).parse()?
         }
         None => format!("https://{addr}").parse()?,
     };
-    let mut names = san;
+    let mut names = opts.san;
     names.push("localhost".into());
     names.push(url.host().to_owned());
     if !addr.ip().is_unspecified() {
@@ -797,7 +789,7 @@ async fn serve(
     }
     names.sort();
     names.dedup();
-    let server_cert = server::ServerCert::new(ca.clone(), &names, server_cert_lifetime)?;
+    let server_cert = server::ServerCert::new(ca.clone(), &names, opts.server_cert_lifetime)?;
     tokio::spawn(server_cert.clone().keep_fresh());
     let tls = Arc::new(server::tls_config(&ca, server_cert)?);
     let version = config.version.clone();
@@ -814,8 +806,8 @@ async fn serve(
     })?;
     let downloads = server::Downloads {
         ca_pem: linkmesh_agent::identity::store::pem(ca.cert()),
-        artifacts,
-        repositories,
+        artifacts: opts.artifacts,
+        repositories: opts.repositories,
         latest_agent: config.latest_agent.to_string(),
         pins: config
             .runtime_pins
@@ -851,8 +843,8 @@ async fn serve(
         tracing::info!("Shutting down");
     };
     tracing::info!(
-        max_connections = limits.max_connections,
-        max_per_address = limits.max_per_address,
+        max_connections = opts.limits.max_connections,
+        max_per_address = opts.limits.max_per_address,
         "Connection limits"
     );
     server::serve(
@@ -861,7 +853,7 @@ async fn serve(
         service.clone(),
         downloads,
         opamp,
-        limits,
+        opts.limits,
         shutdown,
     )
     .await?;

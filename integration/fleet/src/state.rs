@@ -69,7 +69,7 @@ pub struct TokenUse {
 }
 
 /// An enrolled host.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostRecord {
     /// Server-assigned id.
     pub host_id: String,
