@@ -678,6 +678,7 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
                     st.consecutive_failures = failures;
                     st.last_error = Some(message.clone());
                     st.last_error_rejected = failure == Failure::Rejected;
+                    failed_at(st, wait);
                 });
                 None
             }
@@ -689,10 +690,12 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         match exchange {
             Some(Exchange::NoAnswer) => {
                 schedule.record(Exchange::NoAnswer, crate::clock::jitter());
+                let wait = schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
                 status.send_modify(|st| {
                     st.consecutive_failures = schedule.failures;
                     st.last_error = Some(format!("no answer within {EXCHANGE_TIMEOUT:?}"));
                     st.last_error_rejected = false;
+                    failed_at(st, wait);
                 });
             }
             Some(e) => schedule.record(e, crate::clock::jitter()),
@@ -700,9 +703,6 @@ async fn run(mut ctx: ReporterContext, status: watch::Sender<ReporterStatus>) {
         }
         // The next report, a runtime change (reported promptly), or renewal time.
         let wait = schedule.wait(time::OffsetDateTime::now_utc(), &ctx.identity.validity);
-        if schedule.failures > 0 {
-            status.send_modify(|st| failed_at(st, wait));
-        }
         if wait_or_change(wait, &mut ctx.runtime).await {
             // Let a burst of state changes settle into one report.
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -479,7 +479,6 @@ mod tests {
             self.http
                 .clone()
                 .unwrap_or(Err(ProbeError::Http(probe::HttpError::Io {
-                    addr: addr.into(),
                     kind: std::io::ErrorKind::ConnectionRefused,
                     reason: "connection refused".into(),
                 })))

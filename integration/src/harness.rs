@@ -780,6 +780,19 @@ impl AgentEnv {
         Ok(())
     }
 
+    /// Makes its configuration run `supervisor` in place of the real
+    /// opampsupervisor in `bins` (a fixture standing in for it).
+    ///
+    /// # Errors
+    /// When the configuration cannot be read or written.
+    pub fn use_supervisor(&self, bins: &Path, supervisor: &Path) -> anyhow::Result<()> {
+        let cfg = std::fs::read_to_string(&self.config)?.replace(
+            &bins.join("opampsupervisor").display().to_string(),
+            &supervisor.display().to_string(),
+        );
+        self.write_config(&cfg)
+    }
+
     /// Starts `linkmesh-agent run ARGS` with `env` added.
     ///
     /// # Errors
@@ -854,6 +867,28 @@ impl RunningAgent {
     /// The log so far.
     pub fn log_text(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Polls the log until it contains `needle`, for at most `limit`;
+    /// returns the log then.
+    ///
+    /// # Errors
+    /// On timeout, with the log's first 2000 characters.
+    pub fn wait_log(&self, limit: Duration, needle: &str) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) {
+                return Ok(log);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "no {needle:?} in the agent's log within {limit:?}:\n{}",
+                    log.chars().take(2000).collect::<String>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends a signal to the agent.

@@ -31,11 +31,7 @@ fn setup(name: &str) -> anyhow::Result<(tempfile::TempDir, Fleet, std::path::Pat
 
 /// Points the agent's configuration at a fixture script as its supervisor.
 fn use_fixture_supervisor(agent: &AgentEnv, bins: &std::path::Path, name: &str) -> R {
-    let cfg = std::fs::read_to_string(&agent.config)?.replace(
-        &bins.join("opampsupervisor").display().to_string(),
-        &fixture(name).display().to_string(),
-    );
-    agent.write_config(&cfg)
+    agent.use_supervisor(bins, &fixture(name))
 }
 
 fn running(s: &Value) -> bool {
@@ -73,12 +69,7 @@ fn supervises_streams_logs_and_stops_cleanly() -> R {
     // The supervisor's JSON lines arrive in the agent's log with its name
     // and level; the collector's own lines, which the supervisor passes
     // through at "error" (stderr) or "info" (stdout), with theirs.
-    let deadline = std::time::Instant::now() + T;
-    while !run.log_text().contains("Everything is ready") {
-        assert!(std::time::Instant::now() < deadline, "{}", run.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let log = run.log_text();
+    let log = run.wait_log(T, "Everything is ready")?;
     assert!(
         log.lines().any(|l| l.contains(" INFO ")
             && l.contains("Everything is ready. Begin running and processing data.")
@@ -249,11 +240,7 @@ fn a_supervisor_ignoring_sigint_and_sigterm_is_killed_within_the_grace_period() 
     let s = run.wait_status(T, "running", running)?;
     let sup = pid_of(&s, "pid");
     // The fixture says so once its trap is installed.
-    let deadline = std::time::Instant::now() + T;
-    while !run.log_text().contains("Ignoring SIGINT and SIGTERM") {
-        assert!(std::time::Instant::now() < deadline, "{}", run.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    run.wait_log(T, "Ignoring SIGINT and SIGTERM")?;
     let start = std::time::Instant::now();
     run.signal(Signal::SIGTERM);
     // Killed, not waited on forever: the agent exits within a bound well
@@ -346,16 +333,7 @@ fn hostile_output_is_logged_safely_in_bounded_lines() -> R {
     let (_dir, _fleet, bins, agent) = setup("sup-noisy")?;
     use_fixture_supervisor(&agent, &bins, "noisy.sh")?;
     let run = agent.spawn_run(&[], &[])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !run.log_text().contains("after the flood") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "flood never finished:\n{}",
-            run.log_text().chars().take(2000).collect::<String>()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let log = run.log_text();
+    let log = run.wait_log(Duration::from_secs(30), "after the flood")?;
     assert!(
         log.contains("bad utf8: \u{fffd}\u{fffd} end"),
         "invalid UTF-8 not replaced"

@@ -191,8 +191,6 @@ pub enum HttpError {
     /// caller names the URL.
     #[error("{reason}")]
     Io {
-        /// host:port.
-        addr: String,
         /// The class (`TimedOut`, `ConnectionRefused`...).
         kind: std::io::ErrorKind,
         /// The socket's words.
@@ -200,10 +198,7 @@ pub enum HttpError {
     },
     /// No header/body separator in what came back.
     #[error("malformed HTTP response")]
-    Malformed {
-        /// host:port.
-        addr: String,
-    },
+    Malformed,
     /// An answer other than 200.
     #[error("HTTP status {status:?}")]
     Status {
@@ -218,7 +213,6 @@ pub enum HttpError {
 /// Connection, timeout, a non-200 status or an unparsable response.
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, HttpError> {
     let io = |e: std::io::Error| HttpError::Io {
-        addr: addr.to_owned(),
         kind: e.kind(),
         reason: e.to_string(),
     };
@@ -244,11 +238,7 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, Htt
     let mut raw = Vec::new();
     stream.take(MAX_OUTPUT).read_to_end(&mut raw).map_err(io)?;
     let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| HttpError::Malformed {
-            addr: addr.to_owned(),
-        })?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(HttpError::Malformed)?;
     let status = head.lines().next().unwrap_or("");
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(HttpError::Status {

@@ -496,6 +496,9 @@ pub enum FetchError {
     /// No identity: no server to fetch from.
     #[error("this host is not enrolled: no server to fetch from")]
     NotEnrolled,
+    /// The I/O runtime for the download could not start.
+    #[error("cannot start an I/O runtime: {0}")]
+    Runtime(std::io::Error),
     /// The identity's CA does not make a TLS configuration.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -559,7 +562,7 @@ pub fn fetch_artifact(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| FetchError::Unreachable(format!("cannot start an I/O runtime: {e}")))?;
+        .map_err(FetchError::Runtime)?;
     rt.block_on(async {
         let get = |path: String| {
             let dialer = dialer.clone();

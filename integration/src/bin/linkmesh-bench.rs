@@ -347,19 +347,9 @@ fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
 
     // Hostile supervisor output: logged in bounded chunks.
     let agent = enrolled_agent(&dir.path().join("flood"), &fleet, &bins, "")?;
-    let cfg = std::fs::read_to_string(&agent.config)?.replace(
-        &bins.join("opampsupervisor").display().to_string(),
-        &fixture("noisy.sh").display().to_string(),
-    );
-    agent.write_config(&cfg)?;
+    agent.use_supervisor(&bins, &fixture("noisy.sh"))?;
     let run = agent.spawn_run(&[], &[])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !run.log_text().contains("after the flood") {
-        if Instant::now() > deadline {
-            bail!("the stand-in's flood did not reach the agent's log within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    run.wait_log(Duration::from_secs(60), "after the flood")?;
     figures.push(figure(
         "flood_peak_rss",
         "MiB",
